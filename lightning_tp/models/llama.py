@@ -1,0 +1,180 @@
+"""A Llama 2/3-family decoder in plain PyTorch.
+
+This file knows nothing about parallelism. Tensor parallelism shards the projections from the
+outside (see :mod:`lightning_tp.parallel.plans`); the reshapes here use ``-1`` for the head count so
+that a rank holding ``n_heads / tp`` heads computes the right shapes without any attribute being
+edited. Module names match Hugging Face transformers' ``LlamaForCausalLM``, so one plan and one
+checkpoint layout serve both.
+
+Build on the meta device, then call :meth:`Llama.init_weights` once the parameters have storage::
+
+    with torch.device("meta"):
+        model = Llama(get_config("llama3_8b"))
+    ...  # shard it
+    model.to_empty(device="cuda")
+    model.init_weights()
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_tp.models.config import LlamaConfig
+
+__all__ = ["Llama", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "RMSNorm",
+           "rope_inv_freq"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
+    """Inverse RoPE frequencies, shape ``(head_dim // 2,)``, with Llama 3.1 scaling if configured."""
+    dim = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are stretched by `factor`, short ones kept; in between,
+    # interpolate smoothly in 1/wavelength.
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (bs, seqlen, n_heads, head_dim) by tables (seqlen, head_dim)."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = config.resolved_head_dim
+        h, d = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
+
+    def forward(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        bs, seqlen, _ = x.shape
+        # -1 infers the local head count: n_heads / tp on a tensor-parallel rank.
+        q = self.q_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
+        k = self.k_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        v = self.v_proj(x).view(bs, seqlen, -1, self.head_dim)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, n_local_heads, seqlen, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), position_embeddings)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # A plain (never sharded) tensor, recomputed by init_weights after `to_empty`.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        seqlen = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)  # (bs, seqlen, dim); (bs, seqlen / tp, dim) under SP
+        positions = torch.arange(seqlen, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (seqlen, head_dim)
+        position_embeddings = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
+        for layer in self.layers:
+            h = layer(h, position_embeddings)
+        return self.norm(h)
+
+
+class Llama(nn.Module):
+    """Causal language model: token ids (bs, seqlen) → logits (bs, seqlen, vocab_size)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm_head(self.model(input_ids))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter and buffer in place; works on sharded (DTensor) parameters.
+
+        Linear and embedding weights ~ N(0, initializer_range²), norms = 1, RoPE tables recomputed.
+        """
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model.inv_freq.device).manual_seed(seed)
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and self.config.tie_word_embeddings:
+                    continue
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.model.inv_freq.copy_(rope_inv_freq(self.config, device=self.model.inv_freq.device))

@@ -1,0 +1,1 @@
+"""Plans and their application: tensor, sequence and loss parallelism, then FSDP2."""

@@ -1,0 +1,378 @@
+"""``TensorParallelStrategy``: Megatron-style tensor parallelism for Lightning as a one-line change.
+
+    trainer = L.Trainer(devices=8, strategy=TensorParallelStrategy())
+
+The strategy builds a (data_parallel × tensor_parallel) mesh, TP inside a node and FSDP2 across
+nodes, and in ``setup`` shards the LightningModule's model with a plan (TP → FSDP2 → materialise).
+The user writes no parallelisation code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Generator, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.model_parallel import _setup_device_mesh
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_tp.errors import MeshConfigError, PlanError, SequenceLengthError
+from lightning_tp.parallel.apply import (
+    apply_fsdp,
+    apply_tensor_parallel,
+    check_model_shapes,
+    clip_grad_norm_,
+    materialize,
+)
+from lightning_tp.parallel.plans import PlanSpec, ResolvedPlan, resolve_plan
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["TensorParallelStrategy"]
+
+_Size = Union[Literal["auto"], int]
+
+
+class TensorParallelStrategy(ModelParallelStrategy):
+    """Tensor, sequence and loss parallelism on a 2D mesh with FSDP2, applied for you.
+
+    Args:
+        tensor_parallel_size: Devices per tensor-parallel group. ``"auto"``: the devices of one node
+            (or ``world_size // data_parallel_size`` when that is given), so TP stays on the fast link.
+        data_parallel_size: Number of data-parallel (FSDP2) replicas. ``"auto"``: the number of nodes
+            (or ``world_size // tensor_parallel_size`` when that is given).
+        plan: ``"auto"`` (recognise a Llama-family model inside the LightningModule), a registered plan
+            name (see :data:`lightning_tp.parallel.plans.PLANS`), a dict ``{module glob: ParallelStyle}``
+            relative to the LightningModule, or a callable ``(*, sequence_parallel, loss_parallel) -> dict``.
+        sequence_parallel: Shard norms and residual activations over the sequence between TP regions:
+            same bytes moved as TP alone, activation memory divided by ``tp``.
+        loss_parallel: Keep logits vocab-sharded and compute ``F.cross_entropy`` on the shards; the full
+            logits are never gathered. User code still calls ``F.cross_entropy`` as usual.
+        fsdp: Shard parameters, gradients and optimizer state over the data-parallel mesh with FSDP2
+            (per decoder block, then the rest). Also at ``data_parallel_size=1``, where it applies the
+            Trainer's mixed precision (``bf16-mixed`` → bf16 compute, fp32 gradient reduction).
+            ``False`` is allowed only with ``data_parallel_size=1``.
+        reshard_after_forward: FSDP2 frees gathered parameters after forward (less memory, one more
+            all-gather in backward).
+        save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+    """
+
+    strategy_name = "tensor_parallel"
+
+    def __init__(
+        self,
+        tensor_parallel_size: _Size = "auto",
+        data_parallel_size: _Size = "auto",
+        plan: PlanSpec = "auto",
+        sequence_parallel: bool = True,
+        loss_parallel: bool = True,
+        fsdp: bool = True,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        problems = []
+        for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r}")
+        for name, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel),
+                            ("fsdp", fsdp), ("reshard_after_forward", reshard_after_forward)):
+            if not isinstance(value, bool):
+                problems.append(f"`{name}` must be a bool, got {value!r}")
+        if not (isinstance(plan, (str, Mapping)) or callable(plan)):
+            problems.append(f"`plan` must be 'auto', a plan name, a dict or a callable, got {plan!r}")
+        if not fsdp and isinstance(data_parallel_size, int) and data_parallel_size > 1:
+            problems.append(f"`fsdp=False` needs `data_parallel_size=1` (got {data_parallel_size}): gradients of"
+                            " data-parallel replicas are synchronised by FSDP2; set fsdp=True")
+        if problems:
+            raise MeshConfigError(f"Invalid {type(self).__name__} arguments: " + "; ".join(problems) + ".")
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.plan = plan
+        self.sequence_parallel = sequence_parallel
+        self.loss_parallel = loss_parallel
+        self.fsdp = fsdp
+        self.reshard_after_forward = reshard_after_forward
+        self._resolved_plan: Optional[ResolvedPlan] = None
+
+    # ------------------------------------------------------------------ sizes, checked before any spawn
+
+    def resolved_sizes(self) -> tuple[int, int]:
+        """``(data_parallel_size, tensor_parallel_size)`` for the current devices; raises on a mismatch."""
+        per_node = self.num_processes
+        world = per_node * self.num_nodes
+        dp, tp = self._data_parallel_size, self._tensor_parallel_size
+        if dp == "auto" and tp == "auto":
+            dp, tp = self.num_nodes, per_node
+        elif dp == "auto":
+            dp = world // tp if world % tp == 0 else 0
+        elif tp == "auto":
+            tp = world // dp if world % dp == 0 else 0
+        if not dp or not tp or dp * tp != world:
+            raise MeshConfigError(
+                f"data_parallel_size ({self._data_parallel_size}) × tensor_parallel_size"
+                f" ({self._tensor_parallel_size}) must equal the world size {world}"
+                f" (num_nodes={self.num_nodes} × devices={per_node}). Fix: choose sizes whose product is {world},"
+                " or leave one of them 'auto'."
+            )
+        if not self.fsdp and dp > 1:
+            raise MeshConfigError(f"`fsdp=False` needs data_parallel_size=1, but {world} devices give {dp}; set"
+                                  " fsdp=True or tensor_parallel_size to the world size.")
+        return dp, tp
+
+    @override
+    def _configure_launcher(self) -> None:
+        # The Trainer calls this in the launching process once devices and nodes are known: the earliest
+        # point to reject a bad mesh, before any process is spawned.
+        self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _PreflightLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def preflight(self, module: "pl.LightningModule") -> None:
+        """Check the plan and model shapes if the model already exists (built in ``__init__``)."""
+        if not any(True for _ in module.parameters()):
+            return  # built in configure_model: checked in setup, identically on every rank
+        self._resolve(module)
+
+    def _resolve(self, module: nn.Module) -> ResolvedPlan:
+        plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
+                            loss_parallel=self.loss_parallel)
+        check_model_shapes(module, plan, int(self._tensor_parallel_size))
+        return plan
+
+    @override
+    def setup_environment(self) -> None:
+        self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
+        self._setup_distributed()
+        self._device_mesh = _setup_device_mesh(
+            self._data_parallel_size, self._tensor_parallel_size, self.world_size, self.root_device
+        )
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.device_mesh["tensor_parallel"].size())
+
+    @property
+    def data_parallel_size(self) -> int:
+        return int(self.device_mesh["data_parallel"].size())
+
+    # ------------------------------------------------------------------ parallelisation
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            raise TypeError(
+                "Found modules wrapped with FSDP1 `torch.distributed.fsdp.FullyShardedDataParallel`;"
+                f" {type(self).__name__} applies FSDP2 itself. Remove the wrapper from your model."
+            )
+        module = self.model
+        if self._resolved_plan is None:
+            self._resolved_plan = self._resolve(module)
+            # true-precision dtypes are set before sharding so FSDP2 shards the final dtype
+            self.precision_plugin.convert_module(module)
+            if self.tensor_parallel_size > 1:
+                apply_tensor_parallel(module, self._resolved_plan, self.device_mesh["tensor_parallel"])
+            if self.fsdp:
+                apply_fsdp(module, self._resolved_plan, self.device_mesh["data_parallel"], self._mp_policy(),
+                           self.reshard_after_forward)
+            materialize(module, self._resolved_plan, self.root_device)
+            self._install_sequence_check(module)
+            self.model_to_device()
+            self._install_gradient_clipping()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _mp_policy(self) -> Any:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        precision = str(getattr(self.precision_plugin, "precision", "32-true"))
+        if precision == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _install_gradient_clipping(self) -> None:
+        # Lightning clips through the precision plugin with torch's clip_grad_norm_, which stacks per-parameter
+        # norms and fails once parameters sit on different meshes. Swap in a mesh-aware version.
+        plugin = self.precision_plugin
+
+        def clip_grad_by_norm(_self: Any, optimizer: Any, clip_val: float) -> None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip_grad_norm_(params, clip_val)
+
+        def clip_grad_by_value(_self: Any, optimizer: Any, clip_val: float) -> None:
+            from torch.distributed.tensor import DTensor
+
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                        g.clamp_(-clip_val, clip_val)
+
+        plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, plugin)
+        plugin.clip_grad_by_value = types.MethodType(clip_grad_by_value, plugin)
+
+    # ------------------------------------------------------------------ steps: loss parallel, SP checks
+
+    def _install_sequence_check(self, module: nn.Module) -> None:
+        """Under SP, reject a sequence length the TP ranks cannot split, at the model's input, on every rank."""
+        tp = self.tensor_parallel_size
+        if not self.sequence_parallel or tp == 1:
+            return
+
+        def check(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = args[0] if args else kwargs.get("input_ids")
+            if isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[1] % tp != 0:
+                raise SequenceLengthError(
+                    f"Sequence length {ids.shape[1]} is not divisible by tensor_parallel_size={tp}, which sequence"
+                    f" parallelism requires. Fix: pad or pack sequences to a multiple of {tp}, or pass"
+                    " sequence_parallel=False."
+                )
+
+        assert self._resolved_plan is not None
+        for path in self._resolved_plan.roots:
+            module.get_submodule(path).register_forward_pre_hook(check, with_kwargs=True, prepend=True)
+
+    @contextlib.contextmanager
+    def _loss_context(self) -> Generator[None, None, None]:
+        if not self.loss_parallel or self.tensor_parallel_size == 1:
+            yield
+            return
+        with _vocab_parallel_cross_entropy():
+            yield
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return _to_local(super().training_step(*args, **kwargs))
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return _to_local(super().validation_step(*args, **kwargs))
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return _to_local(super().test_step(*args, **kwargs))
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        # The backward of a vocab-parallel cross entropy must run under the same context as its forward.
+        if self.loss_parallel and self.tensor_parallel_size > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            with loss_parallel():
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @contextlib.contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Skip FSDP2 gradient reduce-scatter on non-final micro-batches of gradient accumulation."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)] if self.model is not None else []
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        variants = {
+            "tensor_parallel": ({}, "TP + sequence parallel + loss parallel, FSDP2 across data-parallel replicas"),
+            "tensor_parallel_no_sp": ({"sequence_parallel": False}, "TP + loss parallel, no sequence parallel"),
+            "tensor_parallel_no_loss_parallel": ({"loss_parallel": False}, "TP + SP, full logits gathered"),
+            "tensor_parallel_tp_only": ({"sequence_parallel": False, "loss_parallel": False}, "plain Megatron TP"),
+        }
+        for name, (flags, description) in variants.items():
+            strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}", override=True,
+                                       **flags)
+
+
+class _PreflightLauncher(_SubprocessScriptLauncher):
+    """Validates plan and model shapes in the launching process before spawning the other ranks."""
+
+    def __init__(self, strategy: TensorParallelStrategy, *args: Any) -> None:
+        super().__init__(*args)
+        self._strategy = strategy
+
+    @override
+    def launch(self, function: Any, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        if trainer is not None and trainer.lightning_module is not None:
+            self._strategy.preflight(trainer.lightning_module)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+def _to_local(output: Any) -> Any:
+    """Turn a replicated DTensor loss (and DTensors in a returned dict) into plain tensors; differentiable."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(output, DTensor):
+        return output.full_tensor() if any(p.is_partial() for p in output.placements) else output.to_local()
+    if isinstance(output, Mapping):
+        return {k: _to_local(v) for k, v in output.items()}
+    return output
+
+
+@contextlib.contextmanager
+def _vocab_parallel_cross_entropy() -> Generator[None, None, None]:
+    """Route ``F.cross_entropy`` on class-sharded DTensor logits through ``loss_parallel()``.
+
+    The context covers exactly the cross-entropy call (not the whole step), so any other use of the
+    sharded logits keeps DTensor's ordinary semantics, and the loss comes back as a plain tensor that
+    Lightning can log and reduce.
+    """
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    original = F.cross_entropy
+
+    @functools.wraps(original)
+    def cross_entropy(input: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not isinstance(input, DTensor):
+            return original(input, target, *args, **kwargs)
+        with loss_parallel():
+            return _to_local(original(input, target, *args, **kwargs))
+
+    F.cross_entropy = cross_entropy
+    try:
+        yield
+    finally:
+        F.cross_entropy = original

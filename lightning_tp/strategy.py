@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_tp.errors import MeshConfigError, PlanError, SequenceLengthError
+from lightning_tp.errors import MeshConfigError, SequenceLengthError
 from lightning_tp.parallel.apply import (
     apply_fsdp,
     apply_tensor_parallel,
@@ -145,8 +145,9 @@ class TensorParallelStrategy(ModelParallelStrategy):
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = _PreflightLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
 
-    def preflight(self, module: "pl.LightningModule") -> None:
+    def preflight(self, module: pl.LightningModule) -> None:
         """Check the plan and model shapes if the model already exists (built in ``__init__``)."""
+        _reject_fsdp1(module, type(self).__name__)
         if not any(True for _ in module.parameters()):
             return  # built in configure_model: checked in setup, identically on every rank
         self._resolve(module)
@@ -178,16 +179,10 @@ class TensorParallelStrategy(ModelParallelStrategy):
     # ------------------------------------------------------------------ parallelisation
 
     @override
-    def setup(self, trainer: "pl.Trainer") -> None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
+    def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
-            raise TypeError(
-                "Found modules wrapped with FSDP1 `torch.distributed.fsdp.FullyShardedDataParallel`;"
-                f" {type(self).__name__} applies FSDP2 itself. Remove the wrapper from your model."
-            )
+        _reject_fsdp1(self.model, type(self).__name__)
         module = self.model
         if self._resolved_plan is None:
             self._resolved_plan = self._resolve(module)
@@ -333,10 +328,21 @@ class _PreflightLauncher(_SubprocessScriptLauncher):
         self._strategy = strategy
 
     @override
-    def launch(self, function: Any, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
         if trainer is not None and trainer.lightning_module is not None:
             self._strategy.preflight(trainer.lightning_module)
         return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+def _reject_fsdp1(module: nn.Module, owner: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = [n or type(module).__name__ for n, m in module.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    if wrapped:
+        raise TypeError(
+            f"Modules {wrapped} are wrapped with FSDP1 `torch.distributed.fsdp.FullyShardedDataParallel`; {owner}"
+            " applies FSDP2 itself after tensor parallelism. Remove the wrapper and pass the plain model."
+        )
 
 
 def _to_local(output: Any) -> Any:

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.plans import ResolvedPlan
 
-__all__ = ["apply_fsdp", "apply_tensor_parallel", "check_model_shapes", "clip_grad_norm_", "materialize"]
+__all__ = [
+    "apply_fsdp",
+    "apply_tensor_parallel",
+    "check_model_shapes",
+    "clip_grad_norm_",
+    "materialize",
+    "total_grad_norm",
+]
 
 # (config attribute, what it sizes) for every dimension the Llama plan shards over tp.
 _SHARDED_DIMS = (
@@ -150,30 +157,38 @@ def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device) -> 
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for gradients that live on different device meshes.
+def total_grad_norm(parameters: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The norm of all gradients together, as one device would compute it, whatever meshes they live on.
 
-    Norms are computed per mesh (DTensor reductions account for sharded and replicated dims), combined as
-    plain tensors, and every gradient is scaled in place by the same factor. Returns the total norm.
+    Norms are computed per mesh (DTensor reductions account for sharded, replicated and partial dims) and
+    combined as plain tensors; ``torch.nn.utils.clip_grad_norm_`` instead stacks them and fails across meshes.
     """
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
     groups: dict[Any, list[Tensor]] = {}
-    for g in grads:
-        key = g.device_mesh if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    if not groups:
+        return torch.tensor(0.0)
     norms = []
-    for mesh, group in groups.items():
+    for group in groups.values():
         norm = torch.nn.utils.get_total_norm(group, norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = norms[0].device
-    norms = [n.to(device) for n in norms]
-    total = torch.stack(norms).max() if math.isinf(norm_type) else torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    return stacked.max() if math.isinf(norm_type) else torch.linalg.vector_norm(stacked, norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """Scale every gradient in place so that :func:`total_grad_norm` is at most ``max_norm``; returns the norm."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(parameters)
+    total = total_grad_norm(parameters, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        local.mul_(coef.to(local.device, local.dtype))
+    for p in parameters:
+        if p.grad is not None:
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            local.mul_(coef.to(local.device, local.dtype))
     return total

@@ -109,7 +109,9 @@ def llama_plan(*, sequence_parallel: bool = True, loss_parallel: bool = True) ->
     }
 
 
-def per_projection_llama_plan(*, sequence_parallel: bool = False, loss_parallel: bool = False) -> dict[str, ParallelStyle]:
+def per_projection_llama_plan(
+    *, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> dict[str, ParallelStyle]:
     """The plan found in tutorials and Hugging Face ``tp_plan``: each projection sharded on its own.
 
     Kept as a baseline for benchmarks and tests: same forward communication as :func:`llama_plan`

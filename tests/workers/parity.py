@@ -1,0 +1,248 @@
+"""Multi-process worker for the numerics tests: ``python tests/workers/parity.py OUT.json SPEC.json``.
+
+Launched by the tests as a script, exactly as a user would run one: Lightning's launcher re-runs this
+file for ranks 1..N-1. One launch runs several Trainer configurations (sharing one process group) so
+that the ~7 s Lightning import is paid once. Global rank 0 writes what every rank saw, together with an
+independent single-process reference computed with a plain ``Llama`` and ``torch.optim.AdamW``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tp import Llama, TensorParallelStrategy, get_config
+from lightning_tp.parallel.apply import total_grad_norm
+
+CONFIG = get_config("debug")  # 2 layers, h=64, 8 heads, 4 kv heads, vocab 512
+SEQ, MICRO_BATCH, STEPS, LR, WEIGHT_DECAY, CLIP = 16, 2, 5, 1e-3, 0.1, 0.5
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    model = Llama(CONFIG)
+    model.init_weights(seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def dataset(dp: int, accumulate: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, CONFIG.vocab_size, (STEPS * accumulate * MICRO_BATCH * dp, SEQ + 1), generator=g)
+
+
+def ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(0, 1))
+
+
+class LitLlama(L.LightningModule):
+    """What a user writes: build a Llama, call F.cross_entropy. No parallelisation code."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = Llama(CONFIG)
+        self.model.load_state_dict(weights)
+        self.losses: list[float] = []
+        self.logits_types: set[str] = set()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens = batch[0]
+        logits = self.model(tokens[:, :-1])
+        self.logits_types.add(f"{type(logits).__name__}{getattr(logits, 'placements', '')}/{logits.dtype}")
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(0, 1))
+        self.losses.append(loss.detach().float().item())
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
+
+
+def _name(n: str) -> str:
+    return n.removeprefix("model.")
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.grads: dict[str, torch.Tensor] = {}
+        self.grad_norm: float | None = None
+        self.params: dict[str, torch.Tensor] = {}
+        self.sync_calls: list[int] = []  # FSDP reduce-scatters issued during each micro-batch
+        self._count = 0
+        self._original = dist.reduce_scatter_single
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self._count += 1
+            return self._original(*args, **kwargs)
+
+        dist.reduce_scatter_single = counting
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(int((batch[0].long() * torch.arange(1, batch[0].numel() + 1).view_as(batch[0])).sum()))
+        self._count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sync_calls.append(self._count)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not self.grads:  # first optimizer step: every rank takes part in the gathers
+            self.grads = {_name(n): full(p.grad) for n, p in pl_module.named_parameters()}
+            self.grad_norm = float(total_grad_norm(pl_module.parameters()))
+
+    def on_train_end(self, trainer, pl_module):
+        self.params = {_name(n): full(p) for n, p in pl_module.named_parameters()}
+        dist.reduce_scatter_single = self._original
+
+
+def reference(dp: int, accumulate: int, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Single process, plain model; the data split Lightning's Trainer uses for training (a shuffled
+    DistributedSampler over the dp ranks, seed 0, epoch 0)."""
+    from torch.utils.data import DistributedSampler
+
+    torch.manual_seed(0)
+    model = Llama(CONFIG)
+    model.load_state_dict(weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    data = dataset(dp, accumulate)
+    per_rank = [data[list(DistributedSampler(data, num_replicas=dp, rank=r, shuffle=True, seed=0))]
+                for r in range(dp)]
+    losses: dict[int, list[float]] = {r: [] for r in range(dp)}
+    out: dict[str, Any] = {}
+    for step in range(STEPS):
+        total = 0.0
+        for a in range(accumulate):
+            i = (step * accumulate + a) * MICRO_BATCH
+            for r in range(dp):
+                loss = ce(model(per_rank[r][i:i + MICRO_BATCH, :-1]), per_rank[r][i:i + MICRO_BATCH])
+                losses[r].append(loss.item())
+                total = total + loss / (dp * accumulate)
+        total.backward()
+        if step == 0:  # compared with the Trainer's gradients before clipping
+            out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if step == 0:
+            out["grad_norm"] = float(norm)
+        opt.step()
+        opt.zero_grad()
+    out["losses"] = losses
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b}
+
+
+def max_abs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float((a[k] - b[k]).abs().max()) for k in b}
+
+
+def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any] | None:
+    dp, tp = case.get("dp", "auto"), case.get("tp", "auto")
+    # the data set is sized for the resolved dp; "auto" resolves to the number of nodes
+    dp_resolved = dp if dp != "auto" else (num_nodes if tp == "auto" else devices * num_nodes // tp)
+    accumulate = case.get("accumulate", 1)
+    weights = initial_weights()
+    module = LitLlama(weights)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=TensorParallelStrategy(
+            data_parallel_size=dp, tensor_parallel_size=tp,
+            sequence_parallel=case["sp"], loss_parallel=case["lp"],
+        ),
+        precision=case.get("precision", "32-true"),
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=CLIP,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(dataset(dp_resolved, accumulate)), batch_size=MICRO_BATCH))
+    mesh = trainer.strategy.device_mesh
+    mine = {
+        "rank": trainer.global_rank,
+        "node_rank": trainer.node_rank,
+        "sizes": [trainer.strategy.data_parallel_size, trainer.strategy.tensor_parallel_size],
+        "dp_rank": mesh["data_parallel"].get_local_rank(),
+        "tp_group": sorted(dist.get_process_group_ranks(mesh["tensor_parallel"].get_group())),
+        "losses": module.losses,
+        "batches": recorder.batches,
+        "sync_calls": recorder.sync_calls,
+        "logits_types": sorted(module.logits_types),
+        "logged_loss": float(trainer.callback_metrics["train_loss"]),
+    }
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if trainer.global_rank != 0:
+        return None
+    ref = reference(dp_resolved, accumulate, weights)
+    result = {**case, "ranks": everyone, "ref_losses": ref["losses"], "grad_norm": recorder.grad_norm,
+              "ref_grad_norm": ref["grad_norm"]}
+    if case.get("precision", "32-true") == "32-true":
+        result["grad_abs_err"] = max_abs(recorder.grads, ref["grads"])
+        result["param_abs_err"] = max_abs(recorder.params, ref["params"])
+        result["param_rel_err"] = max_rel(recorder.params, ref["params"])
+    return result
+
+
+def comm_counts() -> dict[str, Any]:
+    """Collectives per forward and backward for 1 and 2 layers at tp = world size, per plan and flag set."""
+    import contextlib
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+
+    from lightning_tp.parallel.plans import resolve_plan
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for plan, sp, lp in [("llama", False, False), ("llama", True, False), ("llama", True, True),
+                         ("llama_per_projection", False, False)]:
+        for layers in (1, 2):
+            model = Llama(get_config("debug", num_hidden_layers=layers))
+            model.init_weights(seed=0)
+            parallelize_module(model, mesh, resolve_plan(model, plan, sequence_parallel=sp, loss_parallel=lp).styles)
+            tokens = torch.randint(0, CONFIG.vocab_size, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+            counts = {}
+            for phase in ("forward", "backward"):
+                mode = CommDebugMode()
+                with mode, (loss_parallel() if lp else contextlib.nullcontext()):
+                    if phase == "forward":
+                        loss = ce(model(tokens[:, :-1]), tokens)
+                    else:
+                        loss.backward()
+                counts[phase] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
+            results[f"{plan}/sp={sp}/lp={lp}/L={layers}"] = counts
+    return results
+
+
+def main() -> None:
+    out_path, spec = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    results = [run_case(case, spec["devices"], spec.get("num_nodes", 1)) for case in spec["cases"]]
+    counts = comm_counts() if spec.get("comm_counts") else None
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"cases": results, "comm_counts": counts}, f)
+
+
+if __name__ == "__main__":
+    main()

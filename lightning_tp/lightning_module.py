@@ -208,7 +208,12 @@ class CausalLMModule(L.LightningModule):
         )
         self.init_seed = init_seed
         self.ignore_index = ignore_index
-        self.model: nn.Module | None = llama
+        if llama is None:
+            # Built on the meta device: no memory, but the strategy can check the plan and shapes in the
+            # launching process before any rank is spawned. Weights get storage and values later, once.
+            with torch.device("meta"):
+                llama = Llama(self.config)
+        self.model: nn.Module = llama
         # Metrics are created lazily on first use, i.e. after the strategy has materialised the module:
         # `Module.to_empty()` would otherwise overwrite their states *and* defaults with uninitialised memory,
         # and a precision plugin's `.to(dtype)` would downcast their float64 sums.
@@ -218,25 +223,17 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ model
 
     def configure_model(self) -> None:
-        """Build the network unless it exists (passed as ``llama=`` or built by an earlier call).
+        """Materialise a meta-device model when no model-parallel strategy will.
 
-        With a device mesh (model-parallel strategy) it is built on the meta device and left uninitialised:
-        the strategy shards, materialises and calls ``init_weights``. Without one it is built on the current
-        default device and initialised with ``init_seed``.
+        With a device mesh (:class:`~lightning_tp.TensorParallelStrategy`) the strategy shards, materialises and
+        calls ``init_weights(init_seed)``; without one the model gets storage on this module's device here.
         """
-        if self.model is not None:
-            return
-        if self._mesh() is not None:
-            with torch.device("meta"):
-                self.model = Llama(self.config)
-        else:
-            self.model = Llama(self.config)
+        if self._mesh() is None and any(p.is_meta for p in self.model.parameters()):
+            self.model.to_empty(device=self.device)
             self.model.init_weights(seed=self.init_seed)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits (bs, seqlen, vocab); a vocab-sharded DTensor under loss parallel."""
-        if self.model is None:
-            raise RuntimeError("The model is not built yet; call `configure_model()` (the Trainer does).")
         return self.model(input_ids)
 
     def compute_loss(self, batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["TensorParallelStrategy"]
 
 _Size = Union[Literal["auto"], int]
+_SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 
 class TensorParallelStrategy(ModelParallelStrategy):
@@ -141,6 +142,12 @@ class TensorParallelStrategy(ModelParallelStrategy):
         # The Trainer calls this in the launching process once devices and nodes are known: the earliest
         # point to reject a bad mesh, before any process is spawned.
         self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
+        precision = str(getattr(self.precision_plugin, "precision", "32-true"))
+        if precision not in _SUPPORTED_PRECISION:
+            raise ValueError(
+                f"{type(self).__name__} does not support `Trainer(precision={precision!r})`. Choose one of"
+                f" {', '.join(_SUPPORTED_PRECISION)}; 'bf16-mixed' computes in bf16 and reduces gradients in fp32."
+            )
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = _PreflightLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
@@ -186,6 +193,13 @@ class TensorParallelStrategy(ModelParallelStrategy):
         module = self.model
         if self._resolved_plan is None:
             self._resolved_plan = self._resolve(module)
+            seed = getattr(module, "init_seed", None)
+            if self.root_device.type == "cpu":
+                # DTensor's random ops are coordinated across ranks only on accelerators; on CPU every shard
+                # would draw the same numbers (duplicate heads and rows that never become different). So on
+                # CPU the full model is initialised identically on every rank and then sharded; on GPUs it is
+                # sharded on the meta device and each rank initialises only its shards.
+                materialize(module, self._resolved_plan, self.root_device, seed)
             # true-precision dtypes are set before sharding so FSDP2 shards the final dtype
             self.precision_plugin.convert_module(module)
             if self.tensor_parallel_size > 1:
@@ -193,7 +207,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
             if self.fsdp:
                 apply_fsdp(module, self._resolved_plan, self.device_mesh["data_parallel"], self._mp_policy(),
                            self.reshard_after_forward)
-            materialize(module, self._resolved_plan, self.root_device)
+            materialize(module, self._resolved_plan, self.root_device, seed)
             self._install_sequence_check(module)
             self.model_to_device()
             self._install_gradient_clipping()

@@ -69,7 +69,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """All launches, started together where the machine allows, each awaited once."""
     tmp = tmp_path_factory.mktemp("mp")
     results = {}
-    world4 = _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": True})
+    world4 = _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": True, "causal_lm": True})
     results["world4"] = _result(tmp, "world4", world4)
     world2 = _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})
     results["world2"] = _result(tmp, "world2", world2)
@@ -96,7 +96,7 @@ def test_loss_equals_single_process(runs):
         for rank in case["ranks"]:
             ref = case["ref_losses"][str(rank["dp_rank"])]
             assert len(rank["losses"]) == len(ref) > 0
-            for ours, theirs in zip(rank["losses"], ref):
+            for ours, theirs in zip(rank["losses"], ref, strict=True):
                 assert abs(ours - theirs) <= 1e-5 * abs(theirs), (_label(case), rank["rank"], ours, theirs)
 
 
@@ -150,7 +150,7 @@ def test_bf16_mixed_computes_in_bf16(runs):
     types = {t for rank in case["ranks"] for t in rank["logits_types"]}
     assert types == {"DTensor(Shard(dim=2),)/torch.bfloat16"}
     for rank in case["ranks"]:
-        for ours, theirs in zip(rank["losses"], case["ref_losses"][str(rank["dp_rank"])]):
+        for ours, theirs in zip(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], strict=True):
             assert abs(ours - theirs) < 2e-2
 
 
@@ -189,5 +189,22 @@ def test_two_nodes_auto_sizes_keep_tp_inside_a_node(runs):
     for r in ranks:
         assert r["sizes"] == [2, 2]  # dp = number of nodes, tp = devices per node
         assert {node_of[m] for m in r["tp_group"]} == {r["node_rank"]}, r
-    for ours, theirs in zip(ranks[0]["losses"], case["ref_losses"]["0"]):
+    for ours, theirs in zip(ranks[0]["losses"], case["ref_losses"]["0"], strict=True):
         assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+
+
+def test_meta_init_by_the_strategy_equals_single_process_init(runs):
+    init = runs["world4"]["init"]
+    assert init["n"] == 3 + 9 * 2
+    assert max(init["max_abs_err"].values()) == 0.0  # same seed, same numbers, whatever the sharding
+
+
+def test_causal_lm_module_logs_through_the_strategy(runs):
+    result = runs["world4"]["causal_lm"]
+    m = result["metrics"]
+    for key in ("train/loss", "train/ppl", "val/loss", "val/ppl", "perf/tokens_per_sec", "perf/step_time"):
+        assert key in m, sorted(m)
+    assert m["val/ppl"] == pytest.approx(2.718281828 ** m["val/loss"], rel=1e-4)
+    # Tokens per optimizer step count each data-parallel replica once: dp × micro-batch × seq, not × tp too.
+    assert m["perf/tokens_per_sec"] * m["perf/step_time"] == pytest.approx(result["tokens_per_step"], rel=1e-3)
+    assert 0 < m["train/tokens"] < result["tokens_per_step"]  # masked labels are not counted

@@ -277,3 +277,9 @@ def test_model_built_in_configure_model_is_checked_later(tmp_path: Path) -> None
     module.configure_model()
     with pytest.raises(ModelShapeError, match="num_key_value_heads"):
         trainer.strategy.preflight(module)
+
+
+def test_unsupported_precision_is_rejected_for_registered_names(tmp_path: Path) -> None:
+    # Lightning's own check only sees strategy instances; ours also covers `strategy="tensor_parallel"`.
+    with pytest.raises(ValueError, match="TensorParallelStrategy does not support .*64-true.*bf16-mixed"):
+        _trainer(tmp_path, devices=2, strategy="tensor_parallel", precision="64-true")

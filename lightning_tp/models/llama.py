@@ -166,6 +166,9 @@ class Llama(nn.Module):
 
         Linear and embedding weights ~ N(0, initializer_range²), norms = 1, RoPE tables recomputed.
         """
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            # `to_empty()` gives every module a new Parameter, which unties shared weights.
+            self.lm_head.weight = self.model.embed_tokens.weight
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.inv_freq.device).manual_seed(seed)

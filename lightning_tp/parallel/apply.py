@@ -6,6 +6,7 @@ Each function works on any ``nn.Module`` and a ``DeviceMesh``; the strategy only
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Iterable
@@ -124,22 +125,33 @@ def apply_fsdp(module: nn.Module, plan: ResolvedPlan, dp_mesh: Any, mp_policy: A
     return units
 
 
-def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device) -> None:
+def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device, seed: int | None = None) -> None:
     """Give meta-device parameters storage on ``device`` and initialise them explicitly.
 
-    Model roots with ``init_weights()`` initialise themselves (DTensor-aware); any other module that had
-    meta tensors must provide ``reset_parameters()``.
+    Model roots with ``init_weights()`` initialise themselves (with ``seed`` if their ``init_weights`` takes
+    one); any other module that had meta tensors must provide ``reset_parameters()``. Tied parameters stay
+    tied (``to_empty`` alone would untie plain tensors).
     """
     if not any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         return
     meta_modules = [m for m in module.modules()
                     if any(t.is_meta for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))]
+    tied = _tied_parameters(module)
     module.to_empty(device=device)
+    for owner, others in tied.items():
+        owner_mod, owner_attr = _split(module, owner)
+        for other in others:
+            mod, attr = _split(module, other)
+            setattr(mod, attr, getattr(owner_mod, owner_attr))
     done: set[int] = set()
     for path in plan.roots:
         root = module.get_submodule(path)
-        if callable(getattr(root, "init_weights", None)):
-            root.init_weights()
+        init = getattr(root, "init_weights", None)
+        if callable(init):
+            if seed is not None and "seed" in inspect.signature(init).parameters:
+                init(seed=seed)
+            else:
+                init()
             done.update(id(m) for m in root.modules())
     missing = []
     for m in meta_modules:

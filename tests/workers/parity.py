@@ -203,6 +203,60 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
     return result
 
 
+def causal_lm(devices: int) -> dict[str, Any] | None:
+    """The library's own CausalLMModule, built on the meta device and initialised by the strategy from
+    ``init_seed``, with ignore-index labels, validation, and the throughput callback (dp=2 × tp=2)."""
+    from torch.utils.data import Dataset
+
+    from lightning_tp import CausalLMModule, ThroughputMonitor
+
+    class Tokens(Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            self.data = torch.randint(0, CONFIG.vocab_size, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            labels = self.data[i, 1:].clone()
+            labels[: 4 + i % 3] = -100  # a masked "prompt" of varying length
+            return {"input_ids": self.data[i, :-1], "labels": labels}
+
+    module = CausalLMModule("debug", init_seed=7, lr=1e-3, warmup_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices,
+        strategy=TensorParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2),
+        max_steps=6, val_check_interval=3, limit_val_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[ThroughputMonitor(warmup_steps=1)],
+    )
+    train, val = Tokens(48, 1), Tokens(16, 2)
+    trainer.fit(module, DataLoader(train, batch_size=MICRO_BATCH), DataLoader(val, batch_size=MICRO_BATCH))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.global_rank != 0:
+        return None
+    return {"metrics": metrics, "dp": 2, "tokens_per_step": 2 * MICRO_BATCH * SEQ}
+
+
+def initial_weights_match(devices: int) -> dict[str, Any] | None:
+    """Meta-device build + strategy materialisation gives the same weights as one process, same seed."""
+    from lightning_tp import CausalLMModule
+
+    module = CausalLMModule("debug", init_seed=7)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices,
+        strategy=TensorParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2),
+        max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(torch.zeros(4, SEQ + 1, dtype=torch.long)), batch_size=2))
+    ours = {_name(n): full(p) for n, p in module.named_parameters()}
+    if trainer.global_rank != 0:
+        return None
+    reference = Llama(CONFIG)
+    reference.init_weights(seed=7)
+    return {"max_abs_err": max_abs(ours, dict(reference.named_parameters())), "n": len(ours)}
+
+
 def comm_counts() -> dict[str, Any]:
     """Collectives per forward and backward for 1 and 2 layers at tp = world size, per plan and flag set."""
     import contextlib
@@ -238,10 +292,14 @@ def comm_counts() -> dict[str, Any]:
 def main() -> None:
     out_path, spec = sys.argv[1], json.loads(open(sys.argv[2]).read())
     results = [run_case(case, spec["devices"], spec.get("num_nodes", 1)) for case in spec["cases"]]
+    extra = {}
+    if spec.get("causal_lm"):
+        extra["causal_lm"] = causal_lm(spec["devices"])
+        extra["init"] = initial_weights_match(spec["devices"])
     counts = comm_counts() if spec.get("comm_counts") else None
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"cases": results, "comm_counts": counts}, f)
+            json.dump({"cases": results, "comm_counts": counts, **extra}, f)
 
 
 if __name__ == "__main__":

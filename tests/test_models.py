@@ -139,56 +139,6 @@ def _meta_built(config: LlamaConfig, seed: int) -> Llama:
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_num_params_matches_model_debug(tied: bool) -> None:
-    config = get_config("debug", tie_word_embeddings=tied)
-    model = Llama(config)
-    assert config.num_params == _n_params(model)
-    if tied:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-        assert config.num_params == get_config("debug").num_params - config.vocab_size * config.hidden_size
-
-
-@pytest.mark.parametrize("name", ["llama3_8b", "llama3_1b"])
-def test_num_params_matches_meta_model(name: str) -> None:
-    config = get_config(name)
-    with torch.device("meta"):
-        model = Llama(config)
-    assert all(p.is_meta for p in model.parameters())
-    assert config.num_params == _n_params(model)
-
-
-@pytest.mark.parametrize("name", ["debug", "llama3_1b", "llama3_8b"])
-@pytest.mark.parametrize("seq_len", [128, 4096])
-def test_flops_per_token_hand_formula(name: str, seq_len: int) -> None:
-    config = get_config(name)
-    with torch.device("meta"):
-        n = _n_params(Llama(config))  # counted from the model, not from config.num_params
-    v, h, layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
-    heads, head_dim = config.num_attention_heads, config.resolved_head_dim
-    expected = 6 * (n - v * h) + 12 * layers * heads * head_dim * seq_len
-    assert config.flops_per_token(seq_len) == expected
-
-
-# ---------------------------------------------------------------------------------------------- meta init
-
-
-def _meta_built(config: LlamaConfig, seed: int) -> Llama:
-    with torch.device("meta"):
-        model = Llama(config)
-    model.to_empty(device="cpu")
-    model.init_weights(seed=seed)
-    return model
-
-
-# Known bug (reported): `Module.to_empty()` gives each module its own new Parameter for plain (non-DTensor) meta
-# tensors, which unties lm_head from embed_tokens; `init_weights` then skips lm_head, leaving uninitialised memory.
-TO_EMPTY_UNTIES = pytest.mark.xfail(
-    strict=True,
-    reason="to_empty() unties lm_head/embed_tokens and init_weights leaves lm_head uninitialised; remove once fixed",
-)
-
-
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_meta_build_then_init_weights(tied: bool) -> None:
     config = get_config("debug", rope_scaling=SCALING, tie_word_embeddings=tied)
     model = _meta_built(config, seed=0)

@@ -308,3 +308,13 @@ def test_check_model_shapes_lists_every_problem() -> None:
     message = str(info.value)
     for field in ("num_attention_heads=6", "num_key_value_heads=3", "intermediate_size=90", "vocab_size=502"):
         assert field in message
+
+
+def test_auto_plan_refuses_transformers_models_instead_of_computing_wrong_results() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config)
+    with pytest.raises(PlanError, match="LlamaForCausalLM.*lightning_tp.models.Llama"):
+        resolve_plan(hf, "auto", sequence_parallel=True, loss_parallel=True)

@@ -283,3 +283,20 @@ def test_unsupported_precision_is_rejected_for_registered_names(tmp_path: Path) 
     # Lightning's own check only sees strategy instances; ours also covers `strategy="tensor_parallel"`.
     with pytest.raises(ValueError, match="TensorParallelStrategy does not support .*64-true.*bf16-mixed"):
         _trainer(tmp_path, devices=2, strategy="tensor_parallel", precision="64-true")
+
+
+def test_sequence_length_must_divide_tp_under_sequence_parallel() -> None:
+    from types import SimpleNamespace
+
+    from lightning_tp.errors import SequenceLengthError
+    from lightning_tp.parallel.plans import resolve_plan
+
+    model = Llama(get_config("debug"))
+    model.init_weights(seed=0)
+    strategy = TensorParallelStrategy(tensor_parallel_size=2)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # a stand-in for the 2D mesh
+    strategy._resolved_plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+    strategy._install_sequence_check(model)
+    assert model(torch.zeros(1, 6, dtype=torch.long)).shape == (1, 6, 512)
+    with pytest.raises(SequenceLengthError, match="length 5 .* tensor_parallel_size=2.*sequence_parallel=False"):
+        model(torch.zeros(1, 5, dtype=torch.long))

@@ -225,6 +225,16 @@ def resolve_plan(
                 " lightning_tp.models.Llama or transformers' LlamaForCausalLM). Build the model in `__init__` or"
                 " `configure_model()`, or pass `plan=` a dict {module glob: ParallelStyle} or a callable."
             )
+        foreign = [r for r in roots if type(module.get_submodule(r)).__module__.startswith("transformers.")]
+        if foreign:
+            # Hugging Face blocks call attention with keyword arguments and derive RoPE positions from the
+            # (sequence-sharded) embeddings, so the native plan would silently compute the wrong thing there.
+            cls = type(module.get_submodule(foreign[0])).__name__
+            raise PlanError(
+                f"plan={plan!r} found transformers' {cls} at {foreign[0] or '<root>'!r}, which lightning_tp does not"
+                " parallelise yet. Use lightning_tp.models.Llama (same module names and weights layout), or pass"
+                " `plan=` a dict {module glob: ParallelStyle} written for it."
+            )
         fn = PLANS["llama" if plan == "auto" else plan]
         patterns = fn(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
         styles: dict[str, ParallelStyle] = {}

@@ -1,0 +1,1 @@
+"""Data: tokenizers, pretraining corpora and fine-tuning data sets as LightningDataModules."""

@@ -1,0 +1,51 @@
+"""Loading model weights (not training state) from this project's checkpoints into a sharded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from lightning_tp.errors import LightningTPError
+
+__all__ = ["CheckpointError", "LoadWeights", "load_weights"]
+
+
+class CheckpointError(LightningTPError):
+    """A checkpoint is missing, incomplete, or does not fit the model."""
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load the ``state_dict`` of a checkpoint saved by ``TensorParallelStrategy`` into ``module``.
+
+    ``path`` is a sharded (distributed) checkpoint directory, possibly saved with another (dp, tp): each
+    rank reads only the slices its own shards need. Collective: call it on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        hint = " It is a single file; this loader reads sharded checkpoint directories." if path.is_file() else ""
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} is not a complete sharded checkpoint (no .metadata file).{hint} Point it at a"
+            " directory written by a TensorParallelStrategy run, e.g. out/pretrain/last."
+        )
+    state = get_model_state_dict(module)
+    try:
+        dcp.load({"state_dict": state}, checkpoint_id=str(path))
+    except Exception as e:  # DCP reports missing keys and shape mismatches; say which checkpoint and why
+        raise CheckpointError(f"Could not load the weights in {str(path)!r} into {type(module).__name__}: {e}") from e
+    set_model_state_dict(module, state)
+
+
+class LoadWeights(L.Callback):
+    """Load model weights from a checkpoint once the strategy has sharded the model, before any step."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        load_weights(pl_module, self.path)

@@ -1,0 +1,602 @@
+"""Pretraining data: plain-text files tokenized once into a memory-mapped token cache, packed into fixed windows.
+
+:class:`PretrainDataModule` turns a corpus (files, globs, directories, or — with ``path=None`` — the Python
+standard library's own sources, which every Python installation carries, so no download is ever needed) into
+``{"input_ids", "labels"}`` batches for :class:`~lightning_tp.CausalLMModule`:
+
+1. ``prepare_data`` (once per node) tokenizes every document once, appends EOS after each, and writes the tokens
+   to ``<cache_dir>/<key>.bin`` (``uint16`` when the vocabulary fits, else ``uint32``) plus ``<key>.json``
+   metadata. Both are written to temporary files and renamed into place, the metadata last, so an interrupted run
+   never leaves a cache that looks complete. The key hashes the tokenizer, the files (path, size, mtime) and
+   ``max_bytes``: a changed file or tokenizer gives a new cache, an unchanged corpus reuses the old one.
+2. ``setup`` memory-maps the tokens and cuts them into non-overlapping windows of ``seq_len + 1`` tokens
+   (documents packed back to back, the last partial window dropped). ``input_ids = window[:-1]`` and
+   ``labels = window[1:]``.
+3. The train loader shards the windows over the **data-parallel** ranks only (tensor-parallel ranks of one
+   data-parallel group read the same samples) with :class:`ResumableDistributedSampler`, which also makes a
+   resumed run continue with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_tp.data.tokenizers import Tokenizer, load_tokenizer
+from lightning_tp.errors import LightningTPError
+
+__all__ = [
+    "DEFAULT_CORPUS_MAX_BYTES",
+    "DataError",
+    "PackedWindows",
+    "PretrainDataModule",
+    "ResumableDistributedSampler",
+    "default_corpus_files",
+    "resolve_files",
+]
+
+#: Size cap of the embedded default corpus (the standard library's sources) when ``max_bytes`` is ``None``.
+DEFAULT_CORPUS_MAX_BYTES = 8_000_000
+
+_CACHE_VERSION = 1
+_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+
+
+class DataError(LightningTPError):
+    """A corpus is missing, empty or too small, or a data parameter has an invalid value."""
+
+
+# ---------------------------------------------------------------------------------------------------- corpus files
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The files named by ``path``: a file, a glob (``**`` matches any depth), a directory (every file under it,
+    hidden files and folders skipped) or a list of those. Absolute, de-duplicated, sorted.
+
+    Raises:
+        DataError: when an entry matches no file (the message names it).
+    """
+    entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not entries:
+        raise DataError("`path` is an empty list. Fix: pass a file, a glob, a directory, or None for the default.")
+    files: set[Path] = set()
+    for entry in entries:
+        text = os.path.expanduser(os.fspath(entry))
+        found: list[Path] = []
+        if glob.has_magic(text):
+            found = [Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p)]
+        elif os.path.isdir(text):
+            root = Path(text)
+            found = [p for p in root.rglob("*") if p.is_file() and not _is_hidden(p, root)]
+        elif os.path.isfile(text):
+            found = [Path(text)]
+        if not found:
+            raise DataError(
+                f"path={os.fspath(entry)!r} matches no file (cwd: {os.getcwd()!r}). Fix: pass an existing file, a"
+                " directory, or a glob such as 'corpus/*.txt' or 'corpus/**/*.md'; path=None uses the built-in"
+                " corpus (the Python standard library's sources)."
+            )
+        files.update(p.resolve() for p in found)
+    return sorted(files, key=str)
+
+
+def default_corpus_files() -> list[Path]:
+    """The embedded default corpus: the standard library's ``.py`` files, sorted by relative path, without
+    ``site-packages`` and the ``test``/``tests``/``idlelib``/``lib2to3`` folders."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():  # pragma: no cover - every CPython has its stdlib sources
+        raise DataError(f"The standard library folder {str(root)!r} is missing; pass `path=` to a corpus instead.")
+    files: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
+        for name in filenames:
+            if name.endswith(".py"):
+                file = Path(dirpath) / name
+                files.append((file.relative_to(root).as_posix(), file))
+    files.sort()
+    return [file for _, file in files]
+
+
+def _select_within(files: list[Path], max_bytes: int | None) -> list[tuple[Path, int, int, int]]:
+    """``(file, size, mtime_ns, bytes_to_read)`` for the files that fit in ``max_bytes`` (the last one truncated)."""
+    selected: list[tuple[Path, int, int, int]] = []
+    total = 0
+    for file in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        stat = file.stat()
+        take = stat.st_size if max_bytes is None else min(stat.st_size, max_bytes - total)
+        selected.append((file, stat.st_size, stat.st_mtime_ns, take))
+        total += take
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+
+class PackedWindows(Dataset):
+    """Windows of ``seq_len + 1`` tokens of a flat token file, served as ``{"input_ids", "labels"}`` (int64).
+
+    ``window_ids[i]`` is the window index (in units of ``seq_len + 1`` tokens from the start of the file) of
+    sample ``i``. The memory map is opened lazily and not pickled, so DataLoader workers re-open it cheaply.
+    """
+
+    def __init__(self, token_file: str | Path, dtype: str, seq_len: int, window_ids: np.ndarray) -> None:
+        self.token_file = str(token_file)
+        self.dtype = dtype
+        self.seq_len = seq_len
+        self.window_ids = np.asarray(window_ids, dtype=np.int64)
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The memory-mapped token file."""
+        if self._tokens is None:
+            self._tokens = np.memmap(self.token_file, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        return len(self.window_ids)
+
+    def window(self, index: int) -> np.ndarray:
+        """The ``seq_len + 1`` tokens of sample ``index``."""
+        start = int(self.window_ids[index]) * (self.seq_len + 1)
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        window = torch.from_numpy(self.window(index).astype(np.int64))
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tokens"] = None  # pickling a memmap would copy the whole corpus
+        return state
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """A :class:`~torch.utils.data.DistributedSampler` that can resume mid-epoch.
+
+    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its own. The order of epoch ``e`` is a
+    permutation seeded with ``seed + e`` (identical on every rank), cut to a multiple of ``num_replicas``
+    (``drop_last=True``: every replica gets the same number of samples) and dealt out round-robin: replica ``r``
+    gets positions ``r, r + num_replicas, ...``.
+
+    :meth:`state_dict` returns ``{"epoch", "consumed", "num_replicas"}``, ``consumed`` being the samples this
+    replica has yielded in ``epoch``; after :meth:`load_state_dict`, the next iteration of that epoch skips them.
+    ``len()`` stays the full epoch length (what Lightning expects of a resumed loader). The counter is exact when
+    the sampler is read by a ``num_workers=0`` DataLoader; worker processes prefetch ahead of training, so with
+    workers take the position from the training loop's progress instead (:class:`PretrainDataModule` does).
+    Resuming with another ``num_replicas`` maps the position through the global sample count (rounded down).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.consumed = 0
+        self._resume = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields; a different epoch starts at its beginning."""
+        if epoch != self.epoch:
+            self.consumed = 0
+            self._resume = False
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # A generator: nothing is computed until the first index is requested, i.e. after Lightning's set_epoch.
+        indices = list(super().__iter__())
+        start = min(self.consumed, len(indices)) if self._resume else 0
+        self._resume = False
+        self.consumed = start
+        for index in indices[start:]:
+            self.consumed += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "consumed", "num_replicas"}``: where this replica stands."""
+        return {"epoch": int(self.epoch), "consumed": int(self.consumed), "num_replicas": int(self.num_replicas)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``: the next iteration of ``state["epoch"]`` skips the consumed samples. A state
+        at the end of its epoch moves on to the start of the next epoch."""
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        saved_replicas = int(state.get("num_replicas", self.num_replicas))
+        if saved_replicas != self.num_replicas:
+            # Round-robin dealing: c samples on each of R replicas are the first c * R of the epoch's order.
+            consumed = consumed * saved_replicas // self.num_replicas
+            warnings.warn(
+                f"Resuming the data order with num_replicas={self.num_replicas} from a state saved with"
+                f" {saved_replicas}; the position is rounded down to {consumed} samples per replica.",
+                stacklevel=2,
+            )
+        if consumed >= self.num_samples:
+            epoch, consumed = epoch + 1, 0
+        self.epoch = epoch
+        self.consumed = consumed
+        self._resume = True
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader whose ``state_dict`` is the data module's train position, so Lightning treats it as
+    resumable (and restores it with the fit loop, in addition to the data module's own checkpoint entry)."""
+
+    def __init__(self, *args: Any, datamodule: PretrainDataModule, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._datamodule = datamodule
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._datamodule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._datamodule.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------- data module
+
+
+def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{name}={value!r} is invalid: it must be an integer >= {minimum}. Fix: {fix}")
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Causal-LM pretraining batches from plain-text files, packed into windows of ``seq_len + 1`` tokens.
+
+    Args:
+        path: a file, a glob (``corpus/*.txt``; ``**`` matches any depth), a directory (all non-hidden files under
+            it) or a list of those. ``None`` is the embedded default corpus: the Python standard library's ``.py``
+            sources (no download, present on every Python installation).
+        tokenizer: ``"byte"`` or a ``tokenizer.json`` / a folder with one (see :func:`load_tokenizer`). Loaded
+            here, as :attr:`tokenizer`, so that it can be checked against the model's vocabulary before training.
+        seq_len: tokens per sample; every window holds ``seq_len + 1`` tokens (inputs and the shifted labels).
+        batch_size: samples per batch on each data-parallel rank.
+        val_fraction: share of the windows held out for validation (at least one window). The held-out windows
+            are spread evenly over the corpus, independent of ``seed``, so every run validates on the same data.
+        seed: seed of the training order; epoch ``e`` is shuffled with ``seed + e``.
+        cache_dir: where the token caches are written (relative paths are relative to the working directory;
+            shared by the ranks of a node).
+        max_bytes: cap on the bytes read from the corpus (files in sorted order, the last one cut). ``None``:
+            no cap for ``path``, :data:`DEFAULT_CORPUS_MAX_BYTES` for the default corpus.
+        num_workers: DataLoader worker processes.
+
+    The train/validation split and the training order are identical on every rank; the train and validation
+    loaders shard them over the data-parallel ranks (``trainer.distributed_sampler_kwargs``), so the
+    tensor-parallel ranks of a data-parallel group read the same samples. :meth:`state_dict` holds the position
+    in the training order and is saved in Lightning checkpoints: resuming continues with exactly the batches an
+    uninterrupted run would have produced next (same corpus, tokenizer, ``seq_len``, ``batch_size``, ``seed``).
+
+    Raises:
+        DataError: at construction for invalid values, a path matching no file or an empty corpus; in
+            :meth:`setup` for a corpus too short for one training and one validation window.
+    """
+
+    def __init__(
+        self,
+        path: str | list[str] | None = None,
+        tokenizer: str = "byte",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        cache_dir: str = ".cache/lightning_tp",
+        max_bytes: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_int("seq_len", seq_len, 1, "pass a positive number of tokens per sample, e.g. seq_len=256.")
+        _check_int("batch_size", batch_size, 1, "pass a positive number of samples per batch, e.g. batch_size=8.")
+        _check_int("num_workers", num_workers, 0, "pass 0 (load in the main process) or a number of workers.")
+        _check_int("seed", seed, 0, "pass a non-negative integer seed.")
+        if max_bytes is not None:
+            _check_int("max_bytes", max_bytes, 1, "pass a positive byte count, or None for no cap.")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise DataError(
+                f"val_fraction={val_fraction!r} is invalid: it must be a number strictly between 0 and 1."
+                " Fix: pass e.g. val_fraction=0.05 (5% of the windows are held out for validation)."
+            )
+        self.save_hyperparameters()
+        self.path = path
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.cache_dir = Path(os.path.expanduser(cache_dir))
+        self.num_workers = int(num_workers)
+        if path is None:
+            self.files = default_corpus_files()
+            self.max_bytes: int | None = DEFAULT_CORPUS_MAX_BYTES if max_bytes is None else int(max_bytes)
+        else:
+            self.files = resolve_files(path)
+            self.max_bytes = None if max_bytes is None else int(max_bytes)
+        if not any(size for _, size, _, _ in _select_within(self.files, None)):
+            raise DataError(
+                f"The corpus path={path!r} is empty: its {len(self.files)} file(s) hold 0 bytes."
+                " Fix: point `path` at files with text in them."
+            )
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+        self.dtype = "uint16" if self.tokenizer.vocab_size < 2**16 else "uint32"
+
+        self.train_dataset: PackedWindows | None = None
+        self.val_dataset: PackedWindows | None = None
+        self._meta: dict[str, Any] | None = None
+        self._cache_key: str | None = None
+        self._train_sampler: ResumableDistributedSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ cache
+
+    def _selection(self) -> list[tuple[Path, int, int, int]]:
+        return _select_within(self.files, self.max_bytes)
+
+    def cache_key(self) -> str:
+        """Hash of the tokenizer name, the files read (path, size, mtime) and ``max_bytes``."""
+        spec = {
+            "version": _CACHE_VERSION,
+            "tokenizer": self.tokenizer.name,
+            "files": [[str(file), size, mtime] for file, size, mtime, _ in self._selection()],
+            "max_bytes": self.max_bytes,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+    def cache_paths(self) -> tuple[Path, Path]:
+        """``(token file, metadata file)`` of the current corpus and tokenizer."""
+        key = self.cache_key()
+        return self.cache_dir / f"tokens-{key}.bin", self.cache_dir / f"tokens-{key}.json"
+
+    def _read_meta(self) -> dict[str, Any] | None:
+        token_file, meta_file = self.cache_paths()
+        if not (meta_file.is_file() and token_file.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            return None
+        expected = int(meta.get("num_tokens", -1)) * np.dtype(meta.get("dtype", self.dtype)).itemsize
+        return meta if token_file.stat().st_size == expected else None
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus into the cache, unless a cache for this corpus and tokenizer exists.
+
+        Each document is ``tokenizer.encode(text, eos=True)`` of the file decoded as UTF-8 (invalid bytes
+        replaced). Lightning calls this once per node, on local rank 0, before :meth:`setup`.
+        """
+        if self._read_meta() is not None:
+            return
+        token_file, meta_file = self.cache_paths()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp_tokens, tmp_meta = Path(f"{token_file}{suffix}"), Path(f"{meta_file}{suffix}")
+        dtype = np.dtype(self.dtype)
+        limit = np.iinfo(dtype).max
+        num_tokens = num_bytes = num_docs = 0
+        selection = self._selection()
+        try:
+            with open(tmp_tokens, "wb") as out:
+                for file, _, _, take in selection:
+                    if take == 0:
+                        continue  # an empty file is no document (no lone EOS)
+                    with open(file, "rb") as f:
+                        raw = f.read(take)
+                    ids = np.asarray(self.tokenizer.encode(raw.decode("utf-8", errors="replace"), eos=True))
+                    if ids.size and (ids.min() < 0 or ids.max() > limit):
+                        raise DataError(
+                            f"Tokenizer {self.tokenizer.name!r} produced id {int(ids.max())} outside {dtype.name}"
+                            f" for {str(file)!r} although its vocab_size is {self.tokenizer.vocab_size}."
+                        )
+                    ids.astype(dtype).tofile(out)
+                    num_tokens += int(ids.size)
+                    num_bytes += len(raw)
+                    num_docs += 1
+                out.flush()
+                os.fsync(out.fileno())
+            meta = {
+                "version": _CACHE_VERSION,
+                "key": self.cache_key(),
+                "tokenizer": self.tokenizer.name,
+                "vocab_size": self.tokenizer.vocab_size,
+                "eos_id": self.tokenizer.eos_id,
+                "dtype": dtype.name,
+                "num_tokens": num_tokens,
+                "num_documents": num_docs,
+                "num_bytes": num_bytes,
+                "max_bytes": self.max_bytes,
+                "files": [str(file) for file, _, _, _ in selection],
+            }
+            tmp_meta.write_text(json.dumps(meta, indent=1))
+            # Tokens first, metadata last: the metadata file is the mark of a complete cache.
+            os.replace(tmp_tokens, token_file)
+            os.replace(tmp_meta, meta_file)
+        finally:
+            for tmp in (tmp_tokens, tmp_meta):
+                tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ split
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the cache, cut it into windows and split them into train and validation (idempotent).
+
+        Without a cache (``setup`` called directly, not by a Trainer) a single process builds it here.
+
+        Raises:
+            DataError: the corpus gives fewer than two windows of ``seq_len + 1`` tokens.
+        """
+        if self.train_dataset is not None:
+            return
+        meta = self._read_meta()
+        if meta is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise DataError(
+                    f"No token cache for this corpus in cache_dir={str(self.cache_dir)!r} on this rank."
+                    " prepare_data() builds it once per node: keep Trainer(prepare_data_per_node=True), or use a"
+                    " cache_dir that every node can read."
+                )
+            self.prepare_data()
+            meta = self._read_meta()
+            assert meta is not None
+        window = self.seq_len + 1
+        num_windows = int(meta["num_tokens"]) // window
+        if num_windows < 2:
+            raise DataError(
+                f"The corpus is too short: it has {meta['num_tokens']} tokens but one training and one validation"
+                f" window of seq_len + 1 = {window} tokens need {2 * window}. Fix: add text, lower seq_len"
+                f" (now {self.seq_len}), or raise max_bytes (now {self.max_bytes})."
+            )
+        num_val = min(num_windows - 1, max(1, round(self.val_fraction * num_windows)))
+        # Validation windows are spread evenly over the corpus (deterministic, independent of `seed`).
+        val_ids = np.unique(np.linspace(0, num_windows - 1, num_val).round().astype(np.int64))
+        train_ids = np.setdiff1d(np.arange(num_windows, dtype=np.int64), val_ids, assume_unique=True)
+        token_file, _ = self.cache_paths()
+        self._meta = meta
+        self._cache_key = str(meta["key"])
+        self.train_dataset = PackedWindows(token_file, meta["dtype"], self.seq_len, train_ids)
+        self.val_dataset = PackedWindows(token_file, meta["dtype"], self.seq_len, val_ids)
+
+    def _require_setup(self) -> tuple[PackedWindows, PackedWindows]:
+        if self.train_dataset is None or self.val_dataset is None:
+            raise DataError("The datasets exist after setup(): call dm.prepare_data(); dm.setup('fit') first.")
+        return self.train_dataset, self.val_dataset
+
+    @property
+    def num_train_sequences(self) -> int:
+        """Training windows in the whole corpus (all data-parallel ranks together)."""
+        return len(self._require_setup()[0])
+
+    @property
+    def num_val_sequences(self) -> int:
+        """Validation windows in the whole corpus (all data-parallel ranks together)."""
+        return len(self._require_setup()[1])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the cache, EOS separators included."""
+        self._require_setup()
+        assert self._meta is not None
+        return int(self._meta["num_tokens"])
+
+    # ------------------------------------------------------------------ loaders
+
+    def _replicas(self) -> tuple[int, int]:
+        """``(num_replicas, rank)`` of the data-parallel dimension; ``(1, 0)`` without a distributed trainer."""
+        trainer = self.trainer
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (``seed + epoch``), sharded over the data-parallel ranks, full batches only, resumable."""
+        train, _ = self._require_setup()
+        num_replicas, rank = self._replicas()
+        sampler = ResumableDistributedSampler(train, num_replicas=num_replicas, rank=rank, seed=self.seed)
+        if sampler.num_samples < self.batch_size:
+            raise DataError(
+                f"Each of the {num_replicas} data-parallel rank(s) gets {sampler.num_samples} of the"
+                f" {len(train)} training windows, fewer than batch_size={self.batch_size}: no full batch."
+                " Fix: lower batch_size or seq_len, or use a larger corpus."
+            )
+        self._train_sampler = sampler
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+        return _TrainLoader(train, sampler=sampler, drop_last=True, datamodule=self, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        """In corpus order, sharded over the data-parallel ranks (padded by repeating up to ``num_replicas - 1``
+        windows so that every rank has the same number of batches)."""
+        _, val = self._require_setup()
+        num_replicas, rank = self._replicas()
+        sampler = DistributedSampler(val, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        return DataLoader(val, sampler=sampler, drop_last=False, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ resumable state
+
+    def _batches_per_epoch(self) -> int | None:
+        if self._train_sampler is None:
+            return None
+        return self._train_sampler.num_samples // self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "consumed", "num_replicas", ...}``: the training position (samples per data-parallel rank).
+
+        With a Trainer attached the position is the fit loop's count of trained batches times ``batch_size``
+        (exact whatever ``num_workers`` prefetches); otherwise the sampler's count of yielded samples.
+        """
+        sampler = self._train_sampler
+        if sampler is None:
+            state = dict(self._pending_state or {"epoch": 0, "consumed": 0, "num_replicas": self._replicas()[0]})
+        else:
+            state = sampler.state_dict()
+            trainer = self.trainer
+            if trainer is not None:
+                progress = trainer.fit_loop.epoch_loop.batch_progress.current
+                # `processed` counts a batch as soon as its training step ran (checkpoints saved in
+                # on_train_batch_end precede `completed`); the sampler's count guards the epoch boundary, where
+                # set_epoch has already reset it but the loop's counter still holds the previous epoch.
+                state["consumed"] = min(int(progress.processed) * self.batch_size, sampler.consumed)
+        state.update(seed=self.seed, batch_size=self.batch_size, seq_len=self.seq_len, cache_key=self._cache_key)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order from :meth:`state_dict` (applied to the train sampler when it is created)."""
+        for name in ("seed", "batch_size", "seq_len", "cache_key"):
+            saved = state_dict.get(name)
+            current = self._cache_key if name == "cache_key" else getattr(self, name)
+            if saved is not None and current is not None and saved != current:
+                warnings.warn(
+                    f"The data state was saved with {name}={saved!r} but this run has {name}={current!r}: the"
+                    " resumed data order will not continue the interrupted run's order.",
+                    stacklevel=2,
+                )
+        self._pending_state = dict(state_dict)
+        if self._train_sampler is not None:
+            self._apply_state(self._pending_state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self._train_sampler is not None
+        sampler_state = {k: int(state[k]) for k in ("epoch", "consumed", "num_replicas") if k in state}
+        self._train_sampler.load_state_dict(sampler_state)
+        per_epoch = self._batches_per_epoch()
+        if per_epoch is not None and self._train_sampler.consumed >= per_epoch * self.batch_size:
+            # Only a partial batch (dropped) is left of this epoch: continue at the start of the next one.
+            sampler = self._train_sampler
+            sampler.load_state_dict({"epoch": sampler.epoch + 1, "consumed": 0, "num_replicas": sampler.num_replicas})
+        self._pending_state = None
+
+    @staticmethod
+    def describe_default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> dict[str, int]:
+        """``{"files", "bytes"}`` the default corpus reads under ``max_bytes`` (nothing is tokenized)."""
+        selection = _select_within(default_corpus_files(), max_bytes)
+        return {"files": len(selection), "bytes": sum(take for _, _, _, take in selection)}

@@ -1,0 +1,190 @@
+"""Typed schemas behind the Hydra configs in ``conf/``.
+
+Each YAML file under ``conf/`` extends one of these dataclasses (its ``defaults`` list names the schema),
+so an unknown key or a value of the wrong type fails at start-up with Hydra's message naming the key.
+:func:`register_configs` puts them in Hydra's ``ConfigStore``; the recipes call it before composing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneDataConfig",
+    "LoggerConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PretrainConfig",
+    "PretrainDataConfig",
+    "SchedulerConfig",
+    "StrategyConfig",
+    "TrainerConfig",
+    "register_configs",
+]
+
+
+@dataclass
+class ModelConfig:
+    """A named Llama preset, with optional field overrides (None keeps the preset's value)."""
+
+    name: str = "small"
+    """Preset name (see ``lightning_tp.models.list_presets()``)."""
+    vocab_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+
+
+@dataclass
+class StrategyConfig:
+    """Arguments of :class:`lightning_tp.TensorParallelStrategy`."""
+
+    _target_: str = "lightning_tp.TensorParallelStrategy"
+    tensor_parallel_size: Any = "auto"
+    """'auto' (devices per node) or an int."""
+    data_parallel_size: Any = "auto"
+    """'auto' (number of nodes) or an int."""
+    plan: str = "auto"
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+    fsdp: bool = True
+    reshard_after_forward: bool = True
+    save_distributed_checkpoint: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """The ``lightning.Trainer`` arguments a recipe exposes."""
+
+    _target_: str = "lightning.Trainer"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    """'auto' (all GPUs, or 4 CPU processes on a CPU machine — see the cpu trainer config) or an int."""
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 200
+    val_check_interval: Any = 50
+    limit_val_batches: Any = 8
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: CSV always when enabled, TensorBoard when the package is installed."""
+
+    csv: bool = True
+    tensorboard: str = "auto"
+    """'auto' (when installed), 'true' or 'false'."""
+
+
+@dataclass
+class PretrainDataConfig:
+    """Arguments of :class:`lightning_tp.data.pretrain.PretrainDataModule`."""
+
+    _target_: str = "lightning_tp.data.pretrain.PretrainDataModule"
+    path: Any = None
+    """Files, globs or directories; null = the embedded corpus (Python's standard library sources)."""
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    batch_size: int = 8
+    val_fraction: float = 0.02
+    seed: int = 0
+    cache_dir: str = ".cache/lightning_tp"
+    max_bytes: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Arguments of :class:`lightning_tp.data.finetune.FinetuneDataModule`."""
+
+    _target_: str = "lightning_tp.data.finetune.FinetuneDataModule"
+    path: Optional[str] = None
+    """A JSON/JSONL file; null = the embedded instruction set (built in code, no download)."""
+    format: str = "auto"
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    batch_size: int = 8
+    val_fraction: float = 0.1
+    seed: int = 0
+    packing: bool = False
+    template: str = "alpaca"
+    skip_malformed: bool = False
+    hf_dataset: Optional[str] = None
+    hf_split: str = "train"
+    num_workers: int = 0
+
+
+@dataclass
+class _RunConfig:
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    out_dir: str = MISSING
+    """Checkpoints, logs and Hydra's own files go here."""
+    resume: Optional[str] = None
+    """A checkpoint to resume training from ('last' = out_dir/last if it exists)."""
+    checkpoint_every_n_steps: Optional[int] = None
+    """Save a sharded checkpoint every N steps (always one at the end, as out_dir/last)."""
+    sample_prompt: str = "def "
+    """Text to continue after training, printed by rank 0; empty to skip."""
+    sample_tokens: int = 48
+
+
+@dataclass
+class PretrainConfig(_RunConfig):
+    data: PretrainDataConfig = MISSING
+
+
+@dataclass
+class FinetuneConfig(_RunConfig):
+    data: FinetuneDataConfig = MISSING
+    checkpoint: Optional[str] = None
+    """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last); null = random init."""
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("trainer", TrainerConfig),
+                        ("optimizer", OptimizerConfig), ("scheduler", SchedulerConfig), ("logger", LoggerConfig),
+                        ("data", PretrainDataConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="data", name="finetune_data_schema", node=FinetuneDataConfig)

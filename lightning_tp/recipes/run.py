@@ -1,0 +1,153 @@
+"""What the recipes do with a composed config: instantiate the pieces, fit, sample, summarise.
+
+Kept out of the ``@hydra.main`` scripts so the same path runs from a notebook (``compose`` + :func:`run`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_tp.callbacks import ThroughputMonitor
+from lightning_tp.checkpoint import CheckpointError, LoadWeights
+from lightning_tp.data.tokenizers import check_tokenizer
+from lightning_tp.generate import generate
+from lightning_tp.lightning_module import CausalLMModule
+from lightning_tp.models import LlamaConfig, get_config
+
+__all__ = ["model_config", "run"]
+
+CPU_DEVICES = 4
+"""Processes a recipe starts on a machine without GPUs when ``trainer.devices`` is ``auto``."""
+
+
+def model_config(cfg: DictConfig) -> LlamaConfig:
+    """The preset ``cfg.name`` with every non-null field of ``cfg`` overriding it."""
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name" and v is not None}
+    return get_config(cfg.name, **overrides)
+
+
+class ValidationHistory(L.Callback):
+    """Remembers ``val/loss`` after every validation run, the sanity check (step 0) included."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None:
+            self.history.append((trainer.global_step, float(value)))
+
+
+def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
+    """Trainer accelerator/devices and the strategy. Lightning's ``devices="auto"`` on a machine without GPUs
+    means one process; the recipes run :data:`CPU_DEVICES` processes there instead, as dp=2 × tp=2 unless the
+    strategy sizes are given."""
+    accelerator, devices = cfg.trainer.accelerator, cfg.trainer.devices
+    sizes: dict[str, Any] = {}
+    if devices == "auto" and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+        accelerator, devices = "cpu", CPU_DEVICES
+        if cfg.strategy.tensor_parallel_size == "auto" and cfg.strategy.data_parallel_size == "auto":
+            sizes["tensor_parallel_size"] = 2
+    return {"accelerator": accelerator, "devices": devices}, instantiate(cfg.strategy, **sizes)
+
+
+def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list[Any] = []
+    if cfg.csv:
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="logs"))
+    tb = str(cfg.tensorboard).lower()
+    if tb not in ("auto", "true", "false"):
+        raise ValueError(f"logger.tensorboard={cfg.tensorboard!r} must be 'auto', 'true' or 'false'.")
+    if tb == "true" or (tb == "auto" and _has_tensorboard()):
+        loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard"))
+    return loggers
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def _resume_path(resume: str | None, out_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    path = out_dir / "last" if resume == "last" else Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"resume={resume!r}: no checkpoint at {str(path)!r}. Train first, or set resume=null.")
+    return str(path)
+
+
+def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
+    """Fit a :class:`CausalLMModule` as ``cfg`` says; returns (and on rank 0 writes) a summary.
+
+    Everything that can be checked in the launching process is checked before ``fit`` spawns ranks:
+    config values, the tokenizer against the model's vocabulary, the mesh, the plan, the checkpoint path.
+    """
+    start = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    llama = model_config(cfg.model)
+    datamodule = instantiate(cfg.data)
+    check_tokenizer(datamodule.tokenizer, llama.vocab_size)
+    if checkpoint is not None and not (Path(checkpoint) / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory (no .metadata)."
+                              " Use the out_dir/last of a pretraining run, e.g. checkpoint=out/pretrain/last.")
+    module = CausalLMModule(
+        model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=tuple(cfg.optimizer.betas),
+        warmup_steps=cfg.scheduler.warmup_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,
+    )
+    history = ValidationHistory()
+    saver = ModelCheckpoint(dirpath=str(out_dir), filename="step-{step}", save_top_k=0, save_last=True,
+                            every_n_train_steps=cfg.checkpoint_every_n_steps or cfg.trainer.max_steps)
+    saver.CHECKPOINT_NAME_LAST, saver.FILE_EXTENSION = "last", ""
+    callbacks: list[Any] = [ThroughputMonitor(), saver, history]
+    if checkpoint is not None:
+        callbacks.append(LoadWeights(checkpoint))
+    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in ("accelerator", "devices")}
+    trainer_cfg["num_sanity_val_steps"] = trainer_cfg.get("limit_val_batches", 2)  # step-0 validation = the baseline
+    devices, strategy = _devices_and_strategy(cfg)
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, **devices, strategy=strategy, callbacks=callbacks,
+        logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
+
+    sample = None
+    if cfg.sample_prompt:
+        strategy = trainer.strategy
+        multiple = getattr(strategy, "tensor_parallel_size", 1) if getattr(strategy, "sequence_parallel", False) else 1
+        sample = generate(module.model, datamodule.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                          pad_to_multiple_of=multiple, max_context=cfg.data.seq_len)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    summary = {
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "steps": trainer.global_step,
+        "val_loss_history": history.history,
+        "tokens_per_sec": metrics.get("perf/tokens_per_sec"),
+        "metrics": metrics,
+        "checkpoint": str(out_dir / "last"),
+        "sample_prompt": cfg.sample_prompt,
+        "sample": sample,
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        first, last = (history.history[0][1], history.history[-1][1]) if history.history else (None, None)
+        print(f"\n[lightning-tp] {trainer.global_step} steps in {summary['wall_time_s']} s on {trainer.world_size}"
+              f" processes; val/loss {first} -> {last}; tokens/s {summary['tokens_per_sec']}")
+        if sample is not None:
+            print(f"[lightning-tp] sample: {cfg.sample_prompt!r} -> {sample!r}")
+    return summary

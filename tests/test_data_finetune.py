@@ -354,13 +354,13 @@ def test_train_val_split_disjoint_and_seeded() -> None:
 
 def test_dataloaders_use_distributed_sampler_from_trainer(tmp_path: Path) -> None:
     file = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
-    dm = FinetuneDataModule(path=str(file), seq_len=64, batch_size=2, val_fraction=0.2, seed=7, template="plain")
+    dm = FinetuneDataModule(path=str(file), seq_len=64, batch_size=3, val_fraction=0.2, seed=7, template="plain")
     loader = dm.train_dataloader()  # builds on demand
     assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 1
     order = [b["input_ids"] for b in loader]
     again = [b["input_ids"] for b in dm.train_dataloader()]
     assert len(order) == len(again) and all(torch.equal(x, y) for x, y in zip(order, again, strict=True))
-    assert not torch.equal(torch.cat(order), dm.train_dataset.input_ids)  # shuffled
+    assert sorted(loader.sampler) == list(range(dm.num_train)) != list(loader.sampler)  # shuffled
 
     dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1})  # type: ignore[assignment]
     train, val = dm.train_dataloader(), dm.val_dataloader()
@@ -368,6 +368,7 @@ def test_dataloaders_use_distributed_sampler_from_trainer(tmp_path: Path) -> Non
     assert train.sampler.drop_last and train.sampler.seed == 7
     assert (val.sampler.num_replicas, val.sampler.rank, val.sampler.shuffle) == (2, 1, False)
     assert len(train.sampler) == dm.num_train // 2 and len(val.sampler) == 2
+    assert len(train) == len(train.sampler) // 3 == 2 and all(len(b["input_ids"]) == 3 for b in train)
 
 
 # ---------------------------------------------------------------------------------------------------- errors

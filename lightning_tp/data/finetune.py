@@ -701,12 +701,18 @@ class FinetuneDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
+            # Full training batches only (a tiny last batch is a noisy step), unless there is not even one.
+            drop_last=train and len(sampler) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Training rows, shuffled per epoch with ``seed`` and sharded over the data-parallel ranks."""
+        """Training rows, shuffled per epoch with ``seed`` and sharded over the data-parallel ranks.
+
+        Every rank gets the same number of rows (the sampler drops the remainder) and only full batches, unless a
+        rank has fewer rows than ``batch_size``.
+        """
         self.setup("fit")
         assert self.train_dataset is not None
         return self._loader(self.train_dataset, train=True)

@@ -290,6 +290,9 @@ class PretrainDataModule(L.LightningDataModule):
     tensor-parallel ranks of a data-parallel group read the same samples. :meth:`state_dict` holds the position
     in the training order and is saved in Lightning checkpoints: resuming continues with exactly the batches an
     uninterrupted run would have produced next (same corpus, tokenizer, ``seq_len``, ``batch_size``, ``seed``).
+    This holds for checkpoints saved during training (``ModelCheckpoint`` after a batch, after validation, at
+    the end of an epoch). A run that *stopped* at ``max_steps`` is recorded by Lightning as having finished its
+    epoch, so resuming it starts the next epoch (Lightning's own epoch bookkeeping; the order follows it).
 
     Raises:
         DataError: at construction for invalid values, a path matching no file or an empty corpus; in

@@ -143,6 +143,7 @@ class FinetuneDataConfig:
     skip_malformed: bool = False
     hf_dataset: Optional[str] = None
     hf_split: str = "train"
+    ignore_index: int = -100
     num_workers: int = 0
 
 

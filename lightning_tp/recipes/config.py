@@ -73,6 +73,8 @@ class TrainerConfig:
     precision: str = "32-true"
     max_steps: int = 200
     val_check_interval: Any = 50
+    check_val_every_n_epoch: Optional[int] = None
+    """None: ``val_check_interval`` counts optimizer steps across epochs."""
     limit_val_batches: Any = 8
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0

@@ -7,10 +7,12 @@
 Same as `lightning-tp finetune ...`. Config: conf/finetune.yaml and the groups under conf/.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from lightning_tp.recipes import register_configs
+from lightning_tp.recipes import flags_first, register_configs
 from lightning_tp.recipes.run import run
 
 register_configs()
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = flags_first(sys.argv)
     main()

@@ -69,3 +69,19 @@ def test_bad_checkpoint_fails_before_spawning(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "CheckpointError" in proc.stderr and "nope" in proc.stderr
     assert "Initializing distributed" not in proc.stdout + proc.stderr  # no rank was started
+
+
+def test_multirun_sweep_launches_each_job_with_its_own_ranks(tmp_path: Path) -> None:
+    # Flags may sit between overrides, as users write them; each job gets its own ranks and directory.
+    _run("pretrain", [*COMMON[:1], "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                      "data.seq_len=32", "data.max_bytes=100000", f"data.cache_dir={tmp_path / 'cache'}",
+                      "sample_tokens=1", "logger=csv", "--multirun", "optimizer.lr=1e-3,3e-4"], tmp_path)
+    summaries = sorted((tmp_path / "out" / "pretrain" / "multirun").rglob("summary.json"))
+    assert len(summaries) == 2
+    losses = []
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 4
+        assert (path.parent / "last" / ".metadata").is_file()
+        losses.append(summary["val_loss_history"][-1][1])
+    assert losses[0] != losses[1]  # different learning rates, different results

@@ -6,6 +6,8 @@ Kept out of the ``@hydra.main`` scripts so the same path runs from a notebook (`
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,51 @@ def _resume_path(resume: str | None, out_dir: Path) -> str | None:
     return str(path)
 
 
+def _children_run_this_job_only() -> None:
+    """Under ``--multirun``, make the ranks Lightning launches run this one job, not the whole sweep.
+
+    Lightning re-runs ``sys.argv`` for the other ranks with ``hydra.run.dir`` set to the run directory; for a
+    sweep job that must be the job's own overrides and output directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def _job_out_dir(cfg: DictConfig) -> Path:
+    """``cfg.out_dir``, or under ``--multirun`` the job's own directory (``out_dir/multirun/<time>/<job>``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.out_dir)
+
+
+def _end_sweep_job(launched: dict[str, str | None]) -> None:
+    """After a ``--multirun`` job, close its process group and forget its launch environment, so the next
+    job of the sweep spawns fresh ranks on a fresh port instead of waiting for the finished ones."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in launched.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     """Fit a :class:`CausalLMModule` as ``cfg`` says; returns (and on rank 0 writes) a summary.
 
@@ -96,7 +143,9 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     config values, the tokenizer against the model's vocabulary, the mesh, the plan, the checkpoint path.
     """
     start = time.perf_counter()
-    out_dir = Path(cfg.out_dir)
+    launched = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    _children_run_this_job_only()
+    out_dir = _job_out_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     llama = model_config(cfg.model)
     datamodule = instantiate(cfg.data)
@@ -150,4 +199,5 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
               f" processes; val/loss {first} -> {last}; tokens/s {summary['tokens_per_sec']}")
         if sample is not None:
             print(f"[lightning-tp] sample: {cfg.sample_prompt!r} -> {sample!r}")
+    _end_sweep_job(launched)
     return summary

@@ -117,3 +117,13 @@ def test_console_entry_point_passes_hydra_flags_through(capsys: pytest.CaptureFi
     assert sys.argv[0] == str(ROOT / "recipes" / "pretrain.py")  # what Lightning re-runs for the other ranks
     with pytest.raises(SystemExit, match="unknown recipe 'pretrian'.*pretrain"):
         cli.main(["pretrian"])
+
+
+def test_help_flag_reaches_hydra(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tp import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["finetune", "--help"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "== Configuration groups ==" in out and "strategy: tp, tp_nofsdp, tp_sp, tp_sp_lp, tp_sp_lp_nofsdp" in out

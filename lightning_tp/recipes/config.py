@@ -182,12 +182,8 @@ class FinetuneConfig(_RunConfig):
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra (idempotent)."""
+    """Register the two top-level schemas with Hydra (idempotent). Group options need no schema of their own:
+    the top-level dataclass types every group, so each option is validated when it is merged in."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
-    for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("trainer", TrainerConfig),
-                        ("optimizer", OptimizerConfig), ("scheduler", SchedulerConfig), ("logger", LoggerConfig),
-                        ("data", PretrainDataConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
-    cs.store(group="data", name="finetune_data_schema", node=FinetuneDataConfig)

@@ -150,6 +150,10 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     llama = model_config(cfg.model)
     datamodule = instantiate(cfg.data)
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
+    # Read and tokenise the data here, in the launching process, so that a missing file or a malformed record
+    # fails before any rank starts; the ranks then reuse the cache.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     if checkpoint is not None and not (Path(checkpoint) / ".metadata").is_file():
         raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory (no .metadata)."
                               " Use the out_dir/last of a pretraining run, e.g. checkpoint=out/pretrain/last.")

@@ -61,14 +61,25 @@ def test_finetune_starts_from_the_pretrained_weights(pretrained: Path) -> None:
     assert pre["steps"] == 6 and tuned["steps"] == 6
 
 
-def test_bad_checkpoint_fails_before_spawning(tmp_path: Path) -> None:
+def _fails_before_spawning(overrides: list[str], cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), *COMMON,
-                           f"checkpoint={tmp_path / 'nope'}", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), *COMMON, *overrides,
+                           f"out_dir={cwd / 'out'}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "CheckpointError" in proc.stderr and "nope" in proc.stderr
     assert "Initializing distributed" not in proc.stdout + proc.stderr  # no rank was started
+    return proc.stderr
+
+
+def test_bad_checkpoint_fails_before_spawning(tmp_path: Path) -> None:
+    err = _fails_before_spawning([f"checkpoint={tmp_path / 'nope'}"], tmp_path)
+    assert "CheckpointError" in err and "nope" in err
+
+
+def test_malformed_record_fails_before_spawning_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say hi"}\n')
+    err = _fails_before_spawning(["data=alpaca", f"data.path={bad}"], tmp_path)
+    assert f"{bad}:2" in err and "output" in err
 
 
 def test_multirun_sweep_launches_each_job_with_its_own_ranks(tmp_path: Path) -> None:

@@ -19,23 +19,21 @@ standard library's own sources, which every Python installation carries, so no d
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import os
-import sysconfig
 import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_tp.data import corpus
+from lightning_tp.data.corpus import DEFAULT_CORPUS_MAX_BYTES, PackedWindows, default_corpus_files, resolve_files
+from lightning_tp.data.errors import DataError
+from lightning_tp.data.samplers import ResumableDataLoader, ResumableDistributedSampler, data_parallel_replicas
 from lightning_tp.data.tokenizers import Tokenizer, load_tokenizer
-from lightning_tp.errors import LightningTPError
 
 __all__ = [
     "DEFAULT_CORPUS_MAX_BYTES",
@@ -46,218 +44,6 @@ __all__ = [
     "default_corpus_files",
     "resolve_files",
 ]
-
-#: Size cap of the embedded default corpus (the standard library's sources) when ``max_bytes`` is ``None``.
-DEFAULT_CORPUS_MAX_BYTES = 8_000_000
-
-_CACHE_VERSION = 1
-_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
-
-
-class DataError(LightningTPError):
-    """A corpus is missing, empty or too small, or a data parameter has an invalid value."""
-
-
-# ---------------------------------------------------------------------------------------------------- corpus files
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def resolve_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """The files named by ``path``: a file, a glob (``**`` matches any depth), a directory (every file under it,
-    hidden files and folders skipped) or a list of those. Absolute, de-duplicated, sorted.
-
-    Raises:
-        DataError: when an entry matches no file (the message names it).
-    """
-    entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not entries:
-        raise DataError("`path` is an empty list. Fix: pass a file, a glob, a directory, or None for the default.")
-    files: set[Path] = set()
-    for entry in entries:
-        text = os.path.expanduser(os.fspath(entry))
-        found: list[Path] = []
-        if glob.has_magic(text):
-            found = [Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p)]
-        elif os.path.isdir(text):
-            root = Path(text)
-            found = [p for p in root.rglob("*") if p.is_file() and not _is_hidden(p, root)]
-        elif os.path.isfile(text):
-            found = [Path(text)]
-        if not found:
-            raise DataError(
-                f"path={os.fspath(entry)!r} matches no file (cwd: {os.getcwd()!r}). Fix: pass an existing file, a"
-                " directory, or a glob such as 'corpus/*.txt' or 'corpus/**/*.md'; path=None uses the built-in"
-                " corpus (the Python standard library's sources)."
-            )
-        files.update(p.resolve() for p in found)
-    return sorted(files, key=str)
-
-
-def default_corpus_files() -> list[Path]:
-    """The embedded default corpus: the standard library's ``.py`` files, sorted by relative path, without
-    ``site-packages`` and the ``test``/``tests``/``idlelib``/``lib2to3`` folders."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():  # pragma: no cover - every CPython has its stdlib sources
-        raise DataError(f"The standard library folder {str(root)!r} is missing; pass `path=` to a corpus instead.")
-    files: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
-        for name in filenames:
-            if name.endswith(".py"):
-                file = Path(dirpath) / name
-                files.append((file.relative_to(root).as_posix(), file))
-    files.sort()
-    return [file for _, file in files]
-
-
-def _select_within(files: list[Path], max_bytes: int | None) -> list[tuple[Path, int, int, int]]:
-    """``(file, size, mtime_ns, bytes_to_read)`` for the files that fit in ``max_bytes`` (the last one truncated)."""
-    selected: list[tuple[Path, int, int, int]] = []
-    total = 0
-    for file in files:
-        if max_bytes is not None and total >= max_bytes:
-            break
-        stat = file.stat()
-        take = stat.st_size if max_bytes is None else min(stat.st_size, max_bytes - total)
-        selected.append((file, stat.st_size, stat.st_mtime_ns, take))
-        total += take
-    return selected
-
-
-# ---------------------------------------------------------------------------------------------------- dataset
-
-
-class PackedWindows(Dataset):
-    """Windows of ``seq_len + 1`` tokens of a flat token file, served as ``{"input_ids", "labels"}`` (int64).
-
-    ``window_ids[i]`` is the window index (in units of ``seq_len + 1`` tokens from the start of the file) of
-    sample ``i``. The memory map is opened lazily and not pickled, so DataLoader workers re-open it cheaply.
-    """
-
-    def __init__(self, token_file: str | Path, dtype: str, seq_len: int, window_ids: np.ndarray) -> None:
-        self.token_file = str(token_file)
-        self.dtype = dtype
-        self.seq_len = seq_len
-        self.window_ids = np.asarray(window_ids, dtype=np.int64)
-        self._tokens: np.ndarray | None = None
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """The memory-mapped token file."""
-        if self._tokens is None:
-            self._tokens = np.memmap(self.token_file, dtype=self.dtype, mode="r")
-        return self._tokens
-
-    def __len__(self) -> int:
-        return len(self.window_ids)
-
-    def window(self, index: int) -> np.ndarray:
-        """The ``seq_len + 1`` tokens of sample ``index``."""
-        start = int(self.window_ids[index]) * (self.seq_len + 1)
-        return self.tokens[start : start + self.seq_len + 1]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        window = torch.from_numpy(self.window(index).astype(np.int64))
-        return {"input_ids": window[:-1], "labels": window[1:]}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_tokens"] = None  # pickling a memmap would copy the whole corpus
-        return state
-
-
-# ---------------------------------------------------------------------------------------------------- sampler
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """A :class:`~torch.utils.data.DistributedSampler` that can resume mid-epoch.
-
-    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its own. The order of epoch ``e`` is a
-    permutation seeded with ``seed + e`` (identical on every rank), cut to a multiple of ``num_replicas``
-    (``drop_last=True``: every replica gets the same number of samples) and dealt out round-robin: replica ``r``
-    gets positions ``r, r + num_replicas, ...``.
-
-    :meth:`state_dict` returns ``{"epoch", "consumed", "num_replicas"}``, ``consumed`` being the samples this
-    replica has yielded in ``epoch``; after :meth:`load_state_dict`, the next iteration of that epoch skips them.
-    ``len()`` stays the full epoch length (what Lightning expects of a resumed loader). The counter is exact when
-    the sampler is read by a ``num_workers=0`` DataLoader; worker processes prefetch ahead of training, so with
-    workers take the position from the training loop's progress instead (:class:`PretrainDataModule` does).
-    Resuming with another ``num_replicas`` maps the position through the global sample count (rounded down).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.consumed = 0
-        self._resume = False
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields; a different epoch starts at its beginning."""
-        if epoch != self.epoch:
-            self.consumed = 0
-            self._resume = False
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        # A generator: nothing is computed until the first index is requested, i.e. after Lightning's set_epoch.
-        indices = list(super().__iter__())
-        start = min(self.consumed, len(indices)) if self._resume else 0
-        self._resume = False
-        self.consumed = start
-        for index in indices[start:]:
-            self.consumed += 1
-            yield index
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "consumed", "num_replicas"}``: where this replica stands."""
-        return {"epoch": int(self.epoch), "consumed": int(self.consumed), "num_replicas": int(self.num_replicas)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``: the next iteration of ``state["epoch"]`` skips the consumed samples. A state
-        at the end of its epoch moves on to the start of the next epoch."""
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        saved_replicas = int(state.get("num_replicas", self.num_replicas))
-        if saved_replicas != self.num_replicas:
-            # Round-robin dealing: c samples on each of R replicas are the first c * R of the epoch's order.
-            consumed = consumed * saved_replicas // self.num_replicas
-            warnings.warn(
-                f"Resuming the data order with num_replicas={self.num_replicas} from a state saved with"
-                f" {saved_replicas}; the position is rounded down to {consumed} samples per replica.",
-                stacklevel=2,
-            )
-        if consumed >= self.num_samples:
-            epoch, consumed = epoch + 1, 0
-        self.epoch = epoch
-        self.consumed = consumed
-        self._resume = True
-
-
-class _TrainLoader(DataLoader):
-    """A DataLoader whose ``state_dict`` is the data module's train position, so Lightning treats it as
-    resumable (and restores it with the fit loop, in addition to the data module's own checkpoint entry)."""
-
-    def __init__(self, *args: Any, datamodule: PretrainDataModule, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._datamodule = datamodule
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._datamodule.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._datamodule.load_state_dict(state)
-
-
-# ---------------------------------------------------------------------------------------------------- data module
 
 
 def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
@@ -337,7 +123,7 @@ class PretrainDataModule(L.LightningDataModule):
         else:
             self.files = resolve_files(path)
             self.max_bytes = None if max_bytes is None else int(max_bytes)
-        if not any(size for _, size, _, _ in _select_within(self.files, None)):
+        if not any(size for _, size, _, _ in corpus.select_within(self.files, None)):
             raise DataError(
                 f"The corpus path={path!r} is empty: its {len(self.files)} file(s) hold 0 bytes."
                 " Fix: point `path` at files with text in them."
@@ -354,34 +140,19 @@ class PretrainDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ cache
 
-    def _selection(self) -> list[tuple[Path, int, int, int]]:
-        return _select_within(self.files, self.max_bytes)
+    def _selection(self) -> corpus.Selection:
+        return corpus.select_within(self.files, self.max_bytes)
 
     def cache_key(self) -> str:
         """Hash of the tokenizer name, the files read (path, size, mtime) and ``max_bytes``."""
-        spec = {
-            "version": _CACHE_VERSION,
-            "tokenizer": self.tokenizer.name,
-            "files": [[str(file), size, mtime] for file, size, mtime, _ in self._selection()],
-            "max_bytes": self.max_bytes,
-        }
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+        return corpus.cache_key(self.tokenizer.name, self._selection(), self.max_bytes)
 
     def cache_paths(self) -> tuple[Path, Path]:
         """``(token file, metadata file)`` of the current corpus and tokenizer."""
-        key = self.cache_key()
-        return self.cache_dir / f"tokens-{key}.bin", self.cache_dir / f"tokens-{key}.json"
+        return corpus.cache_paths(self.cache_dir, self.cache_key())
 
     def _read_meta(self) -> dict[str, Any] | None:
-        token_file, meta_file = self.cache_paths()
-        if not (meta_file.is_file() and token_file.is_file()):
-            return None
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            return None
-        expected = int(meta.get("num_tokens", -1)) * np.dtype(meta.get("dtype", self.dtype)).itemsize
-        return meta if token_file.stat().st_size == expected else None
+        return corpus.read_cache_meta(*self.cache_paths(), dtype=self.dtype)
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache, unless a cache for this corpus and tokenizer exists.
@@ -391,53 +162,9 @@ class PretrainDataModule(L.LightningDataModule):
         """
         if self._read_meta() is not None:
             return
-        token_file, meta_file = self.cache_paths()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        suffix = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        tmp_tokens, tmp_meta = Path(f"{token_file}{suffix}"), Path(f"{meta_file}{suffix}")
-        dtype = np.dtype(self.dtype)
-        limit = np.iinfo(dtype).max
-        num_tokens = num_bytes = num_docs = 0
         selection = self._selection()
-        try:
-            with open(tmp_tokens, "wb") as out:
-                for file, _, _, take in selection:
-                    if take == 0:
-                        continue  # an empty file is no document (no lone EOS)
-                    with open(file, "rb") as f:
-                        raw = f.read(take)
-                    ids = np.asarray(self.tokenizer.encode(raw.decode("utf-8", errors="replace"), eos=True))
-                    if ids.size and (ids.min() < 0 or ids.max() > limit):
-                        raise DataError(
-                            f"Tokenizer {self.tokenizer.name!r} produced id {int(ids.max())} outside {dtype.name}"
-                            f" for {str(file)!r} although its vocab_size is {self.tokenizer.vocab_size}."
-                        )
-                    ids.astype(dtype).tofile(out)
-                    num_tokens += int(ids.size)
-                    num_bytes += len(raw)
-                    num_docs += 1
-                out.flush()
-                os.fsync(out.fileno())
-            meta = {
-                "version": _CACHE_VERSION,
-                "key": self.cache_key(),
-                "tokenizer": self.tokenizer.name,
-                "vocab_size": self.tokenizer.vocab_size,
-                "eos_id": self.tokenizer.eos_id,
-                "dtype": dtype.name,
-                "num_tokens": num_tokens,
-                "num_documents": num_docs,
-                "num_bytes": num_bytes,
-                "max_bytes": self.max_bytes,
-                "files": [str(file) for file, _, _, _ in selection],
-            }
-            tmp_meta.write_text(json.dumps(meta, indent=1))
-            # Tokens first, metadata last: the metadata file is the mark of a complete cache.
-            os.replace(tmp_tokens, token_file)
-            os.replace(tmp_meta, meta_file)
-        finally:
-            for tmp in (tmp_tokens, tmp_meta):
-                tmp.unlink(missing_ok=True)
+        key = corpus.cache_key(self.tokenizer.name, selection, self.max_bytes)
+        corpus.write_token_cache(self.tokenizer, selection, self.dtype, self.cache_dir, key, self.max_bytes)
 
     # ------------------------------------------------------------------ split
 
@@ -506,11 +233,7 @@ class PretrainDataModule(L.LightningDataModule):
 
     def _replicas(self) -> tuple[int, int]:
         """``(num_replicas, rank)`` of the data-parallel dimension; ``(1, 0)`` without a distributed trainer."""
-        trainer = self.trainer
-        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
-        if not kwargs:
-            return 1, 0
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+        return data_parallel_replicas(self.trainer)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
@@ -534,7 +257,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._train_sampler = sampler
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
-        return _TrainLoader(train, sampler=sampler, drop_last=True, datamodule=self, **self._loader_kwargs())
+        return ResumableDataLoader(train, sampler=sampler, drop_last=True, datamodule=self, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         """In corpus order, sharded over the data-parallel ranks (padded by repeating up to ``num_replicas - 1``
@@ -601,5 +324,5 @@ class PretrainDataModule(L.LightningDataModule):
     @staticmethod
     def describe_default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> dict[str, int]:
         """``{"files", "bytes"}`` the default corpus reads under ``max_bytes`` (nothing is tokenized)."""
-        selection = _select_within(default_corpus_files(), max_bytes)
+        selection = corpus.select_within(default_corpus_files(), max_bytes)
         return {"files": len(selection), "bytes": sum(take for _, _, _, take in selection)}

@@ -69,7 +69,7 @@ def _expected_paths(prefix: str, num_layers: int) -> set[str]:
 
 def test_auto_plan_resolves_exact_paths(llama: Llama) -> None:
     plan = resolve_plan(llama, "auto", sequence_parallel=True, loss_parallel=True)
-    assert set(plan.styles) == _expected_paths("", 2)
+    assert set(plan.styles) == _expected_paths("", 2) | {"model.layers.0"}  # SP: the sequence is split there
     assert "model.layers.1.self_attn.q_proj" in plan.styles
     assert not any("*" in path for path in plan.styles)
     assert plan.blocks == ["model.layers.0", "model.layers.1"]
@@ -81,7 +81,7 @@ def test_auto_plan_resolves_exact_paths(llama: Llama) -> None:
 def test_auto_plan_inside_wrapper_gets_prefix(llama: Llama) -> None:
     wrapper = Wrapper(llama)
     plan = resolve_plan(wrapper, "auto", sequence_parallel=True, loss_parallel=True)
-    assert set(plan.styles) == _expected_paths("model.", 2)
+    assert set(plan.styles) == _expected_paths("model.", 2) | {"model.model.layers.0"}
     assert "model.model.layers.1.self_attn.q_proj" in plan.styles
     assert "head" not in plan.styles
     assert plan.blocks == ["model.model.layers.0", "model.model.layers.1"]
@@ -115,8 +115,8 @@ def test_style_types_and_layouts_follow_sequence_parallel(llama: Llama, sequence
             style = plan.styles[f"model.layers.{i}.{name}"]
             assert type(style) is (style_type or norm_type), name
         attn = plan.styles[f"model.layers.{i}.self_attn"]
-        assert attn.input_layouts == (between, None)
-        assert attn.desired_input_layouts == (Replicate(), None)
+        assert attn.input_kwarg_layouts == {"hidden_states": between}
+        assert attn.desired_input_kwarg_layouts == {"hidden_states": Replicate()}
         mlp = plan.styles[f"model.layers.{i}.mlp"]
         assert mlp.input_layouts == (between,) and mlp.desired_input_layouts == (Replicate(),)
         for proj in ("self_attn.o_proj", "mlp.down_proj"):
@@ -124,8 +124,14 @@ def test_style_types_and_layouts_follow_sequence_parallel(llama: Llama, sequence
     assert type(plan.styles["model.norm"]) is norm_type
     embed = plan.styles["model.embed_tokens"]
     assert type(embed) is RowwiseParallel
-    assert embed.input_layouts == (Replicate(),) and embed.output_layouts == (between,)
+    # The embedding output stays whole; with SP the first block's input is split (a local slice).
+    assert embed.input_layouts == (Replicate(),) and embed.output_layouts == (Replicate(),)
     assert plan.styles["lm_head"].input_layouts == (between,)
+    if sequence_parallel:
+        entry = plan.styles["model.layers.0"]
+        assert entry.input_layouts == (Replicate(),) and entry.desired_input_layouts == (Shard(1),)
+    else:
+        assert "model.layers.0" not in plan.styles
 
 
 @pytest.mark.parametrize("loss_parallel", [True, False], ids=["loss_parallel", "gathered"])
@@ -310,11 +316,26 @@ def test_check_model_shapes_lists_every_problem() -> None:
         assert field in message
 
 
-def test_auto_plan_refuses_transformers_models_instead_of_computing_wrong_results() -> None:
+def test_auto_plan_accepts_supported_transformers_models_and_refuses_others() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(config)
-    with pytest.raises(PlanError, match="LlamaForCausalLM.*lightning_tp.models.Llama"):
-        resolve_plan(hf, "auto", sequence_parallel=True, loss_parallel=True)
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+        qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small, head_dim=8))
+    assert "model.layers.0.self_attn.q_proj" in resolve_plan(llama, "auto", sequence_parallel=True,
+                                                             loss_parallel=True).styles
+    qwen_styles = resolve_plan(qwen3, "auto", sequence_parallel=True, loss_parallel=True).styles
+    assert type(qwen_styles["model.layers.0.self_attn.q_norm"]).__name__ == "HeadShardedNorm"
+
+    class MyLlama(transformers.LlamaForCausalLM):  # a user's subclass of a supported class is accepted
+        pass
+
+    with torch.device("meta"):
+        mine = MyLlama(transformers.LlamaConfig(**small))
+        gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(**small, head_dim=8))
+    assert resolve_plan(mine, "auto", sequence_parallel=False, loss_parallel=False).styles
+    # Gemma looks like Llama from the outside (model.layers[i].self_attn/mlp, lm_head) but is not known to
+    # match the plan: refused, not guessed.
+    with pytest.raises(PlanError, match="GemmaForCausalLM.*plan="):
+        resolve_plan(gemma, "auto", sequence_parallel=True, loss_parallel=True)

@@ -86,7 +86,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
 
-    def forward(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        x = hidden_states
         bs, seqlen, _ = x.shape
         # -1 infers the local head count: n_heads / tp on a tensor-parallel rank.
         q = self.q_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
@@ -120,7 +121,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), position_embeddings)
+        # Keyword arguments, as in Hugging Face's decoder layer, so one plan prepares both models' inputs.
+        h = x + self.self_attn(hidden_states=self.input_layernorm(x), position_embeddings=position_embeddings)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -142,7 +144,7 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (seqlen, head_dim)
         position_embeddings = (emb.cos().to(h.dtype), emb.sin().to(h.dtype))
         for layer in self.layers:
-            h = layer(h, position_embeddings)
+            h = layer(h, position_embeddings=position_embeddings)  # one positional input, as in HF
         return self.norm(h)
 
 

@@ -37,6 +37,8 @@ from lightning_tp.errors import PlanError
 
 __all__ = [
     "PLANS",
+    "SUPPORTED_TRANSFORMERS",
+    "HeadShardedNorm",
     "PlanFn",
     "ReplicateParallel",
     "ResolvedPlan",
@@ -78,16 +80,51 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, partition, inputs, outputs)
 
 
-def llama_plan(*, sequence_parallel: bool = True, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
-    """The minimum-communication plan for Llama-family models with Hugging Face module names."""
+class HeadShardedNorm(ParallelStyle):
+    """A norm over ``head_dim`` applied to a rank's own heads (Qwen3's ``q_norm``/``k_norm``).
+
+    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e. ``Shard(2)`` of the
+    full heads; the weight is ``Replicate()`` so that its gradient, a partial sum over each rank's heads, is
+    summed over the TP ranks (a plain weight would silently keep only the local heads' share).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        from torch.distributed.tensor import DTensor
+
+        def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
+            for name, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
+            return (DTensor.from_local(args[0], mesh, [Shard(2)], run_check=False), *args[1:])
+
+        def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
+            return out.to_local()
+
+        return distribute_module(module, device_mesh, partition, inputs, outputs)
+
+
+def llama_plan(
+    *, sequence_parallel: bool = True, loss_parallel: bool = True, qk_norm: bool = False
+) -> dict[str, ParallelStyle]:
+    """The minimum-communication plan for Llama-family models with Hugging Face module names.
+
+    One plan serves the native Llama and transformers' Llama, Mistral, Qwen2 and (``qk_norm=True``)
+    Qwen3. The embedding output stays whole and the sequence is split on entry to the first block (a
+    local slice, no communication): Hugging Face models derive positions and the causal mask from the
+    embedding output's length, which must be the full sequence. Cost against splitting in the embedding
+    itself: one all-reduce instead of a reduce-scatter forward and one all-gather backward, per step, not
+    per layer.
+    """
     # Activations between blocks are sequence-sharded with SP and replicated without it.
     between = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
-    return {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+    plan: dict[str, ParallelStyle] = {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "model.layers.*.input_layernorm": norm,
+        # Attention is called with keyword arguments (`hidden_states=`) by both implementations.
         "model.layers.*.self_attn": PrepareModuleInput(
-            input_layouts=(between, None), desired_input_layouts=(Replicate(), None)
+            input_kwarg_layouts={"hidden_states": between}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
         ),
         "model.layers.*.self_attn.q_proj": ColwiseParallel(),
         "model.layers.*.self_attn.k_proj": ColwiseParallel(),
@@ -107,6 +144,14 @@ def llama_plan(*, sequence_parallel: bool = True, loss_parallel: bool = True) ->
             use_local_output=not loss_parallel,
         ),
     }
+    if sequence_parallel:
+        plan["model.layers.0"] = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+        )
+    if qk_norm:
+        plan["model.layers.*.self_attn.q_norm"] = HeadShardedNorm()
+        plan["model.layers.*.self_attn.k_norm"] = HeadShardedNorm()
+    return plan
 
 
 def per_projection_llama_plan(
@@ -174,6 +219,21 @@ def find_llama(root: nn.Module) -> list[str]:
     return found
 
 
+SUPPORTED_TRANSFORMERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""transformers classes the Llama plan is known to fit (checked by tests against single-process runs)."""
+
+
+def _check_supported(model: nn.Module, path: str, plan: str) -> None:
+    cls = type(model)
+    from_transformers = [c for c in cls.__mro__ if c.__module__.startswith("transformers.")]
+    if from_transformers and not any(c.__name__ in SUPPORTED_TRANSFORMERS for c in from_transformers):
+        raise PlanError(
+            f"plan={plan!r} found transformers' {cls.__name__} at {path or '<root>'!r}; it resembles Llama but"
+            f" only {', '.join(SUPPORTED_TRANSFORMERS)} are known to match the plan. Pass `plan=` a dict"
+            " {module glob: ParallelStyle} written for it."
+        )
+
+
 def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
 
@@ -225,22 +285,16 @@ def resolve_plan(
                 " lightning_tp.models.Llama or transformers' LlamaForCausalLM). Build the model in `__init__` or"
                 " `configure_model()`, or pass `plan=` a dict {module glob: ParallelStyle} or a callable."
             )
-        foreign = [r for r in roots if type(module.get_submodule(r)).__module__.startswith("transformers.")]
-        if foreign:
-            # Hugging Face blocks call attention with keyword arguments and derive RoPE positions from the
-            # (sequence-sharded) embeddings, so the native plan would silently compute the wrong thing there.
-            cls = type(module.get_submodule(foreign[0])).__name__
-            raise PlanError(
-                f"plan={plan!r} found transformers' {cls} at {foreign[0] or '<root>'!r}, which lightning_tp does not"
-                " parallelise yet. Use lightning_tp.models.Llama (same module names and weights layout), or pass"
-                " `plan=` a dict {module glob: ParallelStyle} written for it."
-            )
+        for root in roots:
+            _check_supported(module.get_submodule(root), root, plan)
         fn = PLANS["llama" if plan == "auto" else plan]
-        patterns = fn(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
         styles: dict[str, ParallelStyle] = {}
         blocks: list[str] = []
         for root in roots:
-            styles.update(_match(patterns, names, root))
+            kwargs: dict[str, Any] = {"sequence_parallel": sequence_parallel, "loss_parallel": loss_parallel}
+            if fn is llama_plan:
+                kwargs["qk_norm"] = hasattr(module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
+            styles.update(_match(fn(**kwargs), names, root))
             layers = _join(root, "model.layers")
             blocks += [n for n in names if n.startswith(layers + ".") and n.count(".") == layers.count(".") + 1]
         return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)

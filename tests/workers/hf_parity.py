@@ -84,7 +84,7 @@ class FirstGrads(L.Callback):
 
 
 def trainer_run(world: int) -> dict[str, Any]:
-    data = torch.cat([tokens(100 + i) for i in range(STEPS)])
+    data = torch.cat([tokens(100 + i)[:, :SEQ] for i in range(STEPS)])  # HF shifts labels itself
     model = hf_model("llama", tie_word_embeddings=False)
     reference = copy.deepcopy(model).train()
     module, grads = LitHF(model), FirstGrads()

@@ -1,0 +1,56 @@
+"""transformers models under tensor parallelism, 2 and 4 CPU processes (tests/workers/hf_parity.py).
+
+References are single-process transformers models with the same weights; see the worker's docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).parent / "workers" / "hf_parity.py"
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def result(request, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp(f"hf{request.param}") / "out.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(request.param)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())
+
+
+def test_transformers_llama_trained_by_the_trainer_matches_one_process(result):
+    run = result["trainer"]
+    assert len(run["losses"]) == len(run["ref_losses"]) == 4
+    for ours, theirs in zip(run["losses"], run["ref_losses"], strict=True):
+        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+    assert len(run["grad_err"]) == 21 and max(run["grad_err"].values()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "hf-llama-tied", "native-llama", "native-llama-tied", "hf-mistral",
+                                  "hf-qwen2", "hf-qwen3"])
+def test_logits_and_gradients_match_one_process(result, name):
+    case = result["parity"][name]
+    assert case["logits_err"] <= 1e-5, case
+    assert case["grad_err"] <= 1e-5, case
+    assert case["grads_compared"] >= 20
+
+
+def test_transformers_llama_collectives_equal_the_native_models(result):
+    counts = result["comm_counts"]
+    for layers in (1, 2):
+        assert counts[f"hf/L={layers}"] == counts[f"native/L={layers}"]
+    per_layer = {k: counts["hf/L=2"]["forward"][k] - counts["hf/L=1"]["forward"].get(k, 0)
+                 for k in counts["hf/L=2"]["forward"]}
+    assert {k: v for k, v in per_layer.items() if v} == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}

@@ -56,6 +56,8 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
     if d.get("model_type") != "llama":
         raise CheckpointError(f"config.json has model_type={d.get('model_type')!r}; only Llama checkpoints"
                               " (model_type 'llama': Llama 2, 3, 3.1, 3.2) are supported.")
+    if d.get("num_key_value_heads") is None and "num_attention_heads" in d:  # configs from before GQA
+        d = {**d, "num_key_value_heads": d["num_attention_heads"]}
     missing = [f for f in SHAPE_FIELDS if f not in d]
     unsupported = [f"{k}={d[k]!r}" for k in ("attention_bias", "mlp_bias") if d.get(k)]
     if d.get("hidden_act", "silu") != "silu":
@@ -107,7 +109,7 @@ def llama_from_hf(path: str | Path, device: torch.device | str = "meta") -> Llam
     path = Path(path)
     with torch.device(device):
         model = Llama(config_from_hf(_read_json(path / "config.json")))
-    if not any(p.is_meta for p in model.parameters()):
+    if torch.device(device).type != "meta":
         model.init_weights()  # RoPE tables and tied weights; the parameters are overwritten next
         load_hf_checkpoint(model, path)
     return model
@@ -148,9 +150,9 @@ def _weight_files(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                     if name in found:
                         raise CheckpointError(f"Tensor {name!r} is in both {found[name][0]} and {file}.")
                     found[name] = (file, tuple(handle.get_slice(name).get_shape()))
-        except CheckpointError:
-            raise
         except Exception as e:  # safetensors raises SafetensorError (truncated, corrupt header) or OSError
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"Could not read {file} in {str(path)!r} (truncated or corrupt?): {e}") from e
     for name, file in (weight_map or {}).items():
         if found.get(name, (file,))[0] != file:
@@ -158,6 +160,11 @@ def _weight_files(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if name not in found:
             raise CheckpointError(f"{_INDEX} maps {name!r} to {file}, which does not contain it.")
     return {k: v for k, v in found.items() if not k.endswith(_IGNORED)}
+
+
+def _key_problems(needed: set[str], found: set[str], where: str) -> list[str]:
+    return ([f"missing from {where}: {sorted(needed - found)}"] if needed - found else []) + (
+        [f"unexpected in {where}: {sorted(found - needed)}"] if found - needed else [])
 
 
 def _local_index(param: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
@@ -198,23 +205,24 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> 
             problems.append("config.json does not match the model: " + "; ".join(diffs))
     files = _weight_files(path)
     source = {name: name for name in params}  # parameter → tensor name in the files
-    tied = config.tie_word_embeddings if isinstance(config, LlamaConfig) else "lm_head.weight" not in files
+    tied = bool(getattr(config, "tie_word_embeddings", False))  # also a transformers config
     if tied and "lm_head.weight" in params:
         if params["lm_head.weight"] is params.get("model.embed_tokens.weight"):
             del source["lm_head.weight"]  # written through the embedding
         else:
             source["lm_head.weight"] = "model.embed_tokens.weight"
-    needed, available = set(source.values()), set(files) - ({"lm_head.weight"} if tied else set())
-    if needed - available:
-        problems.append(f"missing from the checkpoint: {sorted(needed - available)}")
-    if available - needed:
-        problems.append(f"unexpected in the checkpoint: {sorted(available - needed)}")
+    problems += _key_problems(set(source.values()), set(files) - ({"lm_head.weight"} if tied else set()),
+                              "the checkpoint")
     problems += [f"{name}: model {tuple(params[name].shape)} vs checkpoint {files[src][1]}"
                  for name, src in sorted(source.items())
                  if src in files and tuple(params[name].shape) != files[src][1]]
     if any(p.is_meta for p in params.values()):
         problems.append("the model is on the meta device; materialise it (to_empty + init_weights, or let the"
                         " strategy set it up) before loading")
+    blocks = {name: _local_index(params[name]) for name in source}  # (local tensor, its block of the full one)
+    problems += [f"{name}: the local shard {tuple(local.shape)} is not one block of the full tensor (placements"
+                 f" {params[name].placements})" for name, (local, index) in blocks.items()
+                 if tuple(local.shape) != tuple(i.stop - i.start for i in index)]
     if problems:
         raise CheckpointError(f"Cannot load {str(path)!r} into {type(model).__name__}: " + "; ".join(problems) + ".")
     from safetensors import safe_open
@@ -225,12 +233,8 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> 
             file = files[src][0]
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(str(path / file), "pt"))
-            local, index = _local_index(params[name])
-            data = handles[file].get_slice(src)[index]
-            if data.shape != local.shape:  # a placement whose shard is not one block of the full tensor
-                raise CheckpointError(f"{name}: read {tuple(data.shape)} for a local shard of {tuple(local.shape)}"
-                                      f" (placements {getattr(params[name], 'placements', None)}).")
-            local.copy_(data)
+            local, index = blocks[name]
+            local.copy_(handles[file].get_slice(src)[index])
 
 
 def strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -249,19 +253,20 @@ def export_hf(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str |
     ``lm_head.weight`` is left out when tied. ``dtype`` casts every tensor. The directory is written beside
     ``out_dir`` and renamed into place at the end. Returns the files written.
     """
+    from torch.distributed.tensor import DTensor
+
     out = Path(out_dir)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
+    problems = []
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
+        head, embed = state_dict.get("lm_head.weight"), state_dict.get("model.embed_tokens.weight")
+        plain = all(isinstance(t, Tensor) and not isinstance(t, DTensor) and not t.is_meta for t in (head, embed))
+        if plain and head is not embed and not torch.equal(head, embed):
+            problems.append("the config ties lm_head.weight to model.embed_tokens.weight, but they differ")
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-    problems = []
-    if set(expected) - set(state_dict):
-        problems.append(f"missing: {sorted(set(expected) - set(state_dict))}")
-    if set(state_dict) - set(expected):
-        problems.append(f"unexpected: {sorted(set(state_dict) - set(expected))}")
-    from torch.distributed.tensor import DTensor
-
+    problems += _key_problems(set(expected), set(state_dict), "the state dict")
     for k, shape in expected.items():
         t = state_dict.get(k)
         if isinstance(t, DTensor) or (isinstance(t, Tensor) and t.is_meta):
@@ -270,7 +275,7 @@ def export_hf(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str |
         elif t is not None and tuple(t.shape) != shape:
             problems.append(f"{k}: {tuple(t.shape)} vs {shape} for the config")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        problems.append(f"{str(out)!r} exists and is not empty (pass overwrite=True to replace it)")
+        problems.append(f"{str(out)!r} exists and is not empty (overwrite=True / --overwrite replaces it)")
     files = []
     if tokenizer_dir is not None:
         files = [Path(tokenizer_dir) / f for f in _TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
@@ -280,15 +285,12 @@ def export_hf(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str |
         raise CheckpointError(f"Cannot export to {str(out)!r}: " + "; ".join(problems) + ".")
     hf_config = config_to_hf(config, dtype or state_dict["model.embed_tokens.weight"].dtype)
     if any(f.name == "tokenizer.json" for f in files):
-        from lightning_tp.data.tokenizers import HFTokenizer, TokenizerError
+        from lightning_tp.data.tokenizers import HFTokenizer, TokenizerError, check_tokenizer
 
         try:
-            tok = HFTokenizer(tokenizer_dir)
+            check_tokenizer(tok := HFTokenizer(tokenizer_dir), config.vocab_size)
         except TokenizerError as e:
             raise CheckpointError(f"Cannot export the tokenizer: {e}") from e
-        if tok.vocab_size > config.vocab_size:
-            raise CheckpointError(f"The tokenizer in {str(tokenizer_dir)!r} has {tok.vocab_size} tokens, more than"
-                                  f" the model's vocab_size={config.vocab_size}.")
         hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
 
     tensors, storages = {}, set()

@@ -118,8 +118,9 @@ def test_config_from_published_files() -> None:
     llama32 = {**{k: v for k, v in llama31.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")},
                "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "head_dim": 64,
                "tie_word_embeddings": True, "dtype": "bfloat16",
-               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}}
     assert config_from_hf(llama32) == get_config("llama3_1b")
     # Llama 2 in both styles: plain RoPE
     llama2 = {k: v for k, v in config_to_hf(get_config("llama2_7b")).items() if k not in ("rope_parameters",)}
@@ -127,6 +128,8 @@ def test_config_from_published_files() -> None:
     v5 = {**llama2, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
     del v5["rope_theta"], v5["rope_scaling"]
     assert config_from_hf(v5) == get_config("llama2_7b")
+    before_gqa = {k: v for k, v in v5.items() if k != "num_key_value_heads"}  # older configs: kv heads = heads
+    assert config_from_hf(before_gqa) == get_config("llama2_7b")
 
 
 def test_config_rejects_other_models() -> None:
@@ -239,7 +242,7 @@ def test_export_copies_tokenizer_and_casts(tmp_path: Path) -> None:
     assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (0, 1, "bfloat16")
     assert transformers.AutoTokenizer.from_pretrained(out)("hello world")["input_ids"][-2:] == [3, 4]
     assert transformers.AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.bfloat16
-    with pytest.raises(CheckpointError, match="more than the model's vocab_size=4"):
+    with pytest.raises(CheckpointError, match="has 5 tokens but the model.s vocab_size is 4"):
         small = TINY.replace(vocab_size=4)
         export_hf(_ours(small).state_dict(), small, tmp_path / "small", tokenizer_dir=tok_dir)
 
@@ -281,6 +284,10 @@ def test_export_validates_the_state_dict(tmp_path: Path) -> None:
     assert "model.norm.weight" in message and "extra.weight" in message
     assert "model.layers.0.mlp.up_proj.weight: (3, 3) vs (112, 64)" in message
     assert not (tmp_path / "out").exists()
+    tied = TINY.replace(tie_word_embeddings=True)
+    sd = {**_ours(tied).state_dict(), "lm_head.weight": torch.zeros(96, 64)}
+    with pytest.raises(CheckpointError, match="ties lm_head.weight to model.embed_tokens.weight, but they differ"):
+        export_hf(sd, tied, tmp_path / "out")
     assert strip_prefix({"model.a": 1, "b": 2}, "model.") == {"a": 1}
 
 
@@ -447,3 +454,61 @@ def test_load_into_dtensor_parameters(one_rank, tied: bool, fsdp: bool, tmp_path
     if fsdp:
         assert any(len(placements) == 2 for placements in calls)
     torch.testing.assert_close(_logits(holder), _hf_logits(hf), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _dcp_checkpoint(path: Path, model: Llama, meta: dict | None) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, checkpoint_id=str(path),
+                 no_dist=True)
+    if meta is not None:
+        torch.save(meta, path / "meta.pt")
+
+
+def test_cli_export_reads_the_config_from_meta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tp import cli
+
+    ours = _ours(TINY)
+    _dcp_checkpoint(tmp_path / "ckpt", ours, {"hyper_parameters": {"model": dataclasses.asdict(TINY), "lr": 1e-3,
+                                                                   "betas": (0.9, 0.95)}})
+    cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert "config.json" in out and "model.safetensors" in out and f"{TINY.num_params:,} parameters" in out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_hf_logits(hf), _logits(ours), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="checkpoint was trained with"):
+        cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "other"), "--model", "debug"])
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+
+
+def test_cli_export_needs_model_without_safe_meta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tp import cli
+
+    config = get_config("debug")
+    _dcp_checkpoint(tmp_path / "ckpt", _ours(config), {"hyper_parameters": {"model": config}})  # not weights_only
+    with pytest.raises(SystemExit, match="--model"):
+        cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    (tmp_path / "ckpt" / "meta.pt").unlink()
+    with pytest.raises(SystemExit, match="--model"):
+        cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--model", "debug", "--max-shard-bytes",
+              "100000"])
+    assert "model-00001-of-" in capsys.readouterr().out
+    # a Hugging Face config.json is accepted as --model too, and import brings the weights back
+    cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf2"), "--model", str(tmp_path / "hf")])
+    cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    assert "finetune checkpoint=" in capsys.readouterr().out
+    from lightning_tp import CausalLMModule
+    from lightning_tp.checkpoint import load_weights
+
+    module = CausalLMModule(llama=_materialised(tmp_path / "hf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_weights(module, tmp_path / "imported")
+    torch.testing.assert_close(module.model.state_dict(), consolidated_state_dict(tmp_path / "ckpt"), rtol=0, atol=0)

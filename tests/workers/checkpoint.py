@@ -11,7 +11,9 @@ SPEC: ``{"root": dir, "corpus": file, "runs": [run, ...], "faults": [fault, ...]
   "every"?: its every_n_train_steps, "expect_error"?: resuming must fail (the message is recorded)}``;
 * fault: ``{"name", "path", "where": "meta" | "dcp", "ranks": [...]}``: ``trainer.save_checkpoint(path)`` with the
   last run's trainer, failing on ``ranks`` while writing meta.pt (rank 0 writes it) or the DCP shards;
-* weights: ``{"run": name, "file": path}``: rank 0 saves that run's final full weights (Llama keys) to ``file``.
+* weights: ``{"run": name, "file": path}``: rank 0 saves that run's final full weights (Llama keys) to ``file``;
+* full_file: ``{"run": name, "file": path}``: after that run, ``trainer.save_checkpoint(file)`` with
+  ``save_distributed_checkpoint=False``, i.e. the single file Lightning's ``ModelParallelStrategy`` writes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,7 @@ def fit(run: dict[str, Any], spec: dict[str, Any], world: int) -> tuple[L.Traine
     recorder = LossRecorder()
     trainer = make_trainer(run, world, root, recorder)
     result: dict[str, Any] = {"error": None}
+    start = time.perf_counter()
     ckpt = str(root / run["ckpt"]) if run.get("ckpt") else None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
@@ -85,7 +89,8 @@ def fit(run: dict[str, Any], spec: dict[str, Any], world: int) -> tuple[L.Traine
     for rank in everyone:
         for step, loss in rank["losses"].items():
             by_step.setdefault(step, {})[rank["dp_rank"]] = loss
-    result.update(ranks=everyone, global_losses={s: sum(v.values()) / len(v) for s, v in sorted(by_step.items())})
+    result.update(seconds=round(time.perf_counter() - start, 2), ranks=everyone,
+                  global_losses={s: sum(v.values()) / len(v) for s, v in sorted(by_step.items())})
     return trainer, module, result
 
 
@@ -108,7 +113,7 @@ def inject(fault: dict[str, Any]) -> Any:
         original_save = torch.save
 
         def failing_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-            if str(f).endswith("meta.pt"):
+            if "meta.pt" in str(f):
                 raise OSError("injected: disk full while writing meta.pt")
             return original_save(obj, f, *args, **kwargs)
 
@@ -140,9 +145,13 @@ def main() -> None:
     trainer = None
     for run in spec["runs"]:
         trainer, module, results["runs"][run["name"]] = fit(run, spec, world)
-        weights = spec.get("weights")
+        weights, full_file = spec.get("weights"), spec.get("full_file")
         if weights and weights["run"] == run["name"]:
-            save_weights(module, weights["file"])
+            save_weights(module, str(Path(spec["root"]) / weights["file"]))
+        if full_file and full_file["run"] == run["name"]:
+            trainer.strategy._save_distributed_checkpoint = False
+            trainer.save_checkpoint(Path(spec["root"]) / full_file["file"])
+            trainer.strategy._save_distributed_checkpoint = True
     for fault in spec.get("faults", []):
         assert trainer is not None
         path = Path(spec["root"]) / fault["path"]
@@ -150,7 +159,7 @@ def main() -> None:
         try:
             trainer.save_checkpoint(path)
             error = None
-        except Exception as e:  # noqa: BLE001 - recorded, checked by the test
+        except BaseException as e:  # noqa: BLE001 - recorded, checked by the test
             error = f"{type(e).__name__}: {e}"
         finally:
             undo()

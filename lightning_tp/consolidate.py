@@ -1,0 +1,341 @@
+"""Sharded checkpoints on disk: completeness, crash-safe publishing, safe reading, and consolidation into one file.
+
+A checkpoint saved by :class:`~lightning_tp.TensorParallelStrategy` is a directory holding a
+``torch.distributed.checkpoint`` (DCP) save of ``{"state_dict", "optimizer_0", ...}`` (one ``__R_0.distcp`` shard
+file per rank plus ``.metadata``) and ``meta.pt``, the rest of Lightning's checkpoint (loops, schedulers, callbacks,
+hyper-parameters, data position), written by rank 0.
+
+* **Complete** means: a directory with both ``.metadata`` and ``meta.pt``. The strategy writes a new checkpoint into
+  the sibling ``<path>.tmp-<step>``, adds ``meta.pt`` once every rank's shards are on disk, and only then swaps it
+  in (``path`` → ``<path>.old``, ``<path>.tmp-<step>`` → ``path``, ``<path>.old`` removed). A crash at any point
+  leaves the previous checkpoint at ``path`` (or, in the instant between the two renames, at ``<path>.old``, which
+  :func:`recover` moves back), and never a partial directory under that name.
+* **Safe reading**: ``meta.pt`` is read with ``torch.load(weights_only=True)``; the DCP ``.metadata`` file (a
+  pickle) with an unpickler that only builds DCP's own metadata classes; DCP byte entries (optimizer param groups)
+  with ``weights_only=True``.
+* :func:`consolidate` turns a directory into ONE file in Lightning's full-checkpoint format (what
+  ``ModelParallelStrategy(save_distributed_checkpoint=False)`` writes), in a single process without a process
+  group. ``lightning-tp consolidate DIR OUT`` is the command-line form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import io
+import os
+import pathlib
+import pickle
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from lightning_tp.checkpoint import CheckpointError
+
+__all__ = [
+    "META_FILE",
+    "SafeFileSystemReader",
+    "SafeLoadPlanner",
+    "check_checkpoint",
+    "consolidate",
+    "is_complete",
+    "main",
+    "publish",
+    "recover",
+    "remove",
+]
+
+META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+DCP_METADATA = ".metadata"
+LAYOUT_KEY = "lightning_tp"  # checkpoint entry the strategy adds: parameter order, mesh sizes
+
+
+# ---------------------------------------------------------------------------------------------------- on disk
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a complete sharded checkpoint directory (``.metadata`` and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / META_FILE).is_file()
+
+
+def staging_path(path: Path, step: int) -> Path:
+    """Where a checkpoint for ``path`` is written before it is swapped in."""
+    return path.with_name(f"{path.name}.tmp-{step}")
+
+
+def backup_path(path: Path) -> Path:
+    """Where the previous checkpoint sits during the swap."""
+    return path.with_name(f"{path.name}.old")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint directory or a single file."""
+    path = Path(path)
+    if path.is_file():
+        return
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist.")
+    if not path.is_dir():
+        raise CheckpointError(f"The checkpoint path {str(path)!r} is neither a file nor a directory.")
+    missing = [name for name in (DCP_METADATA, META_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint directory {str(path)!r} is incomplete: it has no {' and no '.join(missing)}. It was not"
+            " written completely (an interrupted save, or a directory that is not a checkpoint) and is refused."
+            " Resume from a complete checkpoint: a directory with both .metadata and meta.pt."
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove(path: str | Path) -> None:
+    """Delete a checkpoint file or directory; a directory loses ``meta.pt`` first, so that a crash in the middle
+    of the deletion never leaves a directory that still looks complete."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        (path / META_FILE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def recover(path: str | Path) -> None:
+    """Undo what a crash during a save left behind around ``path`` (rank 0 only; no-op when nothing is left).
+
+    A crash between the two renames of :func:`publish` leaves no ``path`` but a complete ``<path>.old``: it is
+    moved back. Leftover ``<path>.tmp-*`` directories are deleted, and so is ``<path>.old`` when ``path`` exists.
+    """
+    path = Path(path)
+    old = backup_path(path)
+    if (is_complete(old) or old.is_file()) and not (is_complete(path) or path.is_file()):
+        remove(path)  # nothing, or (never written by `publish`) an incomplete directory
+        os.replace(old, path)
+        _fsync_dir(path.parent)
+    elif old.exists():
+        remove(old)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f"{path.name}.tmp-*"):
+            remove(stale)
+
+
+def write_meta(checkpoint: Mapping[str, Any], directory: Path) -> None:
+    """``torch.save`` the non-tensor part of a checkpoint as ``directory/meta.pt``, flushed to disk."""
+    with open(directory / META_FILE, "wb") as f:
+        torch.save(dict(checkpoint), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Swap the finished ``staged`` checkpoint (file or directory) in as ``path``.
+
+    ``rename`` cannot replace a non-empty directory atomically, so the previous checkpoint is first renamed to
+    ``<path>.old`` and removed only once the new one is in place: at every instant ``path`` is either the previous
+    complete checkpoint, the new complete one, or absent with the previous one at ``<path>.old`` (see
+    :func:`recover`).
+    """
+    old = backup_path(path)
+    if old.exists():
+        remove(old)
+    replaced = path.exists() or path.is_symlink()
+    if replaced:
+        os.replace(path, old)
+    os.replace(staged, path)
+    _fsync_dir(path.parent)
+    if replaced:
+        remove(old)
+
+
+# ---------------------------------------------------------------------------------------------------- safe reading
+
+
+def _allowed_global(module: str, name: str, obj: Any) -> bool:
+    if module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type):
+        return dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)
+    if module == "torch":
+        return obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+    if (module, name) == ("torch.serialization", "_get_layout"):
+        return True
+    if module == "pathlib":
+        return isinstance(obj, type) and issubclass(obj, pathlib.PurePath)
+    return (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata dataclasses, torch sizes/dtypes and paths; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name)
+        if not _allowed_global(module, name, obj):
+            raise pickle.UnpicklingError(
+                f"Refusing to load {module}.{name} from a checkpoint's .metadata file: only DCP metadata is allowed."
+            )
+        return obj
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A DCP ``FileSystemReader`` that reads ``.metadata`` with an allow-list unpickler instead of ``pickle``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.BytesIO) -> None:
+    """``DefaultLoadPlanner.load_bytes`` with ``weights_only=True`` (byte entries are e.g. optimizer param groups)."""
+    obj = torch.load(value, weights_only=True)
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """A DCP load planner that unpickles byte entries with ``weights_only=True``."""
+
+    load_bytes = _safe_load_bytes
+
+
+class _SafeEmptyStateDictLoadPlanner(_EmptyStateDictLoadPlanner):
+    """Rebuilds the whole saved state dict without a model (for :func:`consolidate`), byte entries read safely."""
+
+    load_bytes = _safe_load_bytes
+
+
+# ---------------------------------------------------------------------------------------------------- consolidation
+
+
+def load_full(checkpoint_dir: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """Every entry of a sharded checkpoint's DCP part as full tensors, in this process (no process group)."""
+    state: dict[str, Any] = {}
+    if weights_only:
+        reader, planner = SafeFileSystemReader(str(checkpoint_dir)), _SafeEmptyStateDictLoadPlanner()
+    else:
+        reader, planner = FileSystemReader(str(checkpoint_dir)), _EmptyStateDictLoadPlanner()
+    _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    return state
+
+
+def unpickling_hint(error: BaseException) -> str:
+    """Advice for a checkpoint that ``weights_only=True`` loading refused (e.g. OmegaConf hyper-parameters)."""
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error).lower():
+        return (" The checkpoint holds objects that safe (weights_only) loading refuses. If you trust its source, load"
+                " it with weights_only=False (Trainer.fit(..., weights_only=False); consolidate --trust-pickle).")
+    return ""
+
+
+def rekey_to_param_ids(optimizer_state: Mapping[str, Any], parameter_names: list[str] | None) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names → keyed by position in ``model.parameters()``.
+
+    The result is what ``FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, model)`` returns, the
+    format ``ModelParallelStrategy(save_distributed_checkpoint=False)`` writes. Without the parameter order (a
+    checkpoint not written by this package), the names are kept: Lightning's loader accepts those as they are.
+    """
+    state, groups = optimizer_state["state"], optimizer_state["param_groups"]
+    names = {name for group in groups for name in group["params"]} | set(state)
+    if parameter_names is None or not names <= set(parameter_names):
+        warnings.warn("The checkpoint does not record the model's parameter order; the consolidated optimizer state"
+                      " stays keyed by parameter names (which Lightning also loads).", stacklevel=2)
+        return {"state": dict(state), "param_groups": [dict(group) for group in groups]}
+    index = {name: i for i, name in enumerate(parameter_names)}
+    return {
+        "state": {index[name]: value for name, value in state.items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups],
+    }
+
+
+def consolidate(checkpoint_dir: str | Path, out_file: str | Path, weights_only: bool = True) -> Path:
+    """Write the sharded checkpoint ``checkpoint_dir`` as ONE file ``out_file`` in Lightning's checkpoint format.
+
+    The file holds everything ``meta.pt`` holds (epoch, global_step, loops, lr_schedulers, callbacks,
+    hyper_parameters, the data module's position, ...) plus ``"state_dict"`` (full tensors, keyed as the
+    LightningModule's ``state_dict``) and ``"optimizer_states"`` (one full optimizer state per optimizer, keyed by
+    parameter id as ``ModelParallelStrategy(save_distributed_checkpoint=False)`` writes it). It loads with
+    ``torch.load(..., weights_only=True)``, into a plain model (``state_dict`` minus the LightningModule's attribute
+    prefix), and resumes a run: ``Trainer(strategy=TensorParallelStrategy(...)).fit(..., ckpt_path=out_file)``,
+    with any (dp, tp). Runs in one process, without a process group; needs memory for the full model and optimizer.
+    ``weights_only=False`` reads ``meta.pt`` and DCP's metadata with plain pickle: only for trusted checkpoints whose
+    hyper-parameters hold objects ``torch.load(weights_only=True)`` refuses.
+
+    Raises:
+        CheckpointError: ``checkpoint_dir`` is not a complete sharded checkpoint or cannot be read, or ``out_file``
+            is a directory.
+    """
+    checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
+    if checkpoint_dir.is_file():
+        raise CheckpointError(f"consolidate: {str(checkpoint_dir)!r} is a single file already, not a sharded"
+                              " checkpoint directory.")
+    check_checkpoint(checkpoint_dir)
+    if out_file.resolve() == checkpoint_dir.resolve() or out_file.is_dir():
+        raise CheckpointError(f"consolidate: the output {str(out_file)!r} must be a file path, not a directory.")
+    try:
+        meta = torch.load(checkpoint_dir / META_FILE, map_location="cpu", weights_only=weights_only)
+        shards = load_full(checkpoint_dir, weights_only=weights_only)
+    except (Exception, CheckpointException) as e:
+        hint = unpickling_hint(e) if weights_only else ""
+        message = f"consolidate: could not read {str(checkpoint_dir)!r}: {type(e).__name__}: {e}{hint}"
+        raise CheckpointError(message) from e
+    layout = meta.get(LAYOUT_KEY) or {}
+    parameter_names = layout.get("parameter_names")
+    optimizer_keys = sorted((k for k in shards if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint = {
+        **meta,
+        "state_dict": shards.get("state_dict", {}),
+        "optimizer_states": [rekey_to_param_ids(shards[k], parameter_names) for k in optimizer_keys],
+        LAYOUT_KEY: {**layout, "consolidated_from": str(checkpoint_dir)},
+    }
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    staged = out_file.with_name(f"{out_file.name}.tmp")
+    with open(staged, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, out_file)
+    return out_file
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lightning-tp consolidate CHECKPOINT_DIR OUT_FILE``."""
+    parser = argparse.ArgumentParser(prog="lightning-tp consolidate", description=consolidate.__doc__.split("\n")[0])
+    parser.add_argument("checkpoint_dir", help="sharded checkpoint directory, e.g. out/pretrain/last")
+    parser.add_argument("out_file", help="the single checkpoint file to write, e.g. out/pretrain/last.ckpt")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="read meta.pt and DCP metadata with plain pickle (trusted checkpoints only)")
+    args = parser.parse_args(argv)
+    try:
+        path = consolidate(args.checkpoint_dir, args.out_file, weights_only=not args.trust_pickle)
+    except CheckpointError as e:
+        raise SystemExit(f"lightning-tp consolidate: {e}") from e
+    print(f"[lightning-tp] consolidated {args.checkpoint_dir} -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

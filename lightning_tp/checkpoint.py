@@ -26,16 +26,17 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from lightning_tp.consolidate import SafeFileSystemReader, check_checkpoint
+
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        hint = " It is a single file; this loader reads sharded checkpoint directories." if path.is_file() else ""
-        raise CheckpointError(
-            f"checkpoint={str(path)!r} is not a complete sharded checkpoint (no .metadata file).{hint} Point it at a"
-            " directory written by a TensorParallelStrategy run, e.g. out/pretrain/last."
-        )
+    if path.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
+                              " directories, e.g. out/pretrain/last.")
+    check_checkpoint(path)
     state = get_model_state_dict(module)
     try:
-        dcp.load({"state_dict": state}, checkpoint_id=str(path))
+        # The reader unpickles only torch's own checkpoint-metadata types from .metadata.
+        dcp.load({"state_dict": state}, storage_reader=SafeFileSystemReader(str(path)))
     except Exception as e:  # DCP reports missing keys and shape mismatches; say which checkpoint and why
         raise CheckpointError(f"Could not load the weights in {str(path)!r} into {type(module).__name__}: {e}") from e
     set_model_state_dict(module, state)

@@ -347,12 +347,14 @@ def consolidated_state_dict(checkpoint_dir: str | Path, prefix: str = "model.") 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from lightning_tp.consolidate import SafeFileSystemReader  # unpickles only DCP's own metadata classes
+
     path = Path(checkpoint_dir)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{str(path)!r} is not a sharded checkpoint directory (no .metadata file). Point it at"
                               " a directory written by a TensorParallelStrategy run, e.g. out/pretrain/last.")
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = SafeFileSystemReader(str(path)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"Could not read {str(path / '.metadata')!r}: {e}") from e
     head = "state_dict." + prefix
@@ -365,7 +367,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path, prefix: str = "model.") 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.load({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
+            dcp.load({"state_dict": state}, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
     except Exception as e:
         raise CheckpointError(f"Could not read the weights in {str(path)!r}: {e}") from e
     return strip_prefix(state, prefix)

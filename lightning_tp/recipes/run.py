@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_tp.callbacks import ThroughputMonitor
 from lightning_tp.checkpoint import CheckpointError, LoadWeights
+from lightning_tp.consolidate import check_checkpoint
 from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.generate import generate
 from lightning_tp.lightning_module import CausalLMModule
@@ -148,15 +149,17 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     out_dir = _job_out_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     llama = model_config(cfg.model)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")  # plain lists/dicts: checkpoints hold no OmegaConf
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
     # Read and tokenise the data here, in the launching process, so that a missing file or a malformed record
     # fails before any rank starts; the ranks then reuse the cache.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if checkpoint is not None and not (Path(checkpoint) / ".metadata").is_file():
-        raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory (no .metadata)."
-                              " Use the out_dir/last of a pretraining run, e.g. checkpoint=out/pretrain/last.")
+    if checkpoint is not None:
+        if not Path(checkpoint).is_dir():
+            raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory. Use the"
+                                  " out_dir/last of a pretraining run, e.g. checkpoint=out/pretrain/last.")
+        check_checkpoint(checkpoint)
     module = CausalLMModule(
         model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=tuple(cfg.optimizer.betas),
         warmup_steps=cfg.scheduler.warmup_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,

@@ -15,7 +15,6 @@ import json
 import shutil
 import tempfile
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -227,14 +226,17 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> 
         raise CheckpointError(f"Cannot load {str(path)!r} into {type(model).__name__}: " + "; ".join(problems) + ".")
     from safetensors import safe_open
 
-    with ExitStack() as stack, torch.no_grad():
-        handles: dict[str, Any] = {}
-        for name, src in sorted(source.items()):
-            file = files[src][0]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(path / file), "pt"))
-            local, index = blocks[name]
-            local.copy_(handles[file].get_slice(src)[index])
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, src in sorted(source.items()):
+        by_file.setdefault(files[src][0], []).append((name, src))
+    # One file open at a time: its memory map (and the page cache it pins in this process) is released before
+    # the next; only the slice being copied is ever materialised.
+    with torch.no_grad():
+        for file, entries in by_file.items():
+            with safe_open(str(path / file), "pt") as handle:
+                for name, src in entries:
+                    local, index = blocks[name]
+                    local.copy_(handle.get_slice(src)[index])
 
 
 def strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -54,3 +54,29 @@ def test_transformers_llama_collectives_equal_the_native_models(result):
     per_layer = {k: counts["hf/L=2"]["forward"][k] - counts["hf/L=1"]["forward"].get(k, 0)
                  for k in counts["hf/L=2"]["forward"]}
     assert {k: v for k, v in per_layer.items() if v} == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+
+
+def test_hf_checkpoint_loads_into_tp_shards_reading_only_each_ranks_slices(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=4)
+    ckpt = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(ckpt, max_shard_size="30MB")  # 84 MB in 3 files + index
+    out = tmp_path / "load.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "workers" / "hf_load.py"), str(ckpt), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    assert result["logits_err"] <= 1e-5
+    largest_file = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    for rank in result["ranks"]:
+        assert rank["local_param_bytes"] == pytest.approx(result["full_bytes"] / 2, rel=1e-3)  # 1/tp of the weights
+        # Loading allocates at most one tensor beyond the shards; mapped file pages stay within one file.
+        assert rank["anon_peak_bytes"] <= result["largest_tensor_bytes"], (rank, result["largest_tensor_bytes"])
+        assert rank["rss_peak_bytes"] <= largest_file + result["largest_tensor_bytes"], (rank, largest_file)

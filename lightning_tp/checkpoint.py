@@ -10,19 +10,36 @@ from torch import nn
 
 from lightning_tp.errors import LightningTPError
 
-__all__ = ["CheckpointError", "LoadWeights", "load_weights"]
+__all__ = ["CheckpointError", "LoadWeights", "is_hf_checkpoint", "load_weights"]
 
 
 class CheckpointError(LightningTPError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load the ``state_dict`` of a checkpoint saved by ``TensorParallelStrategy`` into ``module``.
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """A Hugging Face model directory: ``config.json`` beside safetensors weights."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
-    ``path`` is a sharded (distributed) checkpoint directory, possibly saved with another (dp, tp): each
-    rank reads only the slices its own shards need. Collective: call it on every rank.
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load model weights into ``module`` from this project's sharded checkpoint or a Hugging Face directory.
+
+    A sharded (distributed) checkpoint may have been saved with another (dp, tp); a Hugging Face directory
+    is loaded into the Llama found inside ``module``. Either way each rank reads only the slices its own
+    shards need. Collective for sharded checkpoints: call it on every rank.
     """
+    if is_hf_checkpoint(path):
+        from lightning_tp.hf import load_hf_checkpoint
+        from lightning_tp.parallel.plans import find_llama
+
+        roots = find_llama(module)
+        if len(roots) != 1:
+            raise CheckpointError(f"Loading the Hugging Face checkpoint {str(path)!r} needs exactly one Llama-family"
+                                  f" model in {type(module).__name__}; found {len(roots)}.")
+        load_hf_checkpoint(module, path, prefix=roots[0])
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 

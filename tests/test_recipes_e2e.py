@@ -48,17 +48,33 @@ def test_pretrain_writes_checkpoint_logs_and_summary(pretrained: Path) -> None:
     assert metrics_csv and "train/loss" in metrics_csv[0].read_text().splitlines()[0]
 
 
-def test_finetune_starts_from_the_pretrained_weights(pretrained: Path) -> None:
-    checkpoint = pretrained / "out" / "pretrain" / "last"
+@pytest.fixture(scope="module")
+def finetuned(pretrained: Path) -> dict:
+    _run("finetune", [*COMMON, f"checkpoint={pretrained / 'out' / 'pretrain' / 'last'}", "out_dir=out/finetune"],
+         pretrained)
+    return json.loads((pretrained / "out" / "finetune" / "summary.json").read_text())
+
+
+def test_finetune_starts_from_the_pretrained_weights(pretrained: Path, finetuned: dict) -> None:
     pre = json.loads((pretrained / "out" / "pretrain" / "summary.json").read_text())
-    _run("finetune", [*COMMON, f"checkpoint={checkpoint}", "out_dir=out/finetune"], pretrained)
     _run("finetune", [*COMMON, "out_dir=out/scratch"], pretrained)
-    tuned = json.loads((pretrained / "out" / "finetune" / "summary.json").read_text())
+    tuned = finetuned
     scratch = json.loads((pretrained / "out" / "scratch" / "summary.json").read_text())
     assert (pretrained / "out" / "finetune" / "last" / ".metadata").is_file()
     # Loaded weights are not the random init: the step-0 validation loss differs from a scratch run's.
     assert tuned["val_loss_history"][0][1] != pytest.approx(scratch["val_loss_history"][0][1], rel=1e-4)
     assert pre["steps"] == 6 and tuned["steps"] == 6
+
+
+def test_finetune_from_a_hugging_face_export_of_the_pretrained_checkpoint(pretrained: Path, finetuned: dict) -> None:
+    export = subprocess.run([sys.executable, "-m", "lightning_tp.cli", "export", "out/pretrain/last", "out/hf"],
+                            cwd=pretrained, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert (pretrained / "out" / "hf" / "config.json").is_file()
+    _run("finetune", [*COMMON, "checkpoint=out/hf", "out_dir=out/from_hf"], pretrained)
+    from_hf = json.loads((pretrained / "out" / "from_hf" / "summary.json").read_text())
+    # Same weights through two formats: the step-0 validation loss is the same.
+    assert from_hf["val_loss_history"][0][1] == pytest.approx(finetuned["val_loss_history"][0][1], rel=1e-5)
 
 
 def _fails_before_spawning(overrides: list[str], cwd: Path) -> str:

@@ -178,7 +178,8 @@ class PretrainConfig(_RunConfig):
 class FinetuneConfig(_RunConfig):
     data: FinetuneDataConfig = MISSING
     checkpoint: Optional[str] = None
-    """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last); null = random init."""
+    """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last) or a Hugging Face model
+    directory (config.json + safetensors; its config replaces ``model``); null = random init."""
 
 
 def register_configs() -> None:

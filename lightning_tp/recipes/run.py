@@ -19,10 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tp.callbacks import ThroughputMonitor
-from lightning_tp.checkpoint import CheckpointError, LoadWeights
+from lightning_tp.checkpoint import CheckpointError, LoadWeights, is_hf_checkpoint
 from lightning_tp.consolidate import check_checkpoint
 from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.generate import generate
+from lightning_tp.hf import config_from_hf
 from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import LlamaConfig, get_config
 
@@ -149,16 +150,27 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     out_dir = _job_out_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     llama = model_config(cfg.model)
-    datamodule = instantiate(cfg.data, _convert_="all")  # plain lists/dicts: checkpoints hold no OmegaConf
+    data_overrides: dict[str, Any] = {}
+    if checkpoint is not None and is_hf_checkpoint(checkpoint):
+        # A Hugging Face directory brings its own architecture and, with data.tokenizer=checkpoint, tokenizer.
+        llama = config_from_hf(json.loads((Path(checkpoint) / "config.json").read_text()))
+        if cfg.data.tokenizer == "checkpoint":
+            data_overrides["tokenizer"] = str(checkpoint)
+    elif cfg.data.tokenizer == "checkpoint":
+        raise CheckpointError("data.tokenizer=checkpoint needs checkpoint= to be a Hugging Face model directory"
+                              " with tokenizer files.")
+    # plain lists/dicts, not OmegaConf containers: checkpoints store the data module's arguments
+    datamodule = instantiate(cfg.data, _convert_="all", **data_overrides)
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
     # Read and tokenise the data here, in the launching process, so that a missing file or a malformed record
     # fails before any rank starts; the ranks then reuse the cache.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if checkpoint is not None:
+    if checkpoint is not None and not is_hf_checkpoint(checkpoint):
         if not Path(checkpoint).is_dir():
             raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory. Use the"
-                                  " out_dir/last of a pretraining run, e.g. checkpoint=out/pretrain/last.")
+                                  " out_dir/last of a pretraining run (e.g. checkpoint=out/pretrain/last) or a"
+                                  " Hugging Face model directory.")
         check_checkpoint(checkpoint)
     module = CausalLMModule(
         model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=tuple(cfg.optimizer.betas),

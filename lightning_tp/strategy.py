@@ -33,6 +33,7 @@ from lightning_tp.parallel.apply import (
     clip_grad_norm_,
     materialize,
 )
+from lightning_tp.parallel.checkpointing import AtomicCheckpointMixin
 from lightning_tp.parallel.plans import PlanSpec, ResolvedPlan, resolve_plan
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ _Size = Union[Literal["auto"], int]
 _SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 
-class TensorParallelStrategy(ModelParallelStrategy):
+class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     """Tensor, sequence and loss parallelism on a 2D mesh with FSDP2, applied for you.
 
     Args:
@@ -332,175 +333,6 @@ class TensorParallelStrategy(ModelParallelStrategy):
         for name, (flags, description) in variants.items():
             strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}", override=True,
                                        **flags)
-
-    # ================================================================== checkpoints: save, load, remove
-    # (begin of the checkpoint section; helpers live in lightning_tp/consolidate.py)
-    # Crash-safe saving: the new checkpoint is written to `<path>.tmp-<step>` and swapped in only when complete
-    # (.metadata + meta.pt); every stage ends with all ranks agreeing it succeeded, otherwise all raise
-    # CheckpointError and the previous checkpoint at `path` is untouched. Loading refuses incomplete directories
-    # and reads meta.pt with weights_only=True unless told otherwise.
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        from pathlib import Path
-
-        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
-
-        from lightning_tp import consolidate as files
-
-        if storage_options is not None:
-            raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported"
-                            f" because `{type(self).__name__}` does not use the `CheckpointIO`.")
-        path = Path(self.broadcast(str(filepath)))  # rank 0 decides, every rank writes to the same place
-        checkpoint[files.LAYOUT_KEY] = self._checkpoint_layout()
-        staged = files.staging_path(path, int(checkpoint.get("global_step", 0)))
-
-        def prepare() -> None:
-            if self.is_global_zero:
-                files.recover(path)  # finish or undo an earlier interrupted save of this path
-                if not self._save_distributed_checkpoint:
-                    return
-                files.remove(staged)
-                staged.mkdir(parents=True)
-
-        self._checkpoint_stage("preparing", path, staged, prepare)
-        if self._save_distributed_checkpoint:
-            shards = {"state_dict": checkpoint.pop("state_dict")}
-            shards.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-            self._checkpoint_stage("writing the shards", path, staged,
-                                   lambda: _distributed_checkpoint_save(shards, staged))
-
-            def finish() -> None:
-                if self.is_global_zero:
-                    files.write_meta(checkpoint, staged)
-                    files.publish(staged, path)
-        else:  # one file with the full state, assembled on rank 0
-
-            def finish() -> None:
-                if self.is_global_zero:
-                    self.checkpoint_io.save_checkpoint(checkpoint, staged)
-                    files.publish(staged, path)
-
-        self._checkpoint_stage("publishing", path, staged, finish)
-
-    def _checkpoint_layout(self) -> dict[str, Any]:
-        """What a checkpoint records about the run: the parameter order (for param-id keyed optimizer states in a
-        consolidated file) and the mesh sizes."""
-        names = []
-        assert self.model is not None
-        try:
-            from torch.distributed.checkpoint.state_dict import _get_fqns
-        except ImportError:  # pragma: no cover - private helper moved
-            _get_fqns = None
-        for name, _ in self.model.named_parameters():
-            fqns = _get_fqns(self.model, name) if _get_fqns is not None else {name}
-            names.append(next(iter(fqns)) if len(fqns) == 1 else name)
-        return {"format": 1, "parameter_names": names, "data_parallel_size": self.data_parallel_size,
-                "tensor_parallel_size": self.tensor_parallel_size}
-
-    def _checkpoint_stage(self, what: str, path: Any, staged: Any, fn: Any) -> None:
-        """Run one stage of a save on every rank; if it failed anywhere, clean up and raise on every rank."""
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from lightning_tp import consolidate as files
-        from lightning_tp.checkpoint import CheckpointError
-
-        error: Optional[BaseException] = None
-        try:
-            fn()
-        except (Exception, CheckpointException) as e:  # DCP's error is a BaseException; reported to all ranks below
-            error = e
-        if self.reduce_boolean_decision(error is None, all=True):
-            return
-        if isinstance(error, CheckpointException):  # DCP already gathered every rank's failure: name the causes
-            causes = {rank: wrapped[0] if isinstance(wrapped, tuple) else wrapped  # (exception, traceback)
-                      for rank, wrapped in error.failures.items()}
-            local = "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in sorted(causes.items()))
-        else:
-            local = None if error is None else f"rank {self.global_rank}: {type(error).__name__}: {error}"
-        messages: list[Any] = [None] * self.world_size
-        dist.all_gather_object(messages, local)
-        failed = sorted({message for message in messages if message})
-        if self.is_global_zero:
-            try:
-                files.remove(staged)
-            except OSError:
-                pass
-        raise CheckpointError(
-            f"Saving the checkpoint {str(path)!r} failed while {what} ({'; '.join(failed)}). Nothing was published:"
-            " the previous checkpoint at that path, if any, is unchanged."
-        ) from error
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load a sharded checkpoint directory (any (dp, tp)) or a single full file (see ``consolidate``).
-
-        ``weights_only=None`` means ``True``: ``meta.pt`` (or the single file) is read with
-        ``torch.load(weights_only=True)``, DCP's ``.metadata`` with an allow-list unpickler.
-        """
-        from pathlib import Path
-
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from lightning_tp import consolidate as files
-        from lightning_tp.checkpoint import CheckpointError
-
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if self.is_global_zero:
-            files.recover(path)
-        self.barrier("load_checkpoint")
-        files.check_checkpoint(path)
-        weights_only = True if weights_only is None else weights_only
-        try:
-            if path.is_file():
-                return super().load_checkpoint(path, weights_only=weights_only)
-            return self._load_sharded_checkpoint(path, weights_only)
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:
-            hint = files.unpickling_hint(e) if weights_only else ""
-            raise CheckpointError(f"Could not load the checkpoint {str(path)!r}: {type(e).__name__}: {e}{hint}") from e
-
-    def _load_sharded_checkpoint(self, path: Any, weights_only: bool) -> dict[str, Any]:
-        # Lightning's `_load_checkpoint` for directories, reading through the safe DCP reader and planner.
-        from torch.distributed.checkpoint import load
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        from lightning_tp import consolidate as files
-
-        def read(state: dict[str, Any]) -> None:
-            if weights_only:
-                load(state, storage_reader=files.SafeFileSystemReader(str(path)), planner=files.SafeLoadPlanner())
-            else:
-                load(state, checkpoint_id=path)
-
-        assert self.model is not None and self.lightning_module is not None
-        module_state = {"state_dict": get_model_state_dict(self.model)}
-        read(module_state)
-        self.model.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
-        for idx, optimizer in enumerate(self.optimizers):
-            key = f"optimizer_{idx}"
-            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
-            read(optim_state)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / files.META_FILE, map_location="cpu", weights_only=weights_only)
-
-    @override
-    def remove_checkpoint(self, filepath: Any) -> None:
-        """Delete a checkpoint (rank 0); a directory stops looking complete before its files go."""
-        from lightning_tp import consolidate as files
-
-        if self.is_global_zero:
-            files.remove(filepath)
-
-    # (end of the checkpoint section)
 
 
 class _PreflightLauncher(_SubprocessScriptLauncher):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import types
 from collections.abc import Generator, Mapping
 from datetime import timedelta
@@ -20,7 +21,6 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.model_parallel import _setup_device_mesh
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -67,6 +67,9 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         reshard_after_forward: FSDP2 frees gathered parameters after forward (less memory, one more
             all-gather in backward).
         save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+        launcher: ``"subprocess"`` re-runs the script for the other ranks; ``"fork"`` forks them from this process
+            and brings the trained weights back as full tensors (Jupyter, Lightning Studio notebooks);
+            ``"auto"``: fork in an interactive session, subprocess otherwise.
     """
 
     strategy_name = "tensor_parallel"
@@ -83,6 +86,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        launcher: Literal["auto", "subprocess", "fork"] = "auto",
     ) -> None:
         problems = []
         for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
@@ -92,6 +96,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                             ("fsdp", fsdp), ("reshard_after_forward", reshard_after_forward)):
             if not isinstance(value, bool):
                 problems.append(f"`{name}` must be a bool, got {value!r}")
+        if launcher not in ("auto", "subprocess", "fork"):
+            problems.append(f"`launcher` must be 'auto', 'subprocess' or 'fork', got {launcher!r}")
         if not (isinstance(plan, (str, Mapping)) or callable(plan)):
             problems.append(f"`plan` must be 'auto', a plan name, a dict or a callable, got {plan!r}")
         if not fsdp and isinstance(data_parallel_size, int) and data_parallel_size > 1:
@@ -111,6 +117,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self.loss_parallel = loss_parallel
         self.fsdp = fsdp
         self.reshard_after_forward = reshard_after_forward
+        self.launcher_kind = launcher
         self._resolved_plan: Optional[ResolvedPlan] = None
 
     # ------------------------------------------------------------------ sizes, checked before any spawn
@@ -150,8 +157,30 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                 f" {', '.join(_SUPPORTED_PRECISION)}; 'bf16-mixed' computes in bf16 and reduces gradients in fp32."
             )
         assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _PreflightLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
+        if self.cluster_environment.creates_processes_externally:
+            return
+        from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+        from lightning_tp.launchers import ForkLauncher, ScriptLauncher
+
+        if self.launcher_kind == "fork" or (self.launcher_kind == "auto" and _IS_INTERACTIVE):
+            self._launcher = ForkLauncher(self)
+        else:
+            self._launcher = ScriptLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def receive_weights(self, module: nn.Module, state: dict[str, Tensor]) -> None:
+        """Put the full weights gathered from the ranks into the launching process's (unsharded) ``module``.
+
+        A module built on the meta device gets storage and its buffers first (``init_weights``), then every
+        parameter is overwritten with the trained values.
+        """
+        if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+            materialize(module, self._resolve(module), torch.device("cpu"), getattr(module, "init_seed", None))
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        lost = sorted({n for n, _ in module.named_parameters()} & set(missing))
+        if lost or unexpected:
+            raise RuntimeError(f"Trained weights do not fit the launching process's module: missing {lost},"
+                               f" unexpected {sorted(unexpected)}.")
 
     def preflight(self, module: pl.LightningModule) -> None:
         """Check the plan and model shapes if the model already exists (built in ``__init__``)."""
@@ -333,20 +362,6 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         for name, (flags, description) in variants.items():
             strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}", override=True,
                                        **flags)
-
-
-class _PreflightLauncher(_SubprocessScriptLauncher):
-    """Validates plan and model shapes in the launching process before spawning the other ranks."""
-
-    def __init__(self, strategy: TensorParallelStrategy, *args: Any) -> None:
-        super().__init__(*args)
-        self._strategy = strategy
-
-    @override
-    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
-        if trainer is not None and trainer.lightning_module is not None:
-            self._strategy.preflight(trainer.lightning_module)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 def _reject_fsdp1(module: nn.Module, owner: str) -> None:

@@ -207,10 +207,15 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
 
     @property
     def tensor_parallel_size(self) -> int:
+        """The TP degree: from the mesh on a rank, from the resolved configuration in a launching process."""
+        if self._device_mesh is None:
+            return int(self.resolved_sizes()[1])
         return int(self.device_mesh["tensor_parallel"].size())
 
     @property
     def data_parallel_size(self) -> int:
+        if self._device_mesh is None:
+            return int(self.resolved_sizes()[0])
         return int(self.device_mesh["data_parallel"].size())
 
     # ------------------------------------------------------------------ parallelisation

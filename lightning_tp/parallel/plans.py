@@ -42,6 +42,7 @@ __all__ = [
     "PlanFn",
     "ReplicateParallel",
     "ResolvedPlan",
+    "describe_plan",
     "find_llama",
     "llama_plan",
     "per_projection_llama_plan",
@@ -315,3 +316,29 @@ def resolve_plan(
         if isinstance(child, nn.ModuleList):
             blocks += [_join(child_name, str(i)) for i, m in enumerate(child) if any(True for _ in m.parameters())]
     return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
+
+
+def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[str, Any]]:
+    """One row per planned module: its path, style, layouts and each parameter's global and per-rank shape.
+
+    Computed from the styles, without a process group, so a notebook can show the plan before training.
+    """
+    rows = []
+    for path, style in plan.styles.items():
+        target = module.get_submodule(path)
+        shard_dim = None
+        if isinstance(style, ColwiseParallel):
+            shard_dim = 1 if isinstance(target, nn.Embedding) else 0
+        elif isinstance(style, RowwiseParallel):
+            shard_dim = 0 if isinstance(target, nn.Embedding) else 1
+        params = {}
+        for name, param in target.named_parameters(recurse=False):
+            local = list(param.shape)
+            if shard_dim is not None and not (name == "bias" and isinstance(style, RowwiseParallel)):
+                dim = 0 if param.ndim == 1 else shard_dim
+                local[dim] = -(-local[dim] // tp)
+            params[name] = (tuple(param.shape), tuple(local))
+        layouts = {k: v for k, v in vars(style).items() if "layout" in k and v}
+        rows.append({"module": path, "style": type(style).__name__, "params": params,
+                     "layouts": {k: str(v) for k, v in layouts.items()}})
+    return rows

@@ -49,6 +49,16 @@ class ValidationHistory(L.Callback):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None:
             self.history.append((trainer.global_step, float(value)))
+            # Also as a metric tensor: callback metrics are what a fork launcher sends back to a notebook.
+            trainer.callback_metrics[self.KEY] = torch.tensor(self.history)
+
+    KEY = "val/loss_history"
+
+    def result(self, trainer: L.Trainer) -> list[tuple[int, float]]:
+        if self.history:
+            return self.history
+        sent = trainer.callback_metrics.get(self.KEY)
+        return [] if sent is None else [(int(s), float(v)) for s, v in sent.tolist()]
 
 
 def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
@@ -202,7 +212,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     summary = {
         "wall_time_s": round(time.perf_counter() - start, 1),
         "steps": trainer.global_step,
-        "val_loss_history": history.history,
+        "val_loss_history": history.result(trainer),
         "tokens_per_sec": metrics.get("perf/tokens_per_sec"),
         "metrics": metrics,
         "checkpoint": str(out_dir / "last"),
@@ -213,7 +223,8 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        first, last = (history.history[0][1], history.history[-1][1]) if history.history else (None, None)
+        first, last = (summary["val_loss_history"][0][1], summary["val_loss_history"][-1][1]) \
+            if summary["val_loss_history"] else (None, None)
         print(f"\n[lightning-tp] {trainer.global_step} steps in {summary['wall_time_s']} s on {trainer.world_size}"
               f" processes; val/loss {first} -> {last}; tokens/s {summary['tokens_per_sec']}")
         if sample is not None:

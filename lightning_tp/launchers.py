@@ -77,6 +77,17 @@ class ForkLauncher(_MultiProcessingLauncher):
         return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
 
     @override
+    def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        # Loop progress too, so that trainer.global_step and current_epoch read right in the notebook.
+        return {**super().get_extra_results(trainer), "fit_loop": trainer.fit_loop.state_dict()}
+
+    @override
+    def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        if "fit_loop" in extra:
+            trainer.fit_loop.load_state_dict(extra["fit_loop"])
+
+    @override
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: pl.Trainer) -> None:
         if worker_output.weights_path is not None:
             state = torch.load(worker_output.weights_path, map_location="cpu", weights_only=True)

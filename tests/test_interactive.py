@@ -28,7 +28,7 @@ def test_fork_launch_brings_full_trained_weights_back(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["plain"] and result["n"] == 21
     assert result["param_err"] <= 1e-4  # equal to an independent single-process run of the same 5 steps
-    assert "train_loss" in result["callback_metrics"]
+    assert "train_loss" in result["callback_metrics"] and result["global_step"] == 5
     assert result["meta_materialised"] and result["inv_freq_finite"]
     assert isinstance(result["sample"], str)
 
@@ -48,3 +48,25 @@ def test_interactive_session_picks_the_fork_launcher(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("lightning.pytorch.trainer.connectors.accelerator_connector._IS_INTERACTIVE", False)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TensorParallelStrategy(), logger=False)
     assert isinstance(trainer.strategy.launcher, ScriptLauncher)
+
+
+def test_walkthrough_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    nb = nbformat.read(ROOT / "recipes" / "notebooks" / "walkthrough.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+                            ).execute()  # raises CellExecutionError on any failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert "weights are plain full tensors: True" in text
+    assert "trained 100 steps" in text
+    first, last = (float(x) for x in text.split("loss fell from ")[1].split()[0:3:2])
+    assert last < 0.8 * first, (first, last)
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve was drawn
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert "'steps': 10, 'world_size': 4" in text  # the recipe ran from Python through the same launcher

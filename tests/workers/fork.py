@@ -38,6 +38,7 @@ def main() -> None:
         "n": len(ref),
         "callback_metrics": sorted(trainer.callback_metrics),
         "train_loss": float(trainer.callback_metrics["train_loss"]),
+        "global_step": trainer.global_step,
     }
     # A module built on the meta device (as CausalLMModule is) comes back materialised and trained.
     meta_module = CausalLMModule("debug", init_seed=3, warmup_steps=1)

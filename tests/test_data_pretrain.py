@@ -408,3 +408,18 @@ def test_tokenizer_json_end_to_end(tmp_path: Path) -> None:
     # another tokenizer is another cache
     assert _dm(str(corpus), tmp_path, seq_len=7).cache_paths() != dm.cache_paths()
     assert os.path.isfile(dm.cache_paths()[1])
+
+
+def test_resharding_with_the_same_global_batch_does_not_warn(tmp_path: Path) -> None:
+    import warnings
+
+    folder = _corpus(tmp_path)
+    saved = {"epoch": 0, "consumed": 8, "num_replicas": 2, "batch_size": 4}  # dp=2 x 4 samples
+    for batch_size, should_warn in ((8, False), (4, True)):  # now dp=1: 8 keeps the global batch, 4 halves it
+        dm = _dm(str(folder), tmp_path, seq_len=16, batch_size=batch_size, seed=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dm.load_state_dict(dict(saved))
+            dm.train_dataloader()
+        messages = [str(w.message) for w in caught if "global batch" in str(w.message)]
+        assert bool(messages) == should_warn, messages

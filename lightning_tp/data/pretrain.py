@@ -297,7 +297,7 @@ class PretrainDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the training order from :meth:`state_dict` (applied to the train sampler when it is created)."""
-        for name in ("seed", "batch_size", "seq_len", "cache_key"):
+        for name in ("seed", "seq_len", "cache_key"):  # the batch is compared per step, once the replicas are known
             saved = state_dict.get(name)
             current = self._cache_key if name == "cache_key" else getattr(self, name)
             if saved is not None and current is not None and saved != current:
@@ -312,6 +312,19 @@ class PretrainDataModule(L.LightningDataModule):
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self._train_sampler is not None
+        # What must match is the global batch (per-rank batch × data-parallel replicas): resharding from dp=2 to
+        # dp=1 with twice the per-rank batch continues the same order exactly.
+        saved_batch, saved_replicas = state.get("batch_size"), state.get("num_replicas")
+        if saved_batch is not None and saved_replicas is not None:
+            saved_global = int(saved_batch) * int(saved_replicas)
+            current_global = self.batch_size * self._train_sampler.num_replicas
+            if saved_global != current_global:
+                warnings.warn(
+                    f"The data state was saved with a global batch of {saved_global} samples ({saved_batch} x"
+                    f" {saved_replicas} data-parallel ranks) but this run's is {current_global}: the resumed data"
+                    " order will not continue the interrupted run's order.",
+                    stacklevel=2,
+                )
         sampler_state = {k: int(state[k]) for k in ("epoch", "consumed", "num_replicas") if k in state}
         self._train_sampler.load_state_dict(sampler_state)
         per_epoch = self._batches_per_epoch()

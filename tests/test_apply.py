@@ -67,3 +67,11 @@ def test_clip_leaves_small_gradients_alone(meshes) -> None:
     params, plain = _params(meshes)
     clip_grad_norm_(params, max_norm=1e6)
     torch.testing.assert_close(params[2].grad, plain[2])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_all_dtensor_gradients_take_the_single_all_reduce_path(meshes, norm_type: float) -> None:
+    params, plain = _params(meshes)
+    params = params[:2]  # both DTensors, no partial sums: one all-reduce over the world
+    expected = torch.linalg.vector_norm(_flat(plain[:2]), norm_type)
+    torch.testing.assert_close(total_grad_norm(params, norm_type), expected)

@@ -42,6 +42,8 @@ def model_config(cfg: DictConfig) -> LlamaConfig:
 class ValidationHistory(L.Callback):
     """Remembers ``val/loss`` after every validation run, the sanity check (step 0) included."""
 
+    KEY = "val/loss_history"
+
     def __init__(self) -> None:
         self.history: list[tuple[int, float]] = []
 
@@ -51,8 +53,6 @@ class ValidationHistory(L.Callback):
             self.history.append((trainer.global_step, float(value)))
             # Also as a metric tensor: callback metrics are what a fork launcher sends back to a notebook.
             trainer.callback_metrics[self.KEY] = torch.tensor(self.history)
-
-    KEY = "val/loss_history"
 
     def result(self, trainer: L.Trainer) -> list[tuple[int, float]]:
         if self.history:
@@ -103,19 +103,27 @@ def _resume_path(resume: str | None, out_dir: Path) -> str | None:
     return str(path)
 
 
+def _sweep_job() -> Any:
+    """Hydra's config of the current job when it is part of a ``--multirun`` sweep, else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get()
+    return None
+
+
 def _children_run_this_job_only() -> None:
     """Under ``--multirun``, make the ranks Lightning launches run this one job, not the whole sweep.
 
     Lightning re-runs ``sys.argv`` for the other ranks with ``hydra.run.dir`` set to the run directory; for a
     sweep job that must be the job's own overrides and output directory.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from omegaconf import read_write
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    hydra_cfg = _sweep_job()
+    if hydra_cfg is None:
         return
-    hydra_cfg = HydraConfig.get()
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
@@ -123,21 +131,14 @@ def _children_run_this_job_only() -> None:
 
 def _job_out_dir(cfg: DictConfig) -> Path:
     """``cfg.out_dir``, or under ``--multirun`` the job's own directory (``out_dir/multirun/<time>/<job>``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.out_dir)
+    hydra_cfg = _sweep_job()
+    return Path(cfg.out_dir if hydra_cfg is None else hydra_cfg.runtime.output_dir)
 
 
 def _end_sweep_job(launched: dict[str, str | None]) -> None:
     """After a ``--multirun`` job, close its process group and forget its launch environment, so the next
     job of the sweep spawns fresh ranks on a fresh port instead of waiting for the finished ones."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if _sweep_job() is None:
         return
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

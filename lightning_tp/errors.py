@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["LightningTPError", "MeshConfigError", "ModelShapeError", "PlanError", "SequenceLengthError"]
+__all__ = [
+    "EnvironmentConfigError",
+    "LightningTPError",
+    "MeshConfigError",
+    "ModelShapeError",
+    "PlanError",
+    "SequenceLengthError",
+]
 
 
 class LightningTPError(ValueError):
@@ -23,3 +30,7 @@ class PlanError(LightningTPError):
 
 class SequenceLengthError(LightningTPError):
     """The sequence length cannot be split over the tensor-parallel ranks under sequence parallelism."""
+
+
+class EnvironmentConfigError(LightningTPError):
+    """The machine cannot run the job as asked: too many devices or processes, or the rendezvous port is taken."""

@@ -9,6 +9,7 @@ __all__ = [
     "ModelShapeError",
     "PlanError",
     "SequenceLengthError",
+    "UnsupportedFeatureError",
 ]
 
 
@@ -34,3 +35,7 @@ class SequenceLengthError(LightningTPError):
 
 class EnvironmentConfigError(LightningTPError):
     """The machine cannot run the job as asked: too many devices or processes, or the rendezvous port is taken."""
+
+
+class UnsupportedFeatureError(LightningTPError):
+    """An opt-in feature (async TP, float8) cannot run on this accelerator or software stack."""

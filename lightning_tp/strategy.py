@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_tp.errors import MeshConfigError, SequenceLengthError
+from lightning_tp.errors import MeshConfigError, SequenceLengthError, UnsupportedFeatureError
 from lightning_tp.parallel.apply import (
     apply_fsdp,
     apply_tensor_parallel,
@@ -35,6 +35,7 @@ from lightning_tp.parallel.apply import (
 )
 from lightning_tp.parallel.checkpointing import AtomicCheckpointMixin
 from lightning_tp.parallel.plans import PlanSpec, ResolvedPlan, resolve_plan
+from lightning_tp.parallel.recompute import AC_MODES, apply_activation_checkpointing, compile_blocks
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -67,6 +68,15 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         reshard_after_forward: FSDP2 frees gathered parameters after forward (less memory, one more
             all-gather in backward).
         save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+        activation_checkpointing: ``"none"``; ``"full"`` keeps only each decoder block's input and recomputes the
+            block in backward; ``"selective"`` keeps sharded matmul and attention outputs and recomputes norms,
+            RoPE, element-wise ops and all-gathers (see :mod:`lightning_tp.parallel.recompute`). Parameter
+            names and checkpoints are the same in every mode.
+        compile: ``torch.compile`` each decoder block's forward (after checkpointing, before FSDP2).
+        async_tp: overlap TP collectives with matmuls (symmetric-memory micro-pipelining); needs CUDA,
+            ``compile=True`` and ``tensor_parallel_size > 1``. Refused elsewhere.
+        float8: train the decoder blocks' linear layers in float8 with torchao; needs torchao, a CUDA device
+            of compute capability 8.9 or newer, and ``tensor_parallel_size=1``. Refused elsewhere.
         launcher: ``"subprocess"`` re-runs the script for the other ranks; ``"fork"`` forks them from this process
             and brings the trained weights back as full tensors (Jupyter, Lightning Studio notebooks);
             ``"auto"``: fork in an interactive session, subprocess otherwise.
@@ -87,15 +97,26 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         launcher: Literal["auto", "subprocess", "fork"] = "auto",
+        activation_checkpointing: Literal["none", "full", "selective"] = "none",
+        compile: bool = False,
+        async_tp: bool = False,
+        float8: bool = False,
     ) -> None:
         problems = []
         for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
             if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r}")
         for name, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel),
-                            ("fsdp", fsdp), ("reshard_after_forward", reshard_after_forward)):
+                            ("fsdp", fsdp), ("reshard_after_forward", reshard_after_forward),
+                            ("compile", compile), ("async_tp", async_tp), ("float8", float8)):
             if not isinstance(value, bool):
                 problems.append(f"`{name}` must be a bool, got {value!r}")
+        if activation_checkpointing not in AC_MODES:
+            problems.append(f"`activation_checkpointing` must be one of {', '.join(map(repr, AC_MODES))}, got"
+                            f" {activation_checkpointing!r}")
+        if async_tp is True and compile is False:
+            problems.append("`async_tp=True` needs `compile=True`: the collective/matmul overlap is done by the"
+                            " compiler; set compile=True or async_tp=False")
         if launcher not in ("auto", "subprocess", "fork"):
             problems.append(f"`launcher` must be 'auto', 'subprocess' or 'fork', got {launcher!r}")
         if not (isinstance(plan, (str, Mapping)) or callable(plan)):
@@ -118,6 +139,10 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self.fsdp = fsdp
         self.reshard_after_forward = reshard_after_forward
         self.launcher_kind = launcher
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+        self.async_tp = async_tp
+        self.float8 = float8
         self._resolved_plan: Optional[ResolvedPlan] = None
 
     # ------------------------------------------------------------------ sizes, checked before any spawn
@@ -156,6 +181,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                 f"{type(self).__name__} does not support `Trainer(precision={precision!r})`. Choose one of"
                 f" {', '.join(_SUPPORTED_PRECISION)}; 'bf16-mixed' computes in bf16 and reduces gradients in fp32."
             )
+        self.check_features()
         assert self.cluster_environment is not None
         if self.cluster_environment.creates_processes_externally:
             return
@@ -167,6 +193,41 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             self._launcher = ForkLauncher(self)
         else:
             self._launcher = ScriptLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def check_features(self) -> None:
+        """Refuse opt-in features (async TP, float8) this accelerator and installation cannot run."""
+        device = self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+        tp = self._tensor_parallel_size
+        if self.async_tp:
+            if device.type != "cuda":
+                raise UnsupportedFeatureError(
+                    f"async_tp=True needs CUDA devices (symmetric memory), but this run uses {device.type!r}."
+                    " Fix: set async_tp=False on this machine.")
+            if tp == 1:
+                raise UnsupportedFeatureError("async_tp=True overlaps tensor-parallel collectives, but"
+                                              " tensor_parallel_size=1 has none. Fix: set async_tp=False.")
+            if not hasattr(torch.distributed, "_symmetric_memory"):
+                raise UnsupportedFeatureError(f"async_tp=True needs torch.distributed._symmetric_memory, missing"
+                                              f" in torch {torch.__version__}. Fix: set async_tp=False.")
+        if self.float8:
+            import importlib.util
+
+            if device.type != "cuda":
+                raise UnsupportedFeatureError(
+                    f"float8=True needs a CUDA device of compute capability 8.9 or newer, but this run uses"
+                    f" {device.type!r}. Fix: set float8=False on this machine.")
+            capability = torch.cuda.get_device_capability(device)
+            if capability < (8, 9):
+                raise UnsupportedFeatureError(
+                    f"float8=True needs compute capability 8.9 or newer (H100, L40, RTX 4090); this device has"
+                    f" {capability[0]}.{capability[1]}. Fix: set float8=False.")
+            if importlib.util.find_spec("torchao") is None:
+                raise UnsupportedFeatureError("float8=True trains with torchao's float8 linear layers, and torchao is"
+                                              " not installed. Fix: `pip install torchao`, or set float8=False.")
+            if tp != 1:
+                raise UnsupportedFeatureError(
+                    f"float8=True is supported with tensor_parallel_size=1 (float8 linears + FSDP2), got"
+                    f" tensor_parallel_size={tp}. Fix: set tensor_parallel_size=1, or float8=False.")
 
     def receive_weights(self, module: nn.Module, state: dict[str, Tensor]) -> None:
         """Put the full weights gathered from the ranks into the launching process's (unsharded) ``module``.
@@ -237,8 +298,15 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                 materialize(module, self._resolved_plan, self.root_device, seed)
             # true-precision dtypes are set before sharding so FSDP2 shards the final dtype
             self.precision_plugin.convert_module(module)
+            if self.float8:
+                _convert_to_float8(module, self._resolved_plan)
             if self.tensor_parallel_size > 1:
                 apply_tensor_parallel(module, self._resolved_plan, self.device_mesh["tensor_parallel"])
+            apply_activation_checkpointing(module, self._resolved_plan, self.activation_checkpointing)
+            if self.async_tp:
+                _enable_async_tp(self.device_mesh["tensor_parallel"])
+            if self.compile:
+                compile_blocks(module, self._resolved_plan)
             if self.fsdp:
                 apply_fsdp(module, self._resolved_plan, self.device_mesh["data_parallel"], self._mp_policy(),
                            self.reshard_after_forward)
@@ -367,6 +435,24 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         for name, (flags, description) in variants.items():
             strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}", override=True,
                                        **flags)
+
+
+def _convert_to_float8(module: nn.Module, plan: ResolvedPlan) -> None:
+    """Swap the decoder blocks' ``nn.Linear`` layers for torchao float8 training linears (GPU only)."""
+    from torchao.float8 import convert_to_float8_training
+
+    for path in plan.blocks:
+        convert_to_float8_training(module.get_submodule(path),
+                                   module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
+
+
+def _enable_async_tp(tp_mesh: Any) -> None:
+    """Let the compiler fuse TP all-gathers/reduce-scatters with the neighbouring matmuls (GPU only)."""
+    from torch._inductor import config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    inductor_config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def _reject_fsdp1(module: nn.Module, owner: str) -> None:

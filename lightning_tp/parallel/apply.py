@@ -1,6 +1,7 @@
 """Apply a resolved plan: shape checks, tensor parallelism, FSDP2, materialisation, gradient clipping.
 
-Order (torchtitan's): TP → FSDP per decoder block → FSDP per model root → materialise → init.
+Order (torchtitan's): TP → activation checkpointing → compile (both in :mod:`lightning_tp.parallel.recompute`)
+→ FSDP per decoder block → FSDP per model root → materialise → init.
 Each function works on any ``nn.Module`` and a ``DeviceMesh``; the strategy only sequences them.
 """
 
@@ -17,12 +18,15 @@ from torch import Tensor, nn
 
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.plans import ResolvedPlan
+from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 
 __all__ = [
+    "apply_activation_checkpointing",
     "apply_fsdp",
     "apply_tensor_parallel",
     "check_model_shapes",
     "clip_grad_norm_",
+    "compile_blocks",
     "materialize",
     "total_grad_norm",
 ]

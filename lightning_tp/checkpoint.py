@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_tp.errors import LightningTPError
 
-__all__ = ["CheckpointError", "LoadWeights", "is_hf_checkpoint", "load_weights"]
+__all__ = ["CheckpointError", "LoadWeights", "check_weights_fit", "is_hf_checkpoint", "load_weights"]
 
 
 class CheckpointError(LightningTPError):
@@ -57,6 +57,62 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     except Exception as e:  # DCP reports missing keys and shape mismatches; say which checkpoint and why
         raise CheckpointError(f"Could not load the weights in {str(path)!r} into {type(module).__name__}: {e}") from e
     set_model_state_dict(module, state)
+
+
+def _trained_model(path: Path) -> Any:
+    """The ``model`` hyper-parameter saved in a checkpoint's ``meta.pt`` (a preset name or config fields), if any."""
+    import torch
+
+    try:
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return (meta.get("hyper_parameters") or {}).get("model") if isinstance(meta, dict) else None
+
+
+def check_weights_fit(module: nn.Module, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint at ``path`` can fill every tensor of ``module``.
+
+    Reads only metadata (DCP ``.metadata`` and ``meta.pt``, or safetensors headers), so the launching process can
+    run it on a meta-device module before any rank starts: a checkpoint of another model (missing keys), of
+    another shape, or with a missing or truncated shard file fails here instead of inside every rank.
+    """
+    if is_hf_checkpoint(path):
+        from lightning_tp.hf import check_hf_checkpoint
+        from lightning_tp.parallel.plans import find_llama
+
+        roots = find_llama(module)
+        if len(roots) == 1:
+            check_hf_checkpoint(module, path, prefix=roots[0])
+        return
+    from lightning_tp.consolidate import check_checkpoint, read_checkpoint_metadata
+
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
+                              " directories. Fix: pass the directory a run saved, e.g. out/pretrain/last.")
+    check_checkpoint(path)
+    metadata = read_checkpoint_metadata(path)
+    saved = {k.removeprefix("state_dict."): tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("state_dict.") and hasattr(v, "size")}
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(wanted) - set(saved))
+    shapes = [f"{k}: model {wanted[k]} vs checkpoint {saved[k]}" for k in sorted(wanted)
+              if k in saved and wanted[k] != saved[k]]
+    if not (missing or shapes):
+        return
+    problems = []
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        problems.append(f"{len(missing)} of the model's {len(wanted)} tensors are not in it ({missing[:4]}{more};"
+                        f" it holds e.g. {sorted(saved)[:2]})")
+    if shapes:
+        problems.append(f"{len(shapes)} tensors differ in shape ({'; '.join(shapes[:4])})")
+    trained = _trained_model(path)
+    fix = (f"build the model it was trained with (its meta.pt says model={trained!r}; e.g. the matching model=..."
+           " preset and model.* overrides)" if trained is not None else "build the model it was trained with")
+    raise CheckpointError(f"The checkpoint {str(path)!r} does not fit {type(module).__name__}: " + "; ".join(problems)
+                          + f". Fix: {fix}, or start from a checkpoint of this model.")
 
 
 class LoadWeights(L.Callback):

@@ -52,6 +52,7 @@ __all__ = [
     "is_complete",
     "main",
     "publish",
+    "read_checkpoint_metadata",
     "recover",
     "remove",
 ]
@@ -86,7 +87,8 @@ def check_checkpoint(path: str | Path) -> None:
     if path.is_file():
         return
     if not path.exists():
-        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist.")
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Fix: pass the directory a run"
+                              " saved (e.g. out/pretrain/last), or check the spelling.")
     if not path.is_dir():
         raise CheckpointError(f"The checkpoint path {str(path)!r} is neither a file nor a directory.")
     missing = [name for name in (DCP_METADATA, META_FILE) if not (path / name).is_file()]
@@ -209,6 +211,36 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+def read_checkpoint_metadata(path: str | Path) -> Metadata:
+    """The DCP ``.metadata`` of the sharded checkpoint directory ``path``, read safely, after checking that every
+    shard file it refers to exists and is long enough. Reads no tensor data: cheap enough for the launching process.
+
+    Raises:
+        CheckpointError: ``.metadata`` is unreadable, or a shard file is missing or truncated (named).
+    """
+    path = Path(path)
+    try:
+        metadata = SafeFileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"Could not read {str(path / DCP_METADATA)!r}: {type(e).__name__}: {e}. Fix: point at a"
+                              " complete checkpoint directory written by this project (e.g. out/pretrain/last).") from e
+    needed: dict[str, int] = {}  # shard file -> bytes the metadata says it holds
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"shard file {str(file)!r} is missing")
+        elif file.stat().st_size < size:
+            problems.append(f"shard file {str(file)!r} has {file.stat().st_size} bytes but the metadata needs {size}")
+    if problems:
+        raise CheckpointError(f"The checkpoint {str(path)!r} is damaged: " + "; ".join(problems) + ". It was"
+                              " truncated or copied incompletely. Fix: copy it again from where it was saved, or"
+                              " use another complete checkpoint.")
+    return metadata
+
+
 def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.BytesIO) -> None:
     """``DefaultLoadPlanner.load_bytes`` with ``weights_only=True`` (byte entries are e.g. optimizer param groups)."""
     obj = torch.load(value, weights_only=True)
@@ -292,10 +324,13 @@ def consolidate(checkpoint_dir: str | Path, out_file: str | Path, weights_only: 
     checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
     if checkpoint_dir.is_file():
         raise CheckpointError(f"consolidate: {str(checkpoint_dir)!r} is a single file already, not a sharded"
-                              " checkpoint directory.")
+                              " checkpoint directory. Fix: use the file as it is, or pass the directory it came from.")
     check_checkpoint(checkpoint_dir)
+    if weights_only:
+        read_checkpoint_metadata(checkpoint_dir)  # a missing or truncated shard file is named before any reading
     if out_file.resolve() == checkpoint_dir.resolve() or out_file.is_dir():
-        raise CheckpointError(f"consolidate: the output {str(out_file)!r} must be a file path, not a directory.")
+        raise CheckpointError(f"consolidate: the output {str(out_file)!r} must be a file path, not a directory."
+                              f" Fix: pass a file name, e.g. {str(out_file / 'last.ckpt')!r}.")
     try:
         meta = torch.load(checkpoint_dir / META_FILE, map_location="cpu", weights_only=weights_only)
         shards = load_full(checkpoint_dir, weights_only=weights_only)

@@ -25,8 +25,8 @@ from lightning_tp.checkpoint import CheckpointError
 from lightning_tp.models.config import LlamaConfig
 from lightning_tp.models.llama import Llama
 
-__all__ = ["config_from_hf", "config_to_hf", "consolidated_state_dict", "export_hf", "llama_from_hf",
-           "load_hf_checkpoint", "strip_prefix"]
+__all__ = ["check_hf_checkpoint", "config_from_hf", "config_to_hf", "consolidated_state_dict", "export_hf",
+           "llama_from_hf", "load_hf_checkpoint", "strip_prefix"]
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")
@@ -178,14 +178,24 @@ def _local_index(param: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
     return param.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
-def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> None:
-    """Load the Hugging Face checkpoint directory ``path`` into the :class:`Llama` at ``prefix`` in ``model``
-    (``""``: ``model`` is the Llama; ``"model."``: a :class:`~lightning_tp.CausalLMModule`).
+_FIT_HINT = (" Fix: load it into a model built from its own config.json (llama_from_hf, or a recipe's"
+             " checkpoint=DIR), or use a checkpoint whose config.json and weights belong to this model.")
 
-    Parameters may be plain tensors or DTensors (tensor parallel, FSDP2): each rank reads only its own slice
-    of each tensor from disk. Call it on every rank after the model has been sharded and materialised. Raises
-    :class:`CheckpointError`, before writing any parameter, for a config, key or shape that does not fit.
-    """
+
+def check_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Raise :class:`CheckpointError` unless ``path`` can fill the :class:`Llama` at ``prefix`` in ``model``:
+    config, tensor names and shapes, readable safetensors files. Reads only ``config.json`` and the safetensors
+    headers, and ``model`` may be on the meta device: the launching process runs it before any rank starts."""
+    problems = _fit(model, path, prefix)[3]
+    if problems:
+        raise CheckpointError(f"Cannot load {str(path)!r} into {type(model).__name__}: " + "; ".join(problems) + "."
+                              + _FIT_HINT)
+
+
+def _fit(model: nn.Module, path: str | Path, prefix: str
+         ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, tuple[str, tuple[int, ...]]], list[str]]:
+    """``(parameters, parameter → tensor name in the files, the files' tensors, problems)`` for loading ``path``
+    into the Llama at ``prefix``; the problems are those that hold whatever device the parameters are on."""
     path = Path(path)
     prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
     params = {n[len(prefix):]: p for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefix)}
@@ -215,6 +225,19 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> 
     problems += [f"{name}: model {tuple(params[name].shape)} vs checkpoint {files[src][1]}"
                  for name, src in sorted(source.items())
                  if src in files and tuple(params[name].shape) != files[src][1]]
+    return params, source, files, problems
+
+
+def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Load the Hugging Face checkpoint directory ``path`` into the :class:`Llama` at ``prefix`` in ``model``
+    (``""``: ``model`` is the Llama; ``"model."``: a :class:`~lightning_tp.CausalLMModule`).
+
+    Parameters may be plain tensors or DTensors (tensor parallel, FSDP2): each rank reads only its own slice
+    of each tensor from disk. Call it on every rank after the model has been sharded and materialised. Raises
+    :class:`CheckpointError`, before writing any parameter, for a config, key or shape that does not fit.
+    """
+    path = Path(path)
+    params, source, files, problems = _fit(model, path, prefix)
     if any(p.is_meta for p in params.values()):
         problems.append("the model is on the meta device; materialise it (to_empty + init_weights, or let the"
                         " strategy set it up) before loading")
@@ -223,7 +246,8 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> 
                  f" {params[name].placements})" for name, (local, index) in blocks.items()
                  if tuple(local.shape) != tuple(i.stop - i.start for i in index)]
     if problems:
-        raise CheckpointError(f"Cannot load {str(path)!r} into {type(model).__name__}: " + "; ".join(problems) + ".")
+        raise CheckpointError(f"Cannot load {str(path)!r} into {type(model).__name__}: " + "; ".join(problems) + "."
+                              + _FIT_HINT)
     from safetensors import safe_open
 
     by_file: dict[str, list[tuple[str, str]]] = {}

@@ -27,6 +27,9 @@ __all__ = ["ForkLauncher", "ScriptLauncher"]
 
 
 def _preflight(strategy: TensorParallelStrategy, trainer: Optional[pl.Trainer]) -> None:
+    from lightning_tp.preflight import check_launch
+
+    check_launch(strategy)  # CPU process count, rendezvous port: before any rank exists to wait on them
     if trainer is not None and trainer.lightning_module is not None:
         strategy.preflight(trainer.lightning_module)
 

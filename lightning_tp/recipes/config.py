@@ -7,13 +7,20 @@ so an unknown key or a value of the wrong type fails at start-up with Hydra's me
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+from lightning_tp.errors import LightningTPError
 
 __all__ = [
+    "CONF_DIR",
     "FinetuneConfig",
     "FinetuneDataConfig",
     "LoggerConfig",
@@ -21,11 +28,20 @@ __all__ = [
     "OptimizerConfig",
     "PretrainConfig",
     "PretrainDataConfig",
+    "RecipeConfigError",
     "SchedulerConfig",
     "StrategyConfig",
     "TrainerConfig",
+    "compose_recipe",
     "register_configs",
 ]
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+"""The recipes' Hydra config directory (in a clone, beside the package)."""
+
+
+class RecipeConfigError(LightningTPError):
+    """A recipe override names a key the schema does not have, or gives a value of the wrong type."""
 
 
 @dataclass
@@ -188,3 +204,52 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
+
+
+def _explain(error: BaseException, override_list: Sequence[str]) -> str | None:
+    """What went wrong with an override, and the fix, from the OmegaConf error Hydra wraps; None if unknown."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = error.__cause__
+    schema = getattr(cause, "object_type", None)
+    full_key, key = getattr(cause, "full_key", None), getattr(cause, "key", None)
+    if not (full_key and key and dataclasses.is_dataclass(schema)):
+        return None
+    fields = {f.name: f for f in dataclasses.fields(schema) if not f.name.startswith("_")}
+    group = full_key[: -len(str(key))]
+    given = next((o for o in override_list if o.lstrip("+~").split("=", 1)[0] == full_key), full_key)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(group + c for c in close)}?" if close else "check the spelling."
+        return (f"Unknown key {full_key!r} in the override {given!r}: the schema {schema.__name__} has no field"
+                f" {str(key)!r}; {hint} Fix: use one of its keys ({', '.join(sorted(fields))}); print the whole"
+                " config with --cfg job.")
+    if isinstance(cause, ValidationError) and str(key) in fields:
+        f = fields[str(key)]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        example = f" (e.g. {full_key}={str(default).lower() if isinstance(default, bool) else default})" \
+            if default is not None and not isinstance(default, (list, dict)) else ""
+        kind = getattr(f.type, "__name__", None) or str(f.type)
+        return (f"Wrong type in the override {given!r}: {full_key} takes {kind}, got {getattr(cause, 'value', None)!r}"
+                f" ({str(cause).splitlines()[0]}). Fix: set {full_key} to a value of type {kind}{example}.")
+    return None
+
+
+def compose_recipe(recipe: str, overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``recipe`` (``"pretrain"`` or ``"finetune"``) with ``overrides``, as ``lightning-tp RECIPE`` would.
+
+    A misspelled key or a value of the wrong type raises :class:`RecipeConfigError` naming the override, the
+    schema's close matches or the expected type, and the fix (Hydra's own error is its ``__cause__``).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=str(config_dir or CONF_DIR)):
+        try:
+            return compose(recipe, overrides=list(overrides))
+        except ConfigCompositionException as e:
+            message = _explain(e, overrides)
+            if message is None:
+                raise
+            raise RecipeConfigError(message) from e

@@ -19,13 +19,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tp.callbacks import ThroughputMonitor
-from lightning_tp.checkpoint import CheckpointError, LoadWeights, is_hf_checkpoint
-from lightning_tp.consolidate import check_checkpoint
+from lightning_tp.checkpoint import CheckpointError, LoadWeights, check_weights_fit, is_hf_checkpoint
+from lightning_tp.consolidate import check_checkpoint, read_checkpoint_metadata
 from lightning_tp.data.tokenizers import check_tokenizer
+from lightning_tp.errors import SequenceLengthError
 from lightning_tp.generate import generate
 from lightning_tp.hf import config_from_hf
 from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import LlamaConfig, get_config
+from lightning_tp.preflight import check_devices
 
 __all__ = ["model_config", "run"]
 
@@ -71,7 +73,22 @@ def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
         accelerator, devices = "cpu", CPU_DEVICES
         if cfg.strategy.tensor_parallel_size == "auto" and cfg.strategy.data_parallel_size == "auto":
             sizes["tensor_parallel_size"] = 2
+    check_devices(accelerator, devices, cfg.trainer.num_nodes, name="trainer.devices")
     return {"accelerator": accelerator, "devices": devices}, instantiate(cfg.strategy, **sizes)
+
+
+def _check_sequence_length(strategy: Any, seq_len: int) -> None:
+    """Under sequence parallelism every batch's length must split over the TP ranks; the recipes' batches are
+    ``data.seq_len`` long, so check that here instead of at the first forward of every rank."""
+    if not getattr(strategy, "sequence_parallel", False):
+        return
+    tp = strategy.tensor_parallel_size
+    if seq_len % tp:
+        raise SequenceLengthError(
+            f"data.seq_len={seq_len} is not divisible by tensor_parallel_size={tp}, which sequence parallelism needs."
+            f" Fix: set data.seq_len to a multiple of {tp} (e.g. data.seq_len={max(tp, seq_len - seq_len % tp)}), or"
+            " use strategy=tp (no sequence parallelism)."
+        )
 
 
 def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
@@ -100,6 +117,9 @@ def _resume_path(resume: str | None, out_dir: Path) -> str | None:
     path = out_dir / "last" if resume == "last" else Path(resume)
     if not path.exists():
         raise CheckpointError(f"resume={resume!r}: no checkpoint at {str(path)!r}. Train first, or set resume=null.")
+    if path.is_dir():  # complete, its shard files all there: checked here rather than inside every rank
+        check_checkpoint(path)
+        read_checkpoint_metadata(path)
     return str(path)
 
 
@@ -182,11 +202,14 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory. Use the"
                                   " out_dir/last of a pretraining run (e.g. checkpoint=out/pretrain/last) or a"
                                   " Hugging Face model directory.")
-        check_checkpoint(checkpoint)
     module = CausalLMModule(
         model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=tuple(cfg.optimizer.betas),
         warmup_steps=cfg.scheduler.warmup_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,
     )
+    if checkpoint is not None:
+        # Names, shapes and shard files against the meta-device model: another model's, another shape's or a
+        # truncated checkpoint fails here, not in every rank after the launch.
+        check_weights_fit(module, checkpoint)
     history = ValidationHistory()
     saver = ModelCheckpoint(dirpath=str(out_dir), filename="step-{step}", save_top_k=0, save_last=True,
                             every_n_train_steps=cfg.checkpoint_every_n_steps or cfg.trainer.max_steps)
@@ -201,6 +224,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         trainer_cfg, **devices, strategy=strategy, callbacks=callbacks,
         logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
     )
+    _check_sequence_length(trainer.strategy, cfg.data.seq_len)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
 
     sample = None

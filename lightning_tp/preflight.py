@@ -1,0 +1,144 @@
+"""Checks of the machine a job is about to start on, run in the launching process before any rank is spawned.
+
+A job that asks for more devices than the machine has, or whose rendezvous port is already taken, otherwise
+fails late and badly: rank 0 cannot open the process group's store, and the ranks already started wait for it
+until the collective timeout (30 minutes by default). These checks turn both into an immediate
+:class:`~lightning_tp.errors.EnvironmentConfigError` that names the setting and the fix.
+
+* :func:`check_devices`: the ``devices`` a recipe asks for against the visible CUDA devices (before the Trainer
+  is built, so the message can name the recipe's key) and the number of CPU processes against the cores.
+* :func:`check_port`: the rendezvous port (``MASTER_PORT``, or the free port Lightning picked) can be bound.
+* :func:`check_launch`: both, for a launcher about to start its ranks (:mod:`lightning_tp.launchers`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from lightning_tp.errors import EnvironmentConfigError
+
+__all__ = ["MAX_CPU_PROCESSES_ENV", "check_devices", "check_launch", "check_port", "cpu_process_limit"]
+
+MAX_CPU_PROCESSES_ENV = "LIGHTNING_TP_MAX_CPU_PROCESSES"
+"""Environment variable that raises (or lowers) :func:`cpu_process_limit`."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_process_limit() -> int:
+    """Most CPU processes per node a job may start: 4 per core and at least 8, so that dp=2 × tp=4 still runs
+    on a laptop; more only oversubscribes the cores (each process also holds a full copy of Python and torch)."""
+    if os.environ.get(MAX_CPU_PROCESSES_ENV):
+        try:
+            return int(os.environ[MAX_CPU_PROCESSES_ENV])
+        except ValueError:
+            raise EnvironmentConfigError(
+                f"{MAX_CPU_PROCESSES_ENV}={os.environ[MAX_CPU_PROCESSES_ENV]!r} is not an integer. Fix: set it to"
+                " the most CPU processes a job may start on this machine, or unset it."
+            ) from None
+    return max(8, 4 * _cores())
+
+
+def _check_cpu_processes(processes: int, name: str) -> None:
+    limit = cpu_process_limit()
+    if processes > limit:
+        raise EnvironmentConfigError(
+            f"{name}={processes} would start {processes} CPU processes on this machine's {_cores()} core(s); the"
+            f" limit is {limit}. Fix: set {name} to at most {limit} (e.g. {name}=4 for dp=2 × tp=2), or set"
+            f" {MAX_CPU_PROCESSES_ENV} to allow more."
+        )
+
+
+def _count(devices: Any, name: str) -> int | None:
+    """Processes per node for a ``devices`` value; ``None`` for ``"auto"``; raises for a value of the wrong type."""
+    if devices == "auto" or devices == -1 or devices == "-1":
+        return None
+    if isinstance(devices, bool):
+        pass
+    elif isinstance(devices, int) and devices >= 1:
+        return devices
+    elif isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) and d >= 0 for d in devices):
+        return len(devices)
+    elif isinstance(devices, str):
+        parts = [p.strip() for p in devices.strip().strip(",").split(",")]
+        if all(p.isdigit() for p in parts):
+            # Lightning reads "3" as three devices and "0,2" (a comma) as the device indices 0 and 2
+            return len(parts) if "," in devices else int(parts[0]) or None
+    raise EnvironmentConfigError(
+        f"{name}={devices!r} is not a device count. Fix: set {name} to 'auto', a positive int (e.g. {name}=4),"
+        f" or a list of device indices (e.g. {name}=[0,1])."
+    )
+
+
+def check_devices(accelerator: Any, devices: Any, num_nodes: Any = 1, *, name: str = "devices") -> None:
+    """Raise :class:`EnvironmentConfigError` if ``devices`` is not a device count, asks for more CUDA devices
+    than are visible, or for more CPU processes than :func:`cpu_process_limit`. ``name`` is how the caller's
+    user spells the setting (``trainer.devices`` in a recipe)."""
+    import torch
+
+    count = _count(devices, name)
+    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise EnvironmentConfigError(f"num_nodes={num_nodes!r} must be a positive int. Fix: set it to the number of"
+                                     " machines the job runs on, e.g. num_nodes=1.")
+    kind = str(accelerator).lower()
+    if kind in ("gpu", "cuda") or (kind == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count()
+        wanted = count if not isinstance(devices, (list, tuple)) else max(devices) + 1
+        if visible == 0:
+            raise EnvironmentConfigError(
+                f"accelerator={accelerator!r} needs CUDA devices, but none is visible to this process"
+                f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Fix: set accelerator='cpu'"
+                " (trainer=cpu in a recipe), or run on a machine with GPUs."
+            )
+        if wanted is not None and wanted > visible:
+            raise EnvironmentConfigError(
+                f"{name}={devices!r} asks for {wanted} GPUs, but this machine has {visible} visible CUDA device(s)."
+                f" Fix: set {name} to at most {visible} (or 'auto' for all of them), and the strategy sizes to match."
+            )
+    elif kind == "cpu" or kind == "auto":
+        if count is not None:
+            _check_cpu_processes(count, name)
+
+
+def check_port(port: int, name: str = "MASTER_PORT") -> None:
+    """Raise :class:`EnvironmentConfigError` if ``port`` cannot be bound on this machine (someone listens there)."""
+    if not 0 < int(port) < 65536:
+        raise EnvironmentConfigError(f"{name}={port} is not a TCP port. Fix: set {name} to a number in 1..65535,"
+                                     " or unset it to let Lightning pick a free port.")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR, as the process group's store sets it: a port in TIME_WAIT is usable, a listening one is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+                free.bind(("", 0))
+                suggestion = free.getsockname()[1]
+            reason = "is already in use on this machine" if e.errno == errno.EADDRINUSE else "needs privileges"
+            raise EnvironmentConfigError(
+                f"{name}={port} {reason}, so rank 0 cannot start the process group's store there (another job, or"
+                " a leftover process of an earlier one, holds it). Fix: unset MASTER_PORT to let Lightning pick a"
+                f" free port, or set it to a free one (e.g. MASTER_PORT={suggestion})."
+            ) from e
+
+
+def check_launch(strategy: Any) -> None:
+    """For a launcher about to start the ranks of ``strategy`` on this node: the CPU process count and, on the
+    node that hosts the rendezvous (node rank 0), the port."""
+    env = strategy.cluster_environment
+    if env is None or env.creates_processes_externally:
+        return  # torchrun, SLURM, a re-run rank: the processes exist already; whoever started them chose the port
+    if getattr(strategy.root_device, "type", None) == "cpu":
+        _check_cpu_processes(strategy.num_processes, "devices")
+    if env.node_rank() == 0:
+        check_port(env.main_port, "MASTER_PORT" if "MASTER_PORT" in os.environ else "the rendezvous port")

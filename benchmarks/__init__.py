@@ -1,0 +1,1 @@
+"""Benchmark harness of lightning-tp: ``python -m benchmarks --help`` (see benchmarks/README.md)."""

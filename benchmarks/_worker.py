@@ -1,0 +1,34 @@
+"""One benchmark rank: ``python -m benchmarks._worker SPEC.json OUT.json`` (started by ``_common.launch``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    spec = json.loads(open(spec_path).read())
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    from benchmarks import activations, comm, throughput
+
+    runners = {"comm": comm.measure, "activations": activations.measure, "vs_stock": throughput.measure_vs_stock,
+               "efficiency": throughput.measure_efficiency}
+    results: dict[str, Any] = {}
+    for task in spec["tasks"]:
+        options = dict(task)
+        name = options.pop("task")
+        results[name] = runners[name](**options)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

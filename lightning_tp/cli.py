@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 RECIPES = ("pretrain", "finetune")
-TOOLS = {"consolidate": "lightning_tp.consolidate"}  # non-recipe subcommands: module whose main(argv) runs them
+# non-recipe subcommands: module whose main(argv) runs them
+TOOLS = {"consolidate": "lightning_tp.consolidate", "plan": "lightning_tp.planner"}
 USAGE = (f"usage: lightning-tp {{{','.join(RECIPES)}}} [key=value ...] [--cfg job] [--multirun] [--help]\n"
          "       lightning-tp consolidate CHECKPOINT_DIR OUT_FILE\n"
+         "       lightning-tp plan [key=value ...] [--json]   (dry run: memory, communication, step time; no GPU)\n"
          "       lightning-tp export CHECKPOINT_DIR OUT_DIR [--model PRESET_OR_CONFIG_JSON] [--tokenizer DIR]\n"
          "       lightning-tp import HF_DIR OUT_DIR")
 CONVERSIONS = ("export", "import")  # Hugging Face checkpoints out and in (lightning_tp.hf)

@@ -64,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         memory_tasks.append({"task": "comm", **({"batch": 1, "seq": 32} if args.quick else {})})
     if cmd in ("activations", "memory", "all"):
         memory_tasks.append({"task": "activations", **({"seq": 64} if args.quick else {})})
-    if memory_tasks:
-        results.update(launch(memory_tasks, nprocs=args.world, threads=1))
     cpu_tasks = []
     opts = _throughput_options(args)
     if cmd in ("throughput", "cpu", "all"):
         cpu_tasks.append({"task": "vs_stock", **opts})
     if cmd in ("efficiency", "cpu", "all"):
         cpu_tasks.append({"task": "efficiency", **opts})
+    if memory_tasks and args.world == 2:
+        cpu_tasks = memory_tasks + cpu_tasks  # one launch pays the imports once
+    elif memory_tasks:
+        results.update(launch(memory_tasks, nprocs=args.world, threads=1))
     if cpu_tasks:
         results.update(launch(cpu_tasks, nprocs=2, threads=1))
     if cmd == "gpu":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 
@@ -22,7 +23,9 @@ def main() -> None:
     for task in spec["tasks"]:
         options = dict(task)
         name = options.pop("task")
+        start = time.perf_counter()
         results[name] = runners[name](**options)
+        results[name]["wall_seconds"] = time.perf_counter() - start
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -42,7 +42,8 @@ def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{str(file)!r} does not exist.") from None
+        raise CheckpointError(f"{str(file)!r} does not exist. Fix: pass a Hugging Face model directory (config.json"
+                              " beside *.safetensors files).") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"Could not read {str(file)!r} as JSON: {e}") from e
     if not isinstance(data, dict):
@@ -54,7 +55,8 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
     """:class:`LlamaConfig` of a Hugging Face Llama 2/3/3.1/3.2 ``config.json`` (transformers 4 or 5 style)."""
     if d.get("model_type") != "llama":
         raise CheckpointError(f"config.json has model_type={d.get('model_type')!r}; only Llama checkpoints"
-                              " (model_type 'llama': Llama 2, 3, 3.1, 3.2) are supported.")
+                              " (model_type 'llama': Llama 2, 3, 3.1, 3.2) are supported. Fix: pass a Llama-family"
+                              " checkpoint directory.")
     if d.get("num_key_value_heads") is None and "num_attention_heads" in d:  # configs from before GQA
         d = {**d, "num_key_value_heads": d["num_attention_heads"]}
     missing = [f for f in SHAPE_FIELDS if f not in d]
@@ -152,7 +154,8 @@ def _weight_files(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         except Exception as e:  # safetensors raises SafetensorError (truncated, corrupt header) or OSError
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"Could not read {file} in {str(path)!r} (truncated or corrupt?): {e}") from e
+            raise CheckpointError(f"Could not read {file} in {str(path)!r} (truncated or corrupt?): {e}. Fix: copy or"
+                                  " download the checkpoint again.") from e
     for name, file in (weight_map or {}).items():
         if found.get(name, (file,))[0] != file:
             raise CheckpointError(f"{_INDEX} maps {name!r} to {file}, but it is in {found[name][0]}.")

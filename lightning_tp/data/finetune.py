@@ -265,7 +265,8 @@ class FinetuneDataModule(L.LightningDataModule):
         records = self._load_records()
         if not records:
             raise DataError(f"No usable records in {self._describe_source()}"
-                            f"{f' ({self.num_skipped} malformed skipped)' if self.num_skipped else ''}.")
+                            f"{f' ({self.num_skipped} malformed skipped)' if self.num_skipped else ''}. Fix: point"
+                            " `path` at a file with at least one record per line (JSONL) or a JSON array of them.")
         n = len(records)
         n_val = 0 if self.val_fraction == 0 else min(n - 1, max(1, round(n * self.val_fraction)))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()

@@ -65,7 +65,8 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_file(str(file))
         except Exception as e:
-            raise TokenizerError(f"Could not read tokenizer {str(file)!r}: {e}") from e
+            raise TokenizerError(f"Could not read tokenizer {str(file)!r}: {e}. Fix: pass a tokenizer.json that the"
+                                 " `tokenizers` package wrote (tokenizer.save), or tokenizer=byte.") from e
         self.name = "hf-" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         special = self._special_tokens(file.parent)
@@ -73,7 +74,8 @@ class HFTokenizer:
         eos = self._id(special.get("eos_token"))
         if eos is None:
             raise TokenizerError(f"Tokenizer {str(file)!r} defines no EOS token (eos_token in tokenizer_config.json);"
-                                 " documents cannot be separated.")
+                                 " documents cannot be separated. Fix: name it in tokenizer_config.json beside it,"
+                                 ' e.g. {"eos_token": "</s>"}.')
         self.eos_id = eos
         pad = self._id(special.get("pad_token"))
         self.pad_id = pad if pad is not None else eos

@@ -63,6 +63,21 @@ class ValidationHistory(L.Callback):
         return [] if sent is None else [(int(s), float(v)) for s, v in sent.tolist()]
 
 
+def _instantiate(config: Any, **kwargs: Any) -> Any:
+    """Hydra's ``instantiate``, but a target's own error (typed, naming the input and the fix) is raised as it is,
+    not inside Hydra's ``InstantiationException``, so callers and users see e.g. a ``DataError``."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if not isinstance(cause, Exception):
+            raise
+        cause.__suppress_context__ = True  # the wrapper only repeats the message
+        raise cause  # noqa: B904 - the target's own error, with its own cause chain
+
+
 def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
     """Trainer accelerator/devices and the strategy. Lightning's ``devices="auto"`` on a machine without GPUs
     means one process; the recipes run :data:`CPU_DEVICES` processes there instead, as dp=2 × tp=2 unless the
@@ -74,7 +89,7 @@ def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
         if cfg.strategy.tensor_parallel_size == "auto" and cfg.strategy.data_parallel_size == "auto":
             sizes["tensor_parallel_size"] = 2
     check_devices(accelerator, devices, cfg.trainer.num_nodes, name="trainer.devices")
-    return {"accelerator": accelerator, "devices": devices}, instantiate(cfg.strategy, **sizes)
+    return {"accelerator": accelerator, "devices": devices}, _instantiate(cfg.strategy, **sizes)
 
 
 def _check_sequence_length(strategy: Any, seq_len: int) -> None:
@@ -188,10 +203,11 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         if cfg.data.tokenizer == "checkpoint":
             data_overrides["tokenizer"] = str(checkpoint)
     elif cfg.data.tokenizer == "checkpoint":
-        raise CheckpointError("data.tokenizer=checkpoint needs checkpoint= to be a Hugging Face model directory"
-                              " with tokenizer files.")
+        raise CheckpointError(f"data.tokenizer=checkpoint needs checkpoint= to be a Hugging Face model directory"
+                              f" with tokenizer files (checkpoint={checkpoint!r}). Fix: set checkpoint=DIR of such a"
+                              " directory, or data.tokenizer=byte or the path of a tokenizer.json.")
     # plain lists/dicts, not OmegaConf containers: checkpoints store the data module's arguments
-    datamodule = instantiate(cfg.data, _convert_="all", **data_overrides)
+    datamodule = _instantiate(cfg.data, _convert_="all", **data_overrides)
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
     # Read and tokenise the data here, in the launching process, so that a missing file or a malformed record
     # fails before any rank starts; the ranks then reuse the cache.
@@ -220,7 +236,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in ("accelerator", "devices")}
     trainer_cfg["num_sanity_val_steps"] = trainer_cfg.get("limit_val_batches", 2)  # step-0 validation = the baseline
     devices, strategy = _devices_and_strategy(cfg)
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = _instantiate(
         trainer_cfg, **devices, strategy=strategy, callbacks=callbacks,
         logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
     )

@@ -27,8 +27,12 @@ FLAGS = [{"sp": sp, "lp": lp} for sp, lp in product((True, False), (True, False)
 CASES_4 = [{"dp": 2, "tp": 2, **f} for f in FLAGS] + [{"dp": 1, "tp": 4, **f} for f in FLAGS] + [
     {"dp": 2, "tp": 2, "sp": True, "lp": True, "accumulate": 2},
     {"dp": 2, "tp": 2, "sp": True, "lp": True, "precision": "bf16-mixed"},
+    {"dp": 2, "tp": 2, "sp": True, "lp": True, "ac": "selective"},
 ]
-CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS]
+CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS] + [
+    {"dp": 1, "tp": 2, "sp": True, "lp": True, "ac": "full"},
+    {"dp": 1, "tp": 2, "sp": False, "lp": True, "ac": "selective"},
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -71,7 +75,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     results = {}
     world4 = _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": True, "causal_lm": True})
     results["world4"] = _result(tmp, "world4", world4)
-    world2 = _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})
+    world2 = _launch(tmp, "world2", {"devices": 2, "cases": CASES_2, "checkpoint_across_modes": str(tmp)})
     results["world2"] = _result(tmp, "world2", world2)
     port = str(_free_port())
     spec = {"devices": 2, "num_nodes": 2, "cases": [{"sp": True, "lp": True}]}
@@ -88,7 +92,7 @@ def _cases(runs: dict[str, dict]) -> list[dict]:
 
 
 def _label(c: dict) -> str:
-    return f"dp={c['dp']} tp={c['tp']} sp={c['sp']} lp={c['lp']} acc={c.get('accumulate', 1)}"
+    return f"dp={c['dp']} tp={c['tp']} sp={c['sp']} lp={c['lp']} acc={c.get('accumulate', 1)} ac={c.get('ac', 'none')}"
 
 
 def test_loss_equals_single_process(runs):
@@ -210,3 +214,34 @@ def test_causal_lm_module_logs_through_the_strategy(runs):
     # Tokens per optimizer step count each data-parallel replica once: dp × micro-batch × seq, not × tp too.
     assert m["perf/tokens_per_sec"] * m["perf/step_time"] == pytest.approx(result["tokens_per_step"], rel=1e-3)
     assert 0 < m["train/tokens"] < result["tokens_per_step"]  # masked labels are not counted
+
+
+def test_activation_checkpointing_keeps_parameter_names(runs):
+    keys = {tuple(r["state_dict_keys"]) for c in _cases(runs) for r in c["ranks"]}
+    assert len(keys) == 1 and len(next(iter(keys))) == 3 + 9 * 2, keys
+    assert {c.get("ac", "none") for c in _cases(runs)} == {"none", "full", "selective"}  # all modes took part
+
+
+def test_checkpoint_saved_with_one_mode_resumes_with_another(runs):
+    result = runs["world2"]["checkpoint_across_modes"]
+    assert len(result["first"]) == 2 and len(result["plain"]) == len(result["selective_compiled"]) == 2
+    for ours, theirs in zip(result["selective_compiled"], result["plain"], strict=True):
+        assert abs(ours - theirs) <= 1e-5 * abs(theirs), result
+
+
+def test_activation_checkpointing_collectives(runs):
+    counts = runs["world4"]["comm_counts"]
+
+    def per_layer(key: str, phase: str) -> dict:
+        return _diff(counts[f"{key}/L=1"][phase], counts[f"{key}/L=2"][phase])
+
+    sp = "llama/sp=True/lp=True"
+    for ac in ("selective", "full"):
+        assert per_layer(f"{sp}/ac={ac}", "forward") == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+    # Selective keeps reduce-scatter outputs and recomputes the two all-gathers of the sequence-sharded norm
+    # outputs instead of storing them at full size (Megatron's choice too): +2 all-gathers in backward.
+    assert per_layer(f"{sp}/ac=selective", "backward") == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 2}
+    # Full recomputes the whole forward, its collectives included.
+    assert per_layer(f"{sp}/ac=full", "backward") == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 4}
+    # TP only: all-reduce outputs are kept, so selective adds no collective at all.
+    assert per_layer("llama/sp=False/lp=False/ac=selective", "backward") == {"all_reduce": 2}

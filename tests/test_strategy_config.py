@@ -61,6 +61,10 @@ def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
         ({"loss_parallel": 1}, ["loss_parallel"]),
         ({"plan": 42}, ["plan", "42"]),
         ({"fsdp": False, "data_parallel_size": 2}, ["fsdp=False", "data_parallel_size"]),
+        ({"activation_checkpointing": "partial"}, ["activation_checkpointing", "'partial'", "'selective'"]),
+        ({"compile": "yes"}, ["compile", "'yes'"]),
+        ({"async_tp": True}, ["async_tp=True", "compile=True"]),
+        ({"float8": 1}, ["float8"]),
     ],
     ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v) if isinstance(v, dict) else "",
 )
@@ -160,6 +164,30 @@ def test_resolved_sizes_mismatch(dp: Any, tp: Any) -> None:
 def test_unsupported_precision_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="64-true"):
         _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(), precision="64-true")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"async_tp": True, "compile": True}, ["async_tp=True", "CUDA", "'cpu'", "async_tp=False"]),
+        ({"float8": True}, ["float8=True", "8.9", "'cpu'", "float8=False"]),
+    ],
+    ids=["async_tp", "float8"],
+)
+def test_gpu_only_features_are_refused_on_cpu_before_spawn(tmp_path: Path, kwargs: dict, words: list[str]) -> None:
+    from lightning_tp.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError) as info:
+        _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(**kwargs))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_activation_checkpointing_and_compile_are_accepted(tmp_path: Path) -> None:
+    strategy = TensorParallelStrategy(activation_checkpointing="selective", compile=True)
+    _trainer(tmp_path, devices=2, strategy=strategy)
+    assert (strategy.activation_checkpointing, strategy.compile) == ("selective", True)
+    assert strategy.tensor_parallel_size == 2
 
 
 # ---------------------------------------------------------------------------------------------- registered names

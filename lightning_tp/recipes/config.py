@@ -75,6 +75,10 @@ class StrategyConfig:
     fsdp: bool = True
     reshard_after_forward: bool = True
     save_distributed_checkpoint: bool = True
+    activation_checkpointing: str = "none"
+    """'none', 'full' (keep each block's input only) or 'selective' (keep matmul/attention outputs)."""
+    compile: bool = False
+    """torch.compile each decoder block."""
 
 
 @dataclass

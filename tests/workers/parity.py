@@ -164,6 +164,7 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
         strategy=TensorParallelStrategy(
             data_parallel_size=dp, tensor_parallel_size=tp,
             sequence_parallel=case["sp"], loss_parallel=case["lp"],
+            activation_checkpointing=case.get("ac", "none"), compile=case.get("compile", False),
         ),
         precision=case.get("precision", "32-true"),
         max_steps=STEPS,
@@ -188,6 +189,7 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
         "sync_calls": recorder.sync_calls,
         "logits_types": sorted(module.logits_types),
         "logged_loss": float(trainer.callback_metrics["train_loss"]),
+        "state_dict_keys": sorted(module.state_dict()),
     }
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -257,6 +259,54 @@ def initial_weights_match(devices: int) -> dict[str, Any] | None:
     return {"max_abs_err": max_abs(ours, dict(reference.named_parameters())), "n": len(ours)}
 
 
+def checkpoint_across_modes(devices: int, root: str) -> dict[str, Any] | None:
+    """Save after 2 steps with full activation checkpointing, then resume that checkpoint to step 4 twice: without
+    activation checkpointing, and with selective checkpointing + compiled blocks. Same keys, same numbers."""
+
+    def fit(ac: str, steps: int, compile: bool = False, save: str | None = None, resume: str | None = None) -> list:
+        module = LitLlama(initial_weights())
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices,
+            strategy=TensorParallelStrategy(tensor_parallel_size=devices, activation_checkpointing=ac, compile=compile),
+            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        data = DataLoader(TensorDataset(dataset(1, 1)), batch_size=MICRO_BATCH)
+        trainer.fit(module, data, ckpt_path=resume)
+        if save:
+            trainer.save_checkpoint(save)
+        return module.losses
+
+    path = f"{root}/ac_full_step2"
+    first = fit("full", 2, save=path)
+    plain = fit("none", 4, resume=path)
+    selective_compiled = fit("selective", 4, compile=True, resume=path)
+    if dist.get_rank() != 0:
+        return None
+    return {"first": first, "plain": plain, "selective_compiled": selective_compiled}
+
+
+def _collective_counter() -> Any:
+    """A dispatch mode counting functional collectives (what DTensor issues), also during recomputation in
+    backward, where ``CommDebugMode``'s module tracker fails."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if any(t is DTensor for t in types):
+                return NotImplemented  # let DTensor decompose first; its collectives come back here
+            if func.namespace == "_c10d_functional" and func._opname not in ("wait_tensor", "_wrap_tensor_autograd"):
+                self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    return Counter()
+
+
 def comm_counts() -> dict[str, Any]:
     """Collectives per forward and backward for 1 and 2 layers at tp = world size, per plan and flag set."""
     import contextlib
@@ -266,26 +316,32 @@ def comm_counts() -> dict[str, Any]:
     from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
     from lightning_tp.parallel.plans import resolve_plan
+    from lightning_tp.parallel.recompute import apply_activation_checkpointing
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = {}
-    for plan, sp, lp in [("llama", False, False), ("llama", True, False), ("llama", True, True),
-                         ("llama_per_projection", False, False)]:
+    for plan, sp, lp, ac in [("llama", False, False, "none"), ("llama", True, False, "none"),
+                             ("llama", True, True, "none"), ("llama_per_projection", False, False, "none"),
+                             ("llama", True, True, "selective"), ("llama", True, True, "full"),
+                             ("llama", False, False, "selective")]:
         for layers in (1, 2):
             model = Llama(get_config("debug", num_hidden_layers=layers))
             model.init_weights(seed=0)
-            parallelize_module(model, mesh, resolve_plan(model, plan, sequence_parallel=sp, loss_parallel=lp).styles)
+            resolved = resolve_plan(model, plan, sequence_parallel=sp, loss_parallel=lp)
+            parallelize_module(model, mesh, resolved.styles)
+            apply_activation_checkpointing(model, resolved, ac)
             tokens = torch.randint(0, CONFIG.vocab_size, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
             counts = {}
             for phase in ("forward", "backward"):
-                mode = CommDebugMode()
+                mode = CommDebugMode() if ac == "none" else _collective_counter()
                 with mode, (loss_parallel() if lp else contextlib.nullcontext()):
                     if phase == "forward":
                         loss = ce(model(tokens[:, :-1]), tokens)
                     else:
                         loss.backward()
-                counts[phase] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
-            results[f"{plan}/sp={sp}/lp={lp}/L={layers}"] = counts
+                counts[phase] = (mode.counts if ac != "none" else
+                                 {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()})
+            results[f"{plan}/sp={sp}/lp={lp}{'' if ac == 'none' else '/ac=' + ac}/L={layers}"] = counts
     return results
 
 
@@ -296,6 +352,8 @@ def main() -> None:
     if spec.get("causal_lm"):
         extra["causal_lm"] = causal_lm(spec["devices"])
         extra["init"] = initial_weights_match(spec["devices"])
+    if spec.get("checkpoint_across_modes"):
+        extra["checkpoint_across_modes"] = checkpoint_across_modes(spec["devices"], spec["checkpoint_across_modes"])
     counts = comm_counts() if spec.get("comm_counts") else None
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -169,6 +169,18 @@ def get_accelerator(name: str) -> Accelerator:
                    " or hardware_file=PATH.")
 
 
+_NUMERIC = {"bandwidth", "efficiency", "latency", "memory_gib", "hbm_bandwidth"}
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_hardware(path: str | Path) -> tuple[list[Link], list[Accelerator]]:
     """Register the ``links`` and ``accelerators`` listed in a JSON or YAML file (entries replace same names)."""
     path = Path(path)
@@ -195,9 +207,13 @@ def load_hardware(path: str | Path) -> tuple[list[Link], list[Accelerator]]:
             if unknown:
                 raise HardwareError(f"hardware_file={str(path)!r}: {key} entry {entry.get('name')!r} has unknown"
                                     f" fields {sorted(unknown)}; valid fields: {sorted(names)}.")
+            # PyYAML reads `100e9` (no dot, no sign in the exponent) as a string: accept numbers written that way.
+            entry = {k: _number(v) if k in _NUMERIC else v for k, v in entry.items()}
+            if isinstance(entry.get("peak_flops"), dict):
+                entry["peak_flops"] = {k: _number(v) for k, v in entry["peak_flops"].items()}
             try:
                 out.append(register(cls(**entry), overwrite=True))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise HardwareError(f"hardware_file={str(path)!r}: {key} entry {entry!r}: {e}") from None
     return links, accelerators
 

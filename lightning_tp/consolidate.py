@@ -222,8 +222,10 @@ def read_checkpoint_metadata(path: str | Path) -> Metadata:
     try:
         metadata = SafeFileSystemReader(str(path)).read_metadata()
     except Exception as e:
-        raise CheckpointError(f"Could not read {str(path / DCP_METADATA)!r}: {type(e).__name__}: {e}. Fix: point at a"
-                              " complete checkpoint directory written by this project (e.g. out/pretrain/last).") from e
+        reason = str(e).rstrip(".")
+        raise CheckpointError(f"Unreadable checkpoint metadata: could not read {str(path / DCP_METADATA)!r}:"
+                              f" {type(e).__name__}: {reason}. Fix: point at a complete checkpoint directory written"
+                              " by this project (e.g. out/pretrain/last).") from e
     needed: dict[str, int] = {}  # shard file -> bytes the metadata says it holds
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -7,7 +7,8 @@ goes, so that a job that is killed still leaves a record:
 * ``<root>/<run>/rank<r>.pid``: the rank's process id, written when fitting starts;
 * ``<root>/<run>/rank<r>.jsonl``: one line per optimizer step, ``{"step", "loss", "dp_rank", "ids"}`` (``ids``:
   the input token ids of this rank's batch), flushed before the next step begins;
-* ``<root>/<run>/rank<r>.error``: ``"<type>: <message>"`` of an exception that ended this rank's ``fit``.
+* ``<root>/<run>/rank<r>.error``: ``"<type>: <message>"`` of an exception that ended this rank's ``fit``;
+* ``<root>/<run>/fault``: ``time.time()`` when the fault was injected.
 
 SPEC: ``{"root", "corpus", "devices", "timeout_s", "runs": [run, ...]}`` where run is
 ``{"name", "dp", "tp", "max_steps", "every"?: save <root>/<name>/last every N steps, "ckpt"?: path under root to
@@ -16,7 +17,7 @@ resume from, "fault"?: fault}`` and fault is ``{"kind", "rank", "step"}`` with k
 * ``"raise"``: ``training_step`` of global rank ``rank`` raises at ``step`` (1-based optimizer step);
 * ``"bad_record"``: the training sample that data-parallel rank ``rank`` reads first at ``step`` is malformed:
   reading it raises ``DataError`` in whichever process reads it (the sampler gives it to that dp rank only);
-* ``"pause"``: after ``step``, global rank ``rank`` writes ``paused`` and sleeps (the test kills it);
+* ``"pause"``: after ``step``, global rank ``rank`` sleeps (a hung rank; the test may kill it);
 * ``"kill_in_save"``: global rank ``rank`` writes its shard of the checkpoint of ``step`` into the staging
   directory, then kills itself with SIGKILL before the save completes.
 
@@ -45,6 +46,11 @@ from lightning_tp.data.samplers import ResumableDistributedSampler
 GLOBAL_BATCH, SEQ_LEN, TOTAL_STEPS = 4, 16, 12
 
 
+def mark_fault(fault: dict[str, Any]) -> None:
+    """``<fault["dir"]>/fault``: when the fault was injected (``time.time()``), for the test's time-to-exit."""
+    Path(fault["dir"], "fault").write_text(repr(time.time()))
+
+
 class FaultyModule(CausalLMModule):
     """``CausalLMModule("debug")`` whose ``training_step`` can raise on one rank."""
 
@@ -55,6 +61,7 @@ class FaultyModule(CausalLMModule):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if (self.fault.get("kind") == "raise" and self.global_rank == self.fault["rank"]
                 and self.trainer.global_step + 1 == self.fault["step"]):
+            mark_fault(self.fault)
             raise RuntimeError(f"injected fault: rank {self.global_rank} failed in training_step at step"
                                f" {self.fault['step']}")
         return super().training_step(batch, batch_idx)
@@ -63,14 +70,15 @@ class FaultyModule(CausalLMModule):
 class MalformedAt:
     """A dataset whose sample ``bad`` cannot be read, like a corrupt record in a shard of the corpus."""
 
-    def __init__(self, dataset: Any, bad: int) -> None:
-        self.dataset, self.bad = dataset, bad
+    def __init__(self, dataset: Any, bad: int, fault: dict[str, Any]) -> None:
+        self.dataset, self.bad, self.fault = dataset, bad, fault
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
         if index == self.bad:
+            mark_fault(self.fault)
             raise DataError(f"injected fault: training sample {index} is malformed")
         return self.dataset[index]
 
@@ -90,7 +98,7 @@ class FaultyData(PretrainDataModule):
             order = list(ResumableDistributedSampler(self.train_dataset, num_replicas=self.dp,
                                                      rank=self.fault["rank"], seed=self.seed))
             bad = order[(self.fault["step"] - 1) * self.batch_size]
-            self.train_dataset = MalformedAt(self.train_dataset, bad)  # type: ignore[assignment]
+            self.train_dataset = MalformedAt(self.train_dataset, bad, self.fault)  # type: ignore[assignment]
 
 
 class Recorder(L.Callback):
@@ -105,7 +113,7 @@ class Recorder(L.Callback):
         (self.out / f"rank{rank}.pid").write_text(str(os.getpid()))
         self.file = open(self.out / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed in teardown
         if self.fault.get("kind") == "kill_in_save" and rank == self.fault["rank"]:
-            _kill_while_saving(self.fault["step"], trainer)
+            _kill_while_saving(self.fault, trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -116,7 +124,7 @@ class Recorder(L.Callback):
         self.file.flush()
         if (self.fault.get("kind") == "pause" and trainer.global_rank == self.fault["rank"]
                 and trainer.global_step == self.fault["step"]):
-            (self.out / "paused").write_text(str(trainer.global_step))
+            mark_fault(self.fault)
             time.sleep(600)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -125,16 +133,18 @@ class Recorder(L.Callback):
             self.file = None
 
 
-def _kill_while_saving(step: int, trainer: L.Trainer) -> None:
-    """Let this rank write its shard of the checkpoint of ``step`` into the staging directory, then die."""
+def _kill_while_saving(fault: dict[str, Any], trainer: L.Trainer) -> None:
+    """Let this rank write its shard of the checkpoint of ``fault["step"]`` into the staging directory, then die."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
+    step = fault["step"]
     original = dcp_fs.FileSystemWriter.write_data
 
     def write_then_die(self: Any, plan: Any, planner: Any) -> Any:
         result = original(self, plan, planner)
         if trainer.global_step == step:
             result.wait()
+            mark_fault(fault)
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
@@ -145,7 +155,7 @@ def fit(run: dict[str, Any], spec: dict[str, Any]) -> None:
     root = Path(spec["root"])
     out = root / run["name"]
     out.mkdir(parents=True, exist_ok=True)
-    fault = run.get("fault")
+    fault = {**run["fault"], "dir": str(out)} if run.get("fault") else None
     callbacks: list[L.Callback] = [Recorder(out, fault)]
     if run.get("every"):
         saver = ModelCheckpoint(dirpath=str(out), filename="step-{step}", save_top_k=0, save_last=True,

@@ -12,6 +12,7 @@ median of the per-pair ratios.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -197,18 +198,19 @@ def measure_efficiency(preset: str, batch: int, seq: int, steps: int, warmup: in
         raise ValueError(f"the efficiency benchmark needs exactly 2 ranks, got {world}")
     config = bench_config(preset)
     mesh = init_device_mesh("cpu", (2,))
-    tp2, tp1, idle_cpu = [], [], []
+    runs: dict[str, list[float]] = {"tp2": [], "tp1": [], "tp1_1thread": []}
+    idle_cpu = []
     for i in range(pairs):
-        order = ("tp2", "tp1") if i % 2 == 0 else ("tp1", "tp2")
+        order = ("tp2", "tp1", "tp1_1thread") if i % 2 == 0 else ("tp1_1thread", "tp1", "tp2")
         for kind in order:
             dist.barrier()
             if kind == "tp2":
                 torch.set_num_threads(1)
-                tp2.append(_manual_run(config, mesh, batch, seq, steps, warmup))
+                runs[kind].append(_manual_run(config, mesh, batch, seq, steps, warmup))
                 continue
             if rank == 0:
-                torch.set_num_threads(2)
-                tp1.append(_manual_run(config, None, batch, seq, steps, warmup))
+                torch.set_num_threads(2 if kind == "tp1" else 1)
+                runs[kind].append(_manual_run(config, None, batch, seq, steps, warmup))
                 torch.set_num_threads(1)
                 dist.barrier()
             else:
@@ -218,24 +220,31 @@ def measure_efficiency(preset: str, batch: int, seq: int, steps: int, warmup: in
                 idle_cpu.append((time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
     idle: list[Any] = [None, None]
     dist.all_gather_object(idle, idle_cpu)
-    out = {"tp2": tp2, "tp1": tp1, "preset": preset, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
-           "waiting_rank_cpu_fraction": max(idle[1]) if idle[1] else None}
+    out: dict[str, Any] = {**runs, "preset": preset, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
+                           "waiting_rank_cpu_fraction": max(idle[1]) if idle[1] else None,
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
     if rank == 0:
-        out.update(paired_summary(tp2, tp1))
+        out.update(paired_summary(runs["tp2"], runs["tp1"]))
+        out["vs_one_thread"] = paired_summary(runs["tp2"], runs["tp1_1thread"])
     return out
 
 
 def report_efficiency(r: dict[str, Any]) -> str:
-    rows = [[f"{a:,.0f}", f"{b:,.0f}", f"{a / b:.3f}"] for a, b in zip(r["tp2"], r["tp1"], strict=True)]
+    rows = [[f"{a:,.0f}", f"{b:,.0f}", f"{c:,.0f}", f"{a / b:.3f}", f"{a / c:.3f}"]
+            for a, b, c in zip(r["tp2"], r["tp1"], r["tp1_1thread"], strict=True)]
+    one = r["vs_one_thread"]
     idle = r.get("waiting_rank_cpu_fraction")
     return "\n".join([
         f"## TP efficiency on CPU: tp=2 (2 ranks × 1 thread, SP + loss parallel) over tp=1 (1 process × 2"
         f" threads); model '{r['preset']}', b={r['batch']}, s={r['seq']}, {r['steps']} timed steps, fp32,"
-        " plain training loop", "",
-        table(["tp=2 tokens/s", "tp=1 tokens/s", "tp2 / tp1"], rows), "",
-        f"median tp=2 {r['median_a']:,.0f} tokens/s, median tp=1 {r['median_b']:,.0f} tokens/s,"
+        f" plain training loop, OMP_WAIT_POLICY={r['omp_wait_policy']}", "",
+        table(["tp=2 tokens/s", "tp=1, 2 threads", "tp=1, 1 thread", "tp2 / tp1(2 threads)",
+               "tp2 / tp1(1 thread)"], rows), "",
+        f"median tp=2 {r['median_a']:,.0f} tokens/s, median tp=1 (2 threads) {r['median_b']:,.0f} tokens/s:"
         f" TP efficiency (median of per-pair ratios) = {r['median_ratio']:.3f}"
-        f" (range {r['min_ratio']:.3f}–{r['max_ratio']:.3f}, {r['pairs']} pairs)"
+        f" (range {r['min_ratio']:.3f}–{r['max_ratio']:.3f}, {r['pairs']} pairs);"
+        f" against tp=1 on one thread (median {one['median_b']:,.0f} tokens/s) the median ratio is"
+        f" {one['median_ratio']:.3f} (ideal 2)"
         + (f"; the idle rank used {idle:.2%} of a core while tp=1 ran" if idle is not None else ""),
     ])
 

@@ -13,9 +13,15 @@ Peak FLOP/s come from :data:`lightning_tp.callbacks.PEAK_FLOPS` (the table the t
 where it has the part, so the two never disagree. Sources for the other figures: NVIDIA's H100/H200/A100
 datasheets (memory, HBM bandwidth, NVLink: 900 GB/s H100/H200 and 600 GB/s A100 *bidirectional* per GPU,
 i.e. 450 and 300 GB/s per direction) and ConnectX-7 / ConnectX-6 NICs (400 / 200 Gb/s per GPU, i.e. 50 / 25
-GB/s per direction, one NIC per GPU as in DGX/HGX nodes). ``efficiency`` is the fraction of the nominal
-per-direction bandwidth NCCL reaches on large messages (bus bandwidth in nccl-tests terms); the defaults are
-round figures in the range public nccl-tests runs report, not measurements of ours.
+GB/s per direction, one NIC per GPU as in DGX/HGX nodes). The fp8 peak (dense, 1,979 TFLOP/s on H100/H200
+SXM) is the datasheet's, which ``PEAK_FLOPS`` does not list.
+
+A link's ``efficiency`` is the fraction of the nominal per-direction bandwidth NCCL reaches on large messages
+(bus bandwidth in nccl-tests terms); the defaults are round figures in the range public nccl-tests runs report,
+not measurements of ours. An accelerator's ``efficiency`` (H100/H200 0.4, A100 0.55) is the fraction of peak
+FLOP/s training kernels sustain; the defaults are round figures inside the MFU ranges torchtitan publishes for
+dense Llama training on those parts (H100: 33-39 %; A100: 51-58 %). docs/planner.md compares the planner
+with those runs.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ class Accelerator:
 
     name: str
     peak_flops: dict[str, float]
-    """Dense peak FLOP/s by kind: ``bf16`` (also fp16), ``tf32``, ``fp32``."""
+    """Dense peak FLOP/s by kind: ``bf16`` (also fp16), ``tf32``, ``fp32``, and ``fp8`` where the part has it."""
     memory_gib: float
     """Device memory in GiB as ``torch.cuda.get_device_properties().total_memory`` reports it (H100 80GB: ~79)."""
     hbm_bandwidth: float
@@ -94,6 +100,8 @@ class Accelerator:
     intra_node_link: str = "nvlink4"
     inter_node_link: str = "ib_ndr"
     description: str = ""
+    efficiency: float = 0.4
+    """Default fraction of peak FLOP/s training kernels sustain on this part (the planner's ``efficiency``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +112,8 @@ class Accelerator:
             problems.append(f"memory_gib={self.memory_gib!r} must be > 0")
         if not self.hbm_bandwidth > 0:
             problems.append(f"hbm_bandwidth={self.hbm_bandwidth!r} must be > 0 bytes/s")
+        if not 0 < self.efficiency <= 1:
+            problems.append(f"efficiency={self.efficiency!r} must be in (0, 1]")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node <= 0:
             problems.append(f"devices_per_node={self.devices_per_node!r} must be a positive int")
         if problems:
@@ -229,8 +239,11 @@ for _link in (
     register_link(_link)
 
 for _accelerator in (
-    Accelerator("h100", _peaks("H100"), 79, 3.35e12, 8, "nvlink4", "ib_ndr", "NVIDIA H100 SXM5 80GB HBM3"),
-    Accelerator("h200", _peaks("H200"), 139, 4.8e12, 8, "nvlink4", "ib_ndr", "NVIDIA H200 SXM 141GB HBM3e"),
-    Accelerator("a100", _peaks("A100"), 79, 2.039e12, 8, "nvlink3", "ib_hdr", "NVIDIA A100 SXM4 80GB"),
+    Accelerator("h100", {**_peaks("H100"), "fp8": 1979e12}, 79, 3.35e12, 8, "nvlink4", "ib_ndr",
+                "NVIDIA H100 SXM5 80GB HBM3"),
+    Accelerator("h200", {**_peaks("H200"), "fp8": 1979e12}, 139, 4.8e12, 8, "nvlink4", "ib_ndr",
+                "NVIDIA H200 SXM 141GB HBM3e"),
+    # A100 sustains a larger fraction of its (3x lower) peak: the memory-bound share of a step weighs less.
+    Accelerator("a100", _peaks("A100"), 79, 2.039e12, 8, "nvlink3", "ib_hdr", "NVIDIA A100 SXM4 80GB", 0.55),
 ):
     register_accelerator(_accelerator)

@@ -57,12 +57,25 @@ class PlannerError(LightningTPError):
     """A planner input is unknown or inconsistent (the message names the key, the value and the fix)."""
 
 
+# Strategy arguments the planner models; added to the recipes' schema where it does not have them (yet), so
+# `strategy.float8=true` reads the same here as in a recipe.
+_STRATEGY_EXTRAS = (("activation_checkpointing", str, "none"), ("compile", bool, False), ("float8", bool, False),
+                    ("async_tp", bool, False))
+PlanStrategyConfig = dataclasses.make_dataclass(
+    "PlanStrategyConfig",
+    [(n, t, field(default=d)) for n, t, d in _STRATEGY_EXTRAS
+     if n not in {f.name for f in dataclasses.fields(StrategyConfig)}],
+    bases=(StrategyConfig,),
+)
+
+
 @dataclass
 class PlanConfig:
     """Hydra schema of ``conf/plan.yaml``: the recipe groups plus what only the planner needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: Any = field(default_factory=PlanStrategyConfig)
+    """The strategy's arguments (recipe schema; ``activation_checkpointing``, ``float8``, ``async_tp`` modelled)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     accelerator: str = "h100"
@@ -73,10 +86,9 @@ class PlanConfig:
     """Link inside a node; auto = the accelerator's (NVLink)."""
     devices_per_node: Optional[int] = None
     """None = ``trainer.devices`` if it is an int, else the accelerator's node size."""
-    activation_checkpointing: str = "none"
-    """none | selective | full."""
-    efficiency: float = 0.4
-    """Fraction of peak FLOP/s the kernels sustain (communication excluded); see docs/planner.md."""
+    efficiency: Optional[float] = None
+    """Fraction of peak FLOP/s the kernels sustain (communication excluded); None = the accelerator's default
+    (H100/H200 0.4, A100 0.55); see docs/planner.md."""
     memory_headroom: float = 0.1
     """Fraction of device memory kept free (allocator fragmentation, CUDA context, NCCL buffers)."""
     hardware_file: Optional[str] = None
@@ -107,6 +119,10 @@ class PlanInputs:
     fsdp: bool = True
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"
+    float8: bool = False
+    """Decoder-block linears in float8 (torchao, as the strategy's ``float8=True``): their matmuls at the fp8 peak."""
+    async_tp: bool = False
+    """Decoder-layer TP collectives overlapped with the matmuls (the strategy's ``async_tp=True``)."""
     devices_per_node: int = 8
     efficiency: float = 0.4
     memory_headroom: float = 0.1
@@ -124,8 +140,14 @@ class PlanInputs:
             problems.append(f"trainer.precision={self.precision!r} is not one the strategy supports; use one of"
                             f" {', '.join(PRECISIONS)}")
         if self.activation_checkpointing not in AC_MODES:
-            problems.append(f"activation_checkpointing={self.activation_checkpointing!r}: use one of"
+            problems.append(f"strategy.activation_checkpointing={self.activation_checkpointing!r}: use one of"
                             f" {', '.join(AC_MODES)}")
+        if self.float8 and "fp8" not in self.accelerator.peak_flops:
+            problems.append(f"strategy.float8=true but accelerator={self.accelerator.name!r} has no 'fp8' peak; use"
+                            " an accelerator with float8 tensor cores (h100, h200) or strategy.float8=false")
+        if self.async_tp and self.tp == 1:
+            problems.append("strategy.async_tp=true with tensor_parallel_size=1 has no TP collectives to overlap;"
+                            " set async_tp=false or tensor_parallel_size>1")
         if not 0 < self.efficiency <= 1:
             problems.append(f"efficiency={self.efficiency!r} must be in (0, 1]")
         if not 0 <= self.memory_headroom < 1:
@@ -451,16 +473,25 @@ class Estimate:
 
 
 def _estimate(inputs: PlanInputs, shards: list[ParamShard], comms: list[Collective]) -> Estimate:
-    cfg, s = inputs.config, inputs.seq_len
+    cfg, s, layers = inputs.config, inputs.seq_len, inputs.config.num_hidden_layers
     model_fpt = cfg.flops_per_token(s)
-    hw_fpt = model_fpt
+    h, d = cfg.hidden_size, cfg.resolved_head_dim
+    block_linear = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * h * cfg.intermediate_size
+    attention_fwd = 4 * layers * cfg.num_attention_heads * d * s
+    linear_fpt = 6 * layers * block_linear  # the decoder blocks' matmuls (float8 under strategy.float8)
+    other_fpt = model_fpt - linear_fpt  # attention and lm_head (bf16 either way)
     if inputs.activation_checkpointing == "full":  # one more forward of every decoder layer
-        layer_params = (cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-                        - cfg.hidden_size)
-        hw_fpt += 2 * layer_params + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.resolved_head_dim * s
+        linear_fpt += 2 * layers * block_linear
+        other_fpt += attention_fwd
+    hw_fpt = linear_fpt + other_fpt
     peak = inputs.accelerator.peak(inputs.precision)
-    compute = inputs.accumulate * inputs.tokens * hw_fpt / inputs.tp / (peak * inputs.efficiency)
+    linear_peak = inputs.accelerator.peak_flops["fp8"] if inputs.float8 else peak
+    compute = (inputs.accumulate * inputs.tokens / inputs.tp
+               * (linear_fpt / linear_peak + other_fpt / peak) / inputs.efficiency)
     tp_comm = sum(c.seconds for c in comms if c.group == "tp")
+    if inputs.async_tp:  # the per-layer collectives hide under the matmuls they feed, as far as those last
+        layer_comm = sum(c.seconds for c in comms if c.group == "tp" and c.where.startswith("decoder layers"))
+        tp_comm += max(0.0, layer_comm - compute) - layer_comm
     dp_rows = [c for c in comms if c.group == "dp"]
     fsdp = sum(c.seconds for c in dp_rows)
     exposed = 0.0
@@ -621,7 +652,7 @@ def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
         if dp > 1 and not inputs.fsdp:
             continue
         for ac in AC_MODES:
-            cand = inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac)
+            cand = inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac, async_tp=inputs.async_tp and tp > 1)
             shards = param_shards(cand)
             total = sum(_memory(cand, shards).values())
             est = _estimate(cand, shards, collectives(cand, shards))
@@ -686,8 +717,10 @@ def _resolve(cfg: Any) -> PlanInputs:
         precision=cfg.trainer.precision, sequence_parallel=cfg.strategy.sequence_parallel,
         loss_parallel=cfg.strategy.loss_parallel, fsdp=cfg.strategy.fsdp,
         reshard_after_forward=cfg.strategy.reshard_after_forward,
-        activation_checkpointing=cfg.activation_checkpointing, devices_per_node=per_node,
-        efficiency=cfg.efficiency, memory_headroom=cfg.memory_headroom, model_name=cfg.model.name,
+        activation_checkpointing=cfg.strategy.activation_checkpointing, float8=cfg.strategy.float8,
+        async_tp=cfg.strategy.async_tp, devices_per_node=per_node,
+        efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
+        memory_headroom=cfg.memory_headroom, model_name=cfg.model.name,
     )
 
 
@@ -710,7 +743,9 @@ def format_report(report: PlanReport) -> str:
            f" {i['intra_link'] if i['world'] <= i['devices_per_node'] else i['inter_link']}), {i['precision']},"
            f" seq {i['seq_len']}, micro-batch {i['batch_size']} x {i['accumulate']}, SP={i['sequence_parallel']},"
            f" loss parallel={i['loss_parallel']}, FSDP={i['fsdp']}, activation checkpointing="
-           f"{i['activation_checkpointing']}", "", "Applied plan (block 0 shown; every block is the same):"]
+           f"{i['activation_checkpointing']}, float8={i['float8']}, async TP={i['async_tp']}", "",
+           "Applied plan (block 0 shown; every block is the same"
+           + ("; at tp=1 the strategy applies no TP style, only FSDP2):" if i["tp"] == 1 else "):")]
     out.append(_table(["module", "style", "layouts", "shape", "tp-local", "rank 0 (tp+fsdp)"], [
         [r["module"], r["style"], " ".join(f"{k}={v}" for k, v in r["layouts"].items()),
          r["shape"] or "-", r["tp_local"] or "-", r["rank0_local"] or "-"] for r in report.plan]))
@@ -753,10 +788,12 @@ Estimate memory, communication and step time of a layout without a GPU, and reco
 Examples:
   lightning-tp plan model=llama3_8b strategy.tensor_parallel_size=1 strategy.data_parallel_size=8
   lightning-tp plan model=llama3_70b strategy.tensor_parallel_size=8 strategy.data_parallel_size=32 \\
-      activation_checkpointing=full accelerator=h100 link=ib_ndr
-Keys: model (preset name, model.<field>), strategy.*, trainer.precision / accumulate_grad_batches / devices,
-data.seq_len, data.batch_size, accelerator, link, intra_node_link, devices_per_node, activation_checkpointing,
-efficiency, memory_headroom, hardware_file, output=text|json, top. See docs/planner.md."""
+      strategy.activation_checkpointing=full accelerator=h100 link=ib_ndr
+Keys: model (a preset; model.<field> overrides), strategy.* (tensor_parallel_size, data_parallel_size,
+sequence_parallel, loss_parallel, fsdp, reshard_after_forward, activation_checkpointing, float8, async_tp),
+trainer.precision / accumulate_grad_batches / devices / num_nodes, data.seq_len, data.batch_size, accelerator,
+link, intra_node_link, devices_per_node, efficiency, memory_headroom, hardware_file, output=text|json, top.
+See docs/planner.md."""
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -182,15 +182,28 @@ def test_fsdp_communication_equals_parameter_count():
 def test_estimates_lie_within_a_band_of_published_torchtitan_figures():
     """A model, not a measurement: within 0.5x-2x of torchtitan's H100 tokens/s per GPU (docs/planner.md)."""
     inputs, _ = compose_inputs(["model=llama3_8b", "strategy.tensor_parallel_size=1", "strategy.data_parallel_size=8",
-                                "activation_checkpointing=selective"])
+                                "strategy.activation_checkpointing=selective"])
     eight = analyze(inputs, top=0).estimate
     assert 0.5 < eight["tokens_per_s_per_device"] / 5762 < 2
     assert 0.25 < eight["mfu"] < 0.6
     inputs, _ = compose_inputs(["model=llama3_70b", "strategy.tensor_parallel_size=8",
-                                "strategy.data_parallel_size=32", "activation_checkpointing=full"])
+                                "strategy.data_parallel_size=32", "strategy.activation_checkpointing=full"])
     seventy = analyze(inputs, top=0)
     assert 0.5 < seventy.estimate["tokens_per_s_per_device"] / 829 < 2
     assert all(c["link"] == ("nvlink4" if c["group"] == "tp" else "ib_ndr") for c in seventy.communication)
+
+
+def test_float8_speeds_up_block_matmuls_and_async_tp_hides_layer_collectives():
+    base, _ = compose_inputs(["model=llama3_70b", "strategy.tensor_parallel_size=8", "strategy.data_parallel_size=2"])
+    plain = analyze(base, top=0).estimate
+    fp8 = analyze(base.replace(float8=True), top=0).estimate
+    overlapped = analyze(base.replace(async_tp=True), top=0).estimate
+    cfg = base.config
+    block = cfg.num_params - cfg.vocab_size * cfg.hidden_size * 2 - cfg.hidden_size  # norms are negligible
+    saved = base.tokens / base.tp * 6 * block / 2 / (989e12 * base.efficiency)  # half the matmul time at 2x peak
+    assert plain["compute_s"] - fp8["compute_s"] == pytest.approx(saved, rel=1e-3)
+    outside = [c.seconds for c in collectives(base) if c.group == "tp" and not c.where.startswith("decoder")]
+    assert overlapped["tp_comm_s"] == pytest.approx(sum(outside)) and plain["tp_comm_s"] > 10 * sum(outside)
 
 
 def test_recommendation_fits_and_is_ranked():
@@ -212,12 +225,16 @@ def test_bad_inputs_raise_typed_errors_naming_value_and_fix():
         compose_inputs(["nonsense=1"])
     with pytest.raises(PlannerError, match=r"trainer\.foo"):
         compose_inputs(["trainer.foo=1"])
-    with pytest.raises(PlannerError, match=r"activation_checkpointing='sometimes'.*none, selective, full"):
-        compose_inputs(["activation_checkpointing=sometimes"])
+    with pytest.raises(PlannerError, match=r"strategy.activation_checkpointing='sometimes'.*none, selective, full"):
+        compose_inputs(["strategy.activation_checkpointing=sometimes"])
     with pytest.raises(PlannerError, match=r"data\.seq_len=1001.*multiple of 8"):
         compose_inputs(["data.seq_len=1001"])
     with pytest.raises(PlannerError, match=r"llama3_9b.*Valid names"):
         compose_inputs(["model.name=llama3_9b"])
+    with pytest.raises(PlannerError, match=r"strategy.float8=true but accelerator='a100' has no 'fp8' peak"):
+        compose_inputs(["strategy.float8=true", "accelerator=a100"])
+    with pytest.raises(PlannerError, match=r"strategy.async_tp=true with tensor_parallel_size=1"):
+        compose_inputs(["strategy.async_tp=true", "strategy.tensor_parallel_size=1"])
     inputs, _ = compose_inputs(["model=llama3_8b", "strategy.tensor_parallel_size=3", "strategy.data_parallel_size=1",
                                 "data.seq_len=3072"])
     with pytest.raises(ModelShapeError, match="tensor_parallel_size=3"):

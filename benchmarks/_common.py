@@ -80,13 +80,14 @@ def launch(tasks: Sequence[dict[str, Any]], nprocs: int, threads: int = 1, timeo
 def bench_config(name: str = "activations", **overrides: Any) -> Any:
     """The Llama shapes the benchmarks use.
 
-    ``"activations"``/``"comm"``: hidden 512, 8 heads, 2 kv heads (GQA), SwiGLU width 1376 (≈ 8/3·h, divisible by
-    4), vocab 512. ``"throughput"``: the ``small`` preset (h=256, 4 layers). ``"quick"``: the ``debug`` preset.
+    ``"activations"``/``"comm"``: hidden 512, 8 heads, 4 kv heads (GQA; kv heads must divide by tp=4), SwiGLU width
+    1376 (≈ 8/3·h, divisible by 4), vocab 512. ``"throughput"``: the ``small`` preset (h=256, 4 layers).
+    ``"quick"``: the ``debug`` preset.
     """
     from lightning_tp.models import get_config
 
     if name in ("activations", "comm"):
-        base = get_config("debug", hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+        base = get_config("debug", hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
                           intermediate_size=1376, vocab_size=512, num_hidden_layers=2, max_position_embeddings=1024)
     elif name == "throughput":
         base = get_config("small")

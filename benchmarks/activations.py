@@ -122,7 +122,7 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
     import torch
 
     from lightning_tp.models import Llama
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.apply import apply_tensor_parallel, check_model_shapes
     from lightning_tp.parallel.plans import resolve_plan
 
     recompute = _recompute_module()
@@ -131,6 +131,7 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
     model = model.to(torch.bfloat16)
     plan = resolve_plan(model, "llama", sequence_parallel=sp, loss_parallel=False)
     if mesh is not None:
+        check_model_shapes(model, plan, mesh.size())
         apply_tensor_parallel(model, plan, mesh)
     recompute.apply_activation_checkpointing(model, plan, mode)
     static = {_storage_key(x) for x in [*model.parameters(), *model.buffers()]}

@@ -81,12 +81,14 @@ def _one_step(config: Any, mesh: Any, plan: str, sp: bool, lp: bool, batch: int,
     from torch.distributed.tensor.parallel import loss_parallel
 
     from lightning_tp.models import Llama
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.apply import apply_tensor_parallel, check_model_shapes
     from lightning_tp.parallel.plans import resolve_plan
 
     model = Llama(config)
     model.init_weights(seed=0)
-    apply_tensor_parallel(model, resolve_plan(model, plan, sequence_parallel=sp, loss_parallel=lp), mesh)
+    resolved = resolve_plan(model, plan, sequence_parallel=sp, loss_parallel=lp)
+    check_model_shapes(model, resolved, mesh.size())
+    apply_tensor_parallel(model, resolved, mesh)
     tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     out: dict[str, Any] = {}
     for phase in ("forward", "backward"):

@@ -806,14 +806,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     overrides = [a for a in argv if a not in ("--json", "--cfg")]
     bad = [a for a in overrides if "=" not in a]
     if bad:
-        raise PlannerError(f"Arguments {bad} are not key=value overrides or --json/--cfg.\n{USAGE}")
-    inputs, cfg = compose_inputs(overrides)
-    if show_cfg:
-        from omegaconf import OmegaConf
+        raise SystemExit(f"lightning-tp plan: arguments {bad} are not key=value overrides or --json/--cfg.\n{USAGE}")
+    try:
+        inputs, cfg = compose_inputs(overrides)
+        if show_cfg:
+            from omegaconf import OmegaConf
 
-        print(OmegaConf.to_yaml(cfg))
-        return
-    report = analyze(inputs, top=cfg.top)
+            print(OmegaConf.to_yaml(cfg))
+            return
+        report = analyze(inputs, top=cfg.top)
+    except LightningTPError as e:  # the typed error stays attached as __cause__ for callers that catch SystemExit
+        raise SystemExit(f"lightning-tp plan: {type(e).__name__}: {e}") from e
     print(report.to_json() if as_json or cfg.output == "json" else format_report(report))
 
 

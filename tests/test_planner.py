@@ -57,7 +57,7 @@ def test_every_preset_plans_in_seconds():
                                     "strategy.data_parallel_size=4", "data.seq_len=2048"])
         report = analyze(inputs)
         elapsed = time.perf_counter() - start
-        assert elapsed < 5, f"{name} took {elapsed:.1f} s"
+        assert elapsed < 10, f"{name} took {elapsed:.1f} s"  # ~0.3-1 s each on a loaded 2-core machine
         assert report.estimate["step_s"] > 0 and report.recommendation
         stored = report.ranks[0]["stored_parameters_padded"]
         # Every parameter is stored once across the 8 ranks (up to FSDP2 padding).
@@ -276,3 +276,7 @@ def test_cli_prints_the_tables_and_json():
               "data.seq_len=64", "--json"])
     data = json.loads(out.getvalue())
     assert data["inputs"]["world"] == 4 and data["estimate"]["mfu"] > 0
+    with pytest.raises(SystemExit, match=r"ModelShapeError: .*tensor_parallel_size=3") as failure:
+        main(["plan", "model=llama3_8b", "strategy.tensor_parallel_size=3", "strategy.data_parallel_size=1",
+              "data.seq_len=3072"])
+    assert isinstance(failure.value.__cause__, ModelShapeError)

@@ -97,8 +97,12 @@ def _step_timer(warmup: int) -> Any:
     return StepTimer()
 
 
-def _fit(config: Any, stock: bool, batch: int, seq: int, steps: int, warmup: int) -> float:
-    """Tokens/s of one Trainer run on the launched ranks (dp=1 × tp=world)."""
+def _fit(config: Any, variant: str, batch: int, seq: int, steps: int, warmup: int) -> float:
+    """Tokens/s of one Trainer run on the launched ranks (dp=1 × tp=world).
+
+    ``variant``: ``"ours"`` (defaults: SP + loss parallel), ``"ours_tp_only"`` (``sequence_parallel=False,
+    loss_parallel=False``, the same flags as the stock run: isolates the plan) or ``"stock"``.
+    """
     import lightning as L
     import torch
     import torch.distributed as dist
@@ -108,10 +112,13 @@ def _fit(config: Any, stock: bool, batch: int, seq: int, steps: int, warmup: int
     from lightning_tp import TensorParallelStrategy
 
     world = dist.get_world_size()
+    stock = variant == "stock"
     if stock:
         strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world)
     else:
-        strategy = TensorParallelStrategy(data_parallel_size=1, tensor_parallel_size=world)
+        only = variant == "ours_tp_only"
+        strategy = TensorParallelStrategy(data_parallel_size=1, tensor_parallel_size=world,
+                                          sequence_parallel=not only, loss_parallel=not only)
     tokens = torch.randint(0, config.vocab_size, ((warmup + steps) * batch, seq + 1),
                            generator=torch.Generator().manual_seed(0))
     timer = _step_timer(warmup)
@@ -122,32 +129,51 @@ def _fit(config: Any, stock: bool, batch: int, seq: int, steps: int, warmup: int
     return batch * seq * steps / timer.seconds()
 
 
-def measure_vs_stock(preset: str, batch: int, seq: int, steps: int, warmup: int, pairs: int) -> dict[str, Any]:
+def measure_vs_stock(preset: str, batch: int, seq: int, steps: int, warmup: int, pairs: int,
+                     variants: tuple[str, ...] = ("ours", "stock", "ours_tp_only")) -> dict[str, Any]:
+    """Paired runs of each variant (order reversed every other round); ratios are taken against ``stock``."""
     import torch
 
     if warmup < 1:
         raise ValueError(f"warmup={warmup}: at least one untimed step is needed to start the clock")
     config = bench_config(preset)
-    ours, stock = [], []
+    runs: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for is_stock in order:
-            (stock if is_stock else ours).append(_fit(config, is_stock, batch, seq, steps, warmup))
-    return {"ours": ours, "stock": stock, **paired_summary(ours, stock), "preset": preset, "batch": batch,
-            "seq": seq, "steps": steps, "warmup": warmup, "threads_per_rank": torch.get_num_threads()}
+        for variant in (variants if i % 2 == 0 else variants[::-1]):
+            runs[variant].append(_fit(config, variant, batch, seq, steps, warmup))
+    out: dict[str, Any] = {**runs, **paired_summary(runs["ours"], runs["stock"]), "preset": preset, "batch": batch,
+                           "seq": seq, "steps": steps, "warmup": warmup, "threads_per_rank": torch.get_num_threads()}
+    if "ours_tp_only" in runs:
+        out["tp_only_vs_stock"] = paired_summary(runs["ours_tp_only"], runs["stock"])
+    return out
 
 
 def report_vs_stock(r: dict[str, Any]) -> str:
-    rows = [[f"{a:,.0f}", f"{b:,.0f}", f"{a / b:.3f}"] for a, b in zip(r["ours"], r["stock"], strict=True)]
-    return "\n".join([
+    extra = "ours_tp_only" in r
+    headers = ["ours tokens/s", "stock tokens/s", "ours / stock"]
+    if extra:
+        headers += ["ours TP-only tokens/s", "ours TP-only / stock"]
+    rows = []
+    for i, (a, b) in enumerate(zip(r["ours"], r["stock"], strict=True)):
+        row = [f"{a:,.0f}", f"{b:,.0f}", f"{a / b:.3f}"]
+        if extra:
+            row += [f"{r['ours_tp_only'][i]:,.0f}", f"{r['ours_tp_only'][i] / b:.3f}"]
+        rows.append(row)
+    lines = [
         f"## CPU tokens/s: TensorParallelStrategy vs ModelParallelStrategy + hand-written per-projection plan"
         f" (dp=1 × tp=2, {r['threads_per_rank']} thread per rank, model '{r['preset']}', b={r['batch']},"
         f" s={r['seq']}, {r['steps']} timed steps after {r['warmup']} warm-up, fp32)", "",
-        table(["ours tokens/s", "stock tokens/s", "ours / stock"], rows), "",
+        table(headers, rows), "",
         f"median ours {r['median_a']:,.0f} tokens/s, median stock {r['median_b']:,.0f} tokens/s,"
         f" median of per-pair ratios ours/stock = {r['median_ratio']:.3f}"
         f" (range {r['min_ratio']:.3f}–{r['max_ratio']:.3f}, {r['pairs']} pairs)",
-    ])
+    ]
+    if extra:
+        t = r["tp_only_vs_stock"]
+        lines.append(f"ours with sequence_parallel=False, loss_parallel=False (the stock run's flags, our plan):"
+                     f" median {t['median_a']:,.0f} tokens/s, median of per-pair ratios ours-TP-only/stock ="
+                     f" {t['median_ratio']:.3f} (range {t['min_ratio']:.3f}–{t['max_ratio']:.3f})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- TP efficiency

@@ -126,7 +126,9 @@ class ScriptLauncher(_SubprocessScriptLauncher):
                      for i, code in enumerate(exited) if code]
             if ended:
                 note = (f"lightning-tp: {', '.join(ended)} before this rank failed; this rank's error is likely a"
-                        " consequence. The first error is printed above, its lines prefixed with that rank.")
+                        " consequence.")
+                if any(code and code > 0 for code in exited):
+                    note += " The first error is printed above, its lines prefixed with that rank."
             elif any(code is None for code in exited):  # e.g. after a timeout: the ranks that never answered
                 running = [f"rank {first_rank + i} (pid {proc.pid})" for i, proc in enumerate(self.procs)
                            if exited[i] is None]

@@ -57,25 +57,13 @@ class PlannerError(LightningTPError):
     """A planner input is unknown or inconsistent (the message names the key, the value and the fix)."""
 
 
-# Strategy arguments the planner models; added to the recipes' schema where it does not have them (yet), so
-# `strategy.float8=true` reads the same here as in a recipe.
-_STRATEGY_EXTRAS = (("activation_checkpointing", str, "none"), ("compile", bool, False), ("float8", bool, False),
-                    ("async_tp", bool, False))
-PlanStrategyConfig = dataclasses.make_dataclass(
-    "PlanStrategyConfig",
-    [(n, t, field(default=d)) for n, t, d in _STRATEGY_EXTRAS
-     if n not in {f.name for f in dataclasses.fields(StrategyConfig)}],
-    bases=(StrategyConfig,),
-)
-
-
 @dataclass
 class PlanConfig:
     """Hydra schema of ``conf/plan.yaml``: the recipe groups plus what only the planner needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    strategy: Any = field(default_factory=PlanStrategyConfig)
-    """The strategy's arguments (recipe schema; ``activation_checkpointing``, ``float8``, ``async_tp`` modelled)."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """The strategy's arguments (the recipes' schema, activation checkpointing, float8 and async TP included)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     accelerator: str = "h100"

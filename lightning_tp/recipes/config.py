@@ -79,6 +79,10 @@ class StrategyConfig:
     """'none', 'full' (keep each block's input only) or 'selective' (keep matmul/attention outputs)."""
     compile: bool = False
     """torch.compile each decoder block."""
+    async_tp: bool = False
+    """Overlap TP collectives with matmuls (CUDA, compile=true, tp > 1)."""
+    float8: bool = False
+    """float8 linear layers in the decoder blocks (torchao, CUDA capability >= 8.9, tp = 1)."""
 
 
 @dataclass

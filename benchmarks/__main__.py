@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps at the start of each run")
     p.add_argument("--preset", default=None, help="model preset (gpu default llama3_1b; cpu default small)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size")
-    p.add_argument("--seq", type=int, default=None, help="sequence length")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (activations: default 256)")
     p.add_argument("--device", default="cuda", help="gpu command: device to run on (cpu works for a dry run)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="gpu command: run eager")
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"],
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("comm", "memory", "all"):
         memory_tasks.append({"task": "comm", **({"batch": 1, "seq": 32} if args.quick else {})})
     if cmd in ("activations", "memory", "all"):
-        memory_tasks.append({"task": "activations", **({"seq": 64} if args.quick else {})})
+        memory_tasks.append({"task": "activations", "seq": args.seq or (64 if args.quick else 256)})
     cpu_tasks = []
     opts = _throughput_options(args)
     if cmd in ("throughput", "cpu", "all"):

@@ -462,6 +462,21 @@ def test_fault_launches_ran_offline_without_trying_the_network(jobs: dict) -> No
     assert jobs["refused"] == []
 
 
+def _no_network_namespace() -> list[str]:
+    """A command prefix that runs in a new network namespace with only loopback up (``unshare -rn``, no root
+    needed where user namespaces are allowed): C++ sockets (gloo, the store) cannot leave the machine either.
+    ``[]`` where that is not available."""
+    prefix = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return []
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import socket; socket.getaddrinfo('localhost', 1)"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return prefix if probe.returncode == 0 else []
+
+
 def _cli() -> list[str]:
     script = shutil.which("lightning-tp")
     return [script] if script else [sys.executable, "-c", "from lightning_tp.cli import main; main()"]
@@ -469,14 +484,17 @@ def _cli() -> list[str]:
 
 @pytest.mark.multiprocess
 def test_the_main_job_runs_with_the_network_blocked(tmp_path: Path) -> None:
-    """``lightning-tp pretrain`` on its embedded corpus, shortened, 2 processes, every Python socket guarded."""
+    """``lightning-tp pretrain`` on its embedded corpus, shortened, 2 processes, every Python socket guarded, and
+    inside a network namespace with only loopback where the machine allows one."""
     overrides = ["model=debug", "trainer=cpu", "trainer.devices=2", "strategy.tensor_parallel_size=2",
                  "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
                  "data.seq_len=32", "data.batch_size=2", "data.max_bytes=100000",
                  f"data.cache_dir={tmp_path / 'cache'}", "sample_tokens=2", "logger=csv", f"out_dir={tmp_path / 'out'}"]
-    job = Job([*_cli(), "pretrain", *overrides], tmp_path / "pretrain.log", offline_env(tmp_path / "guard"),
-              cwd=tmp_path)
+    namespace = _no_network_namespace()
+    job = Job([*namespace, *_cli(), "pretrain", *overrides], tmp_path / "pretrain.log",
+              offline_env(tmp_path / "guard"), cwd=tmp_path)
     result = job.finish()
+    print(f"\nmain job offline in {result['seconds']} s ({'network namespace + ' if namespace else ''}Python guard)")
     assert result["rc"] == 0, job.tail()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 2

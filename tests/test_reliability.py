@@ -1,10 +1,11 @@
 """Reliability (issue 7): no hangs, killed workers, interrupted saves, determinism, offline running, safe loading.
 
-The multi-process tests share six launches of ``tests/workers/faults.py`` (gloo, CPU, the debug Llama, a 60-line
+The multi-process tests share seven launches of ``tests/workers/faults.py`` (gloo, CPU, the debug Llama, a 60-line
 corpus, global batch 4, checkpoints every 3 steps), each in its own session under a time limit (the whole session
 is SIGKILLed if it is exceeded, so CI cannot hang), each with the network blocked by the guard below:
 
-* ``raise``, world 2, (dp, tp) = (1, 2): ``training_step`` of rank 1 raises at step 2;
+* ``raise``, world 2, (dp, tp) = (1, 2): ``training_step`` of rank 1 raises at step 2; ``raise0``: the same on
+  rank 0, the launching process;
 * ``bad_record``, world 2, (2, 1): the training sample data-parallel rank 1 reads first at step 2 is malformed;
 * ``stuck``, world 2, (1, 2): rank 1 hangs after step 2 (started first and left to run beside the next launches:
   it waits for the collective timeout, ``STUCK_TIMEOUT_S``);
@@ -265,12 +266,13 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     start = time.perf_counter()
     results: dict[str, Any] = {"root": root}
 
-    # A hung rank waits out the collective timeout: started first, it waits beside the next two launches.
+    # A hung rank waits out the collective timeout: started first, it waits beside the next three launches.
     stuck = _start(root, "stuck", 2, STUCK_TIMEOUT_S, [
         {"name": "stuck", "dp": 1, "tp": 2, "max_steps": 5, "fault": {"kind": "pause", "rank": 1, "step": 2}}])
-    for name, dp, tp, kind in (("raise", 1, 2, "raise"), ("bad_record", 2, 1, "bad_record")):
+    for name, dp, tp, kind, rank in (("raise", 1, 2, "raise", 1), ("raise0", 1, 2, "raise", 0),
+                                     ("bad_record", 2, 1, "bad_record", 1)):
         job = _start(root, name, 2, CRASH_TIMEOUT_S, [
-            {"name": name, "dp": dp, "tp": tp, "max_steps": 5, "fault": {"kind": kind, "rank": 1, "step": 2}}])
+            {"name": name, "dp": dp, "tp": tp, "max_steps": 5, "fault": {"kind": kind, "rank": rank, "step": 2}}])
         results[name] = {**job.finish(), "fault": _fault_time(root, name)}
     results["stuck"] = {**stuck.finish(), "fault": _fault_time(root, "stuck")}
 
@@ -320,7 +322,7 @@ def _refused(guard: Path) -> list[str]:
 
 def _summary(results: dict[str, Any]) -> None:
     lines = [f"\nreliability launches: {results['seconds']} s"]
-    for name in ("raise", "bad_record", "stuck", "kill9", "save_kill"):
+    for name in ("raise", "raise0", "bad_record", "stuck", "kill9", "save_kill"):
         r = results[name]
         lines.append(f"  {name:10s} launch {r['seconds']:5.1f} s, rc={r['rc']}, fault -> launching rank exited"
                      f" {r['ended'] - r['fault']:.1f} s, -> every rank exited {r['gone'] - r['fault']:.1f} s,"
@@ -356,6 +358,17 @@ def test_an_exception_on_one_rank_ends_every_rank_with_that_error(jobs: dict) ->
     assert "lightning-tp: rank 1 (pid" in _last_lines(result["log"]) and "exited with code 1" in result["log"]
     errors = {f.name: f.read_text() for f in (jobs["root"] / "raise").glob("*.error")}
     assert errors["rank1.error"].startswith("RuntimeError: injected fault")
+
+
+@pytest.mark.multiprocess
+def test_an_exception_on_the_launching_rank_ends_the_ranks_it_started(jobs: dict) -> None:
+    """Rank 0 raises: its own error is the original and the last thing printed; the rank it started, blocked in a
+    collective with it, is killed rather than left to find out."""
+    result = jobs["raise0"]
+    _assert_ended(result, EXIT_BOUND_S)
+    last = _last_lines(result["log"], 2)
+    assert "RuntimeError: injected fault: rank 0 failed in training_step at step 2" in last, last
+    assert "lightning-tp: killed the ranks still running when this rank failed: rank 1" in last, last
 
 
 @pytest.mark.multiprocess

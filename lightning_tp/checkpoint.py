@@ -41,9 +41,10 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         load_hf_checkpoint(module, path, prefix=roots[0])
         return
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from lightning_tp.consolidate import SafeFileSystemReader, check_checkpoint
+    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner, check_checkpoint
 
     path = Path(path)
     if path.is_file():
@@ -52,9 +53,12 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     check_checkpoint(path)
     state = get_model_state_dict(module)
     try:
-        # The reader unpickles only torch's own checkpoint-metadata types from .metadata.
-        dcp.load({"state_dict": state}, storage_reader=SafeFileSystemReader(str(path)))
-    except Exception as e:  # DCP reports missing keys and shape mismatches; say which checkpoint and why
+        # The reader unpickles only torch's own checkpoint-metadata types from .metadata, and the planner reads
+        # any non-tensor entry with weights_only=True: a crafted directory cannot run code.
+        dcp.load({"state_dict": state}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    # DCP reports missing keys, shape mismatches and refused pickles, the latter as CheckpointException, which
+    # derives from BaseException; say which checkpoint and why
+    except (Exception, CheckpointException) as e:
         raise CheckpointError(f"Could not load the weights in {str(path)!r} into {type(module).__name__}: {e}") from e
     set_model_state_dict(module, state)
 

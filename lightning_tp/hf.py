@@ -374,6 +374,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path, prefix: str = "model.") 
     Needs memory for the whole model; tensors keep the checkpoint's dtype.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from lightning_tp.consolidate import SafeFileSystemReader  # unpickles only DCP's own metadata classes
@@ -397,6 +398,6 @@ def consolidated_state_dict(checkpoint_dir: str | Path, prefix: str = "model.") 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
             dcp.load({"state_dict": state}, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"Could not read the weights in {str(path)!r}: {e}") from e
     return strip_prefix(state, prefix)

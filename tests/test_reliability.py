@@ -560,7 +560,7 @@ DCP_AUDITED = {
 }
 """DCP loads audited by hand, with the reason. A byte entry (a non-tensor value) of a DCP checkpoint is unpickled by
 DCP's default planner with ``torch.load(weights_only=False)``: a safe reader alone does not prevent that."""
-AWAITING_FIX = {("checkpoint.py", "load_weights")}
+AWAITING_FIX: set[tuple[str, str]] = set()
 """Known unsafe DCP loads (see ``test_load_weights_refuses_a_pickle_smuggled_into_a_shard``); empty once fixed."""
 
 
@@ -697,8 +697,6 @@ def test_consolidate_refuses_a_pickle_smuggled_into_a_shard(tmp_path: Path) -> N
     assert marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="lightning_tp/checkpoint.py load_weights reads shards with DCP's default planner"
-                   " (torch.load(weights_only=False) on byte entries); fix: planner=SafeLoadPlanner()")
 def test_load_weights_refuses_a_pickle_smuggled_into_a_shard(tmp_path: Path) -> None:
     """``lightning-tp finetune checkpoint=DIR`` loads weights with ``load_weights``: an untrusted DIR must not run
     code."""

@@ -135,7 +135,7 @@ def export_main(argv: list[str]) -> None:
                             max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
                             dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (CheckpointError, KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"lightning-tp export: {e}") from None
+        raise SystemExit(f"lightning-tp export: {e}") from e
     print(f"Exported {args.checkpoint} ({config.num_params:,} parameters) to {args.out_dir}:")
     for file in written:
         print(f"  {file.name}  ({file.stat().st_size:,} bytes)")
@@ -163,7 +163,7 @@ def import_main(argv: list[str]) -> None:
     try:
         model = llama_from_hf(args.hf_dir, device="cpu")
     except CheckpointError as e:
-        raise SystemExit(f"lightning-tp import: {e}") from None
+        raise SystemExit(f"lightning-tp import: {e}") from e
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         # Keys as a CausalLMModule's (its Llama is `model`), so `load_weights` finds them.

@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.model_parallel import _setup_device_mesh
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -67,7 +66,10 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             ``False`` is allowed only with ``data_parallel_size=1``.
         reshard_after_forward: FSDP2 frees gathered parameters after forward (less memory, one more
             all-gather in backward).
-        save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+        save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
+        timeout: How long a collective waits for the other ranks before it fails (a ``timedelta`` or seconds;
+            default 10 minutes, PyTorch's NCCL default). It bounds how long the job hangs when one rank stops
+            without exiting; it also bounds start-up (waiting for every rank to join) and each checkpoint save.
         activation_checkpointing: ``"none"``; ``"full"`` keeps only each decoder block's input and recomputes the
             block in backward; ``"selective"`` keeps sharded matmul and attention outputs and recomputes norms,
             RoPE, element-wise ops and all-gathers (see :mod:`lightning_tp.parallel.recompute`). Parameter
@@ -95,7 +97,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Union[timedelta, float, None] = timedelta(minutes=10),
         launcher: Literal["auto", "subprocess", "fork"] = "auto",
         activation_checkpointing: Literal["none", "full", "selective"] = "none",
         compile: bool = False,
@@ -105,18 +107,24 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         problems = []
         for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
             if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r}")
+                problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r} (fix: pass e.g. 2, or"
+                                " 'auto')")
         for name, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel),
                             ("fsdp", fsdp), ("reshard_after_forward", reshard_after_forward),
                             ("compile", compile), ("async_tp", async_tp), ("float8", float8)):
             if not isinstance(value, bool):
-                problems.append(f"`{name}` must be a bool, got {value!r}")
+                problems.append(f"`{name}` must be a bool, got {value!r} (fix: pass True or False)")
         if activation_checkpointing not in AC_MODES:
             problems.append(f"`activation_checkpointing` must be one of {', '.join(map(repr, AC_MODES))}, got"
                             f" {activation_checkpointing!r}")
         if async_tp is True and compile is False:
             problems.append("`async_tp=True` needs `compile=True`: the collective/matmul overlap is done by the"
                             " compiler; set compile=True or async_tp=False")
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            timeout = timedelta(seconds=timeout)
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            problems.append(f"`timeout` must be a positive number of seconds or a timedelta, got {timeout!r} (fix:"
+                            " e.g. timeout=600)")
         if launcher not in ("auto", "subprocess", "fork"):
             problems.append(f"`launcher` must be 'auto', 'subprocess' or 'fork', got {launcher!r}")
         if not (isinstance(plan, (str, Mapping)) or callable(plan)):
@@ -407,6 +415,14 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             with loss_parallel():
                 return super().backward(closure_loss, optimizer, *args, **kwargs)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Tell the launching process why this rank failed, so its report quotes the original error.
+        super().on_exception(exception)
+        from lightning_tp.launchers import record_failure
+
+        record_failure(self.global_rank, exception)
 
     @contextlib.contextmanager
     @override

@@ -65,6 +65,8 @@ def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
         ({"compile": "yes"}, ["compile", "'yes'"]),
         ({"async_tp": True}, ["async_tp=True", "compile=True"]),
         ({"float8": 1}, ["float8"]),
+        ({"timeout": -5}, ["timeout", "positive number of seconds", "timeout=600"]),
+        ({"timeout": "10m"}, ["timeout", "'10m'"]),
     ],
     ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v) if isinstance(v, dict) else "",
 )
@@ -181,6 +183,14 @@ def test_gpu_only_features_are_refused_on_cpu_before_spawn(tmp_path: Path, kwarg
         _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(**kwargs))
     for word in words:
         assert word in str(info.value)
+
+
+def test_timeout_defaults_to_ten_minutes_and_takes_seconds() -> None:
+    from datetime import timedelta
+
+    assert TensorParallelStrategy()._timeout == timedelta(minutes=10)
+    assert TensorParallelStrategy(timeout=30)._timeout == timedelta(seconds=30)
+    assert TensorParallelStrategy(timeout=timedelta(seconds=90))._timeout == timedelta(seconds=90)
 
 
 def test_activation_checkpointing_and_compile_are_accepted(tmp_path: Path) -> None:

@@ -195,7 +195,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise DataError(
                 f"The corpus is too short: it has {meta['num_tokens']} tokens but one training and one validation"
                 f" window of seq_len + 1 = {window} tokens need {2 * window}. Fix: add text, lower seq_len"
-                f" (now {self.seq_len}), or raise max_bytes (now {self.max_bytes})."
+                f" (now {self.seq_len})" + (f", or raise max_bytes (now {self.max_bytes})." if self.max_bytes else ".")
             )
         num_val = min(num_windows - 1, max(1, round(self.val_fraction * num_windows)))
         # Validation windows are spread evenly over the corpus (deterministic, independent of `seed`).

@@ -75,6 +75,8 @@ class StrategyConfig:
     fsdp: bool = True
     reshard_after_forward: bool = True
     save_distributed_checkpoint: bool = True
+    timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before failing: how long one stuck rank can hold the job."""
     activation_checkpointing: str = "none"
     """'none', 'full' (keep each block's input only) or 'selective' (keep matmul/attention outputs)."""
     compile: bool = False

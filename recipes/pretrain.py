@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_tp.recipes import flags_first, register_configs
+from lightning_tp.recipes import check_overrides, flags_first, register_configs
 from lightning_tp.recipes.run import run
 
 register_configs()
@@ -25,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = flags_first(sys.argv)
+    check_overrides("pretrain", sys.argv)
     main()

@@ -127,3 +127,22 @@ def test_help_flag_reaches_hydra(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "== Configuration groups ==" in out and "strategy: tp, tp_nofsdp, tp_sp, tp_sp_lp, tp_sp_lp_nofsdp" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [("trainer.max_stepz=5", ["Unknown key 'trainer.max_stepz'", "did you mean trainer.max_steps"]),
+     ("strategy.compile=maybe", ["strategy.compile takes bool", "'maybe'", "Fix"])],
+    ids=["typo", "wrong-type"],
+)
+def test_command_line_typos_are_explained_before_hydra_runs(override: str, words: list[str]) -> None:
+    from lightning_tp import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["pretrain", override, "--multirun", "optimizer.lr=1e-3,3e-4"])  # the sweep is left to Hydra
+    for word in words:
+        assert word in str(info.value.code)
+    # a valid line passes the check (and then reaches Hydra, here only to print the config)
+    from lightning_tp.recipes import check_overrides
+
+    check_overrides("pretrain", ["pretrain.py", "trainer.max_steps=5", "optimizer.lr=1e-3,3e-4", "+foo=1"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning_tp.recipes.config import register_configs
 
-__all__ = ["flags_first", "register_configs"]
+__all__ = ["check_overrides", "flags_first", "register_configs"]
 
 
 def flags_first(argv: list[str]) -> list[str]:
@@ -20,3 +20,19 @@ def flags_first(argv: list[str]) -> list[str]:
         is_override = not token.startswith("-") and ("=" in token or token.startswith("~"))
         (overrides if is_override else flags).append(token)
     return script + flags + overrides
+
+
+def check_overrides(recipe: str, argv: list[str]) -> None:
+    """Compose ``recipe`` with the command line's plain overrides before Hydra runs, so a misspelled key or a
+    wrong type ends with :class:`~lightning_tp.recipes.config.RecipeConfigError` (close matches, expected type,
+    the fix), exit status 1, instead of Hydra's terser message. Sweeps (``a=1,2``), ``hydra.*`` and ``+``/``~``
+    overrides are left to Hydra.
+    """
+    from lightning_tp.recipes.config import RecipeConfigError, compose_recipe
+
+    plain = [t for t in argv[1:] if not t.startswith(("-", "+", "~", "hydra.")) and "=" in t
+             and "," not in t.partition("=")[2] and not t.partition("=")[2].startswith(("range(", "choice(", "glob("))]
+    try:
+        compose_recipe(recipe, plain)
+    except RecipeConfigError as e:
+        raise SystemExit(f"lightning-tp {recipe}: {e}") from e

@@ -118,21 +118,26 @@ class ScriptLauncher(_SubprocessScriptLauncher):
                 proc.kill()
         for proc in self.procs:
             proc.wait()
-        note = _first_failure(folder, failed_at, f"{type(error).__name__}: {error}")
-        if note is None:
-            first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
-            ended = [f"rank {first_rank + i} (pid {self.procs[i].pid}) "
-                     + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
-                     for i, code in enumerate(exited) if code]
-            if ended:
-                note = (f"lightning-tp: {', '.join(ended)} before this rank failed; this rank's error is likely a"
-                        " consequence.")
-                if any(code and code > 0 for code in exited):
-                    note += " The first error is printed above, its lines prefixed with that rank."
-            elif any(code is None for code in exited):  # e.g. after a timeout: the ranks that never answered
-                running = [f"rank {first_rank + i} (pid {proc.pid})" for i, proc in enumerate(self.procs)
-                           if exited[i] is None]
-                note = f"lightning-tp: killed the ranks still running when this rank failed: {', '.join(running)}."
+        first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
+        ended = [f"rank {first_rank + i} (pid {self.procs[i].pid}) "
+                 + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+                 for i, code in enumerate(exited) if code]
+        ended_note = None
+        if ended:
+            ended_note = (f"lightning-tp: {', '.join(ended)} before this rank failed; this rank's error is likely a"
+                          " consequence.")
+            if any(code and code > 0 for code in exited):
+                ended_note += " The first error is printed above, its lines prefixed with that rank."
+        # A rank killed by a signal could not record its error, and the errors the others recorded (lost peers) are
+        # consequences of its death: then the exits are the story. Otherwise the earliest recorded error is.
+        if any(code is not None and code < 0 for code in exited):
+            note = ended_note
+        else:
+            note = _first_failure(folder, failed_at, f"{type(error).__name__}: {error}") or ended_note
+        if note is None and any(code is None for code in exited):  # e.g. after a timeout: ranks that never answered
+            running = [f"rank {first_rank + i} (pid {proc.pid})" for i, proc in enumerate(self.procs)
+                       if exited[i] is None]
+            note = f"lightning-tp: killed the ranks still running when this rank failed: {', '.join(running)}."
         if note is not None:
             if hasattr(error, "add_note"):  # Python >= 3.11: printed under the traceback's last line
                 error.add_note(note)

@@ -355,7 +355,10 @@ def test_an_exception_on_one_rank_ends_every_rank_with_that_error(jobs: dict) ->
     _assert_ended(result, EXIT_BOUND_S)
     assert "RuntimeError: injected fault: rank 1 failed in training_step at step 2" in result["log"]
     # the last lines (rank 0's error, a consequence) point at the original one
-    assert "lightning-tp: rank 1 (pid" in _last_lines(result["log"]) and "exited with code 1" in result["log"]
+    # (rank 1 recorded its error through the strategy's on_exception; the launching rank quotes it)
+    last = _last_lines(result["log"])
+    assert "lightning-tp: rank 1 failed first" in last, last
+    assert "injected fault: rank 1 failed in training_step" in last, last
     errors = {f.name: f.read_text() for f in (jobs["root"] / "raise").glob("*.error")}
     assert errors["rank1.error"].startswith("RuntimeError: injected fault")
 
@@ -379,7 +382,8 @@ def test_a_bad_record_seen_by_one_rank_ends_every_rank_with_its_error(jobs: dict
     # only data-parallel rank 1 read the sample: it alone raised DataError; rank 0 lost its peer
     assert errors["rank1.error"].startswith("DataError: injected fault: training sample"), errors
     assert "DataError" not in errors.get("rank0.error", ""), errors
-    assert "lightning-tp: rank 1 (pid" in _last_lines(result["log"])
+    last = _last_lines(result["log"])
+    assert "lightning-tp: rank 1 failed first" in last and "DataError: injected fault: training sample" in last, last
 
 
 @pytest.mark.multiprocess
@@ -398,7 +402,10 @@ def test_a_hung_rank_is_ended_by_the_collective_timeout(jobs: dict) -> None:
 def test_kill_9_of_a_worker_ends_the_job_and_resume_loses_only_the_last_interval(jobs: dict) -> None:
     result, root = jobs["kill9"], jobs["root"]
     _assert_ended(result, EXIT_BOUND_S)
-    assert f"rank 1 (pid {result['victim']}) was killed by SIGKILL" in result["log"]
+    # rank 0 names the killed rank, or Lightning's observer (polling every 5 s) got there first and says so
+    assert (f"rank 1 (pid {result['victim']}) was killed by SIGKILL" in result["log"]
+            or f"Child process with PID {result['victim']} terminated with code -9" in result["log"]), \
+        _last_lines(result["log"])
     killed = read_steps(root / "kill9")
     assert max(killed[1]) == KILL_STEP
     last_step = result["last_step"]

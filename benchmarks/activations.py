@@ -15,9 +15,9 @@ The model runs in bf16 (16-bit activations, as the formulas assume). Two indepen
 
 Per layer = (2-layer model) − (1-layer model): embedding, final norm, ``lm_head`` and the RoPE tables
 (shared by all layers) drop out. Each row also gives the same accounting derived by hand from the Llama
-layer's code (RMSNorm in fp32, SwiGLU of width I, grouped-query attention, no dropout, SDPA/flash attention
-that keeps only its output and log-sum-exp instead of the s×s scores), so the gap to the GPT formulas is
-explained term by term.
+layer's code (RMSNorm normalising in fp32 but keeping its 16-bit input, SwiGLU of width I, grouped-query
+attention, no dropout, SDPA/flash attention that keeps only its output and log-sum-exp instead of the s×s
+scores), so the gap to the GPT formulas is explained term by term.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def llama_terms(config: Any, s: int, b: int, t: int, sp: bool, mode: str) -> dic
             "o_proj/down_proj outputs (after reduce-scatter or all-reduce)": 2 * p * tokens * h / r,
         }
     return {
-        # RMSNorm: x.float() kept by pow/mul (fp32), rsqrt (fp32, one per token), normalised bf16 kept by the weight mul
-        "2 RMSNorm (fp32 copy, rsqrt, bf16 output)": 2 * (f * tokens * h + f * tokens + p * tokens * h) / r,
+        # RMSNorm keeps its bf16 input and one fp32 rsqrt per token (lightning_tp.models.llama._RMSNormFunction)
+        "2 RMSNorm (bf16 input, fp32 rsqrt)": 2 * (p * tokens * h + f * tokens) / r,
         # The input of q/k/v and gate/up: under SP the all-gathered (full) tensor is what the matmul keeps.
         "2 projection inputs (all-gathered under SP)": 2 * p * tokens * h,
         "q, k, v after RoPE (kept by attention)": p * tokens * (a + 2 * kv) * d / t,

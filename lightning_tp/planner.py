@@ -283,7 +283,8 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None) -> di
     ``torch.autograd.graph.saved_tensors_hooks`` in the tests). ``E = b·s`` tokens, ``a`` = activation bytes,
     ``t`` = tp, ``t_s`` = t under SP (norms and residuals sequence-sharded) else 1:
 
-    * each RMSNorm: its fp32 upcast input ``4·E·h/t_s``, the normalised ``a·E·h/t_s`` and ``4·E/t_s`` rsqrt;
+    * each RMSNorm: its input ``a·E·h/t_s`` and one fp32 rsqrt per token ``4·E/t_s`` (it normalises in fp32 but
+      does not keep the fp32 copy);
     * each norm output as the colwise projections see it: ``a·E·h`` **whole** (all-gathered under SP);
     * attention: q, k, v and the attention output ``a·E·(2·nh + 2·nkv)·d/t``, log-sum-exp ``4·b·nh·s/t``;
     * MLP: gate, up, SiLU(gate), SiLU(gate)·up ``4·a·E·I/t``.
@@ -309,7 +310,7 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None) -> di
                       "gate, up": 2 * a * e * inter // t})
         return parts
     parts.update({
-        "2 RMSNorm (fp32 input, normalised, rsqrt)": 2 * ((4 + a) * e * h // ts + 4 * e // ts),
+        "2 RMSNorm (input, rsqrt)": 2 * (a * e * h // ts + 4 * e // ts),
         "2 gathered norm outputs (whole)": 2 * a * e * h,
         "MLP (gate, up, silu, product)": 4 * a * e * inter // t,
     })

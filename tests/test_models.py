@@ -299,3 +299,38 @@ def test_hf_parity_detects_rope_scaling() -> None:
     with torch.no_grad():
         diff = (hf(input_ids=input_ids, use_cache=False).logits - ours(input_ids)).abs().max().item()
     assert diff > 1e-4
+
+
+def test_rms_norm_gradients_and_saved_bytes() -> None:
+    from lightning_tp.models.llama import RMSNorm, _RMSNormFunction
+
+    x = torch.randn(2, 5, 16, dtype=torch.double, requires_grad=True)
+    w = torch.rand(16, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+
+    norm = RMSNorm(64, 1e-5)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+
+    def autograd_reference(x: torch.Tensor) -> torch.Tensor:  # the fp32 recipe, differentiated by autograd
+        x32 = x.float()
+        return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = norm(x)
+    # the bf16 input, the weight and one fp32 scale per token; no fp32 copy of the activations
+    assert sum(storages.values()) == x.numel() * 2 + 64 * 2 + 2 * 32 * 4
+    expected = autograd_reference(x)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, norm.weight), grad)
+    theirs = torch.autograd.grad(expected, (x, norm.weight), grad)
+    assert torch.equal(out, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

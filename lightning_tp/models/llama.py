@@ -18,6 +18,7 @@ Build on the meta device, then call :meth:`Llama.init_weights` once the paramete
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,33 @@ __all__ = ["Llama", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaM
            "rope_inv_freq"]
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm normalising in fp32 whatever the activation dtype, as the reference implementation does, but keeping
+    for backward only the input (in its own dtype) and one fp32 scale per token. Autograd through the fp32 ops
+    would keep an fp32 copy of the input and the normalised output too: 3x the bytes in bf16."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for 16-bit and fp32 inputs
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            reduce = tuple(range(grad.ndim - 1))
+            grad_weight = (grad * normed.to(x.dtype)).sum(reduce).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dx of x·rstd(x): rstd · (g − x̂ · mean(g · x̂)), with g the gradient reaching the normalised value
+            g = (grad * weight).to(rstd.dtype)
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -36,10 +64,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

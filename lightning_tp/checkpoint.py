@@ -32,25 +32,16 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     """
     if is_hf_checkpoint(path):
         from lightning_tp.hf import load_hf_checkpoint
-        from lightning_tp.parallel.plans import find_llama
 
-        roots = find_llama(module)
-        if len(roots) != 1:
-            raise CheckpointError(f"Loading the Hugging Face checkpoint {str(path)!r} needs exactly one Llama-family"
-                                  f" model in {type(module).__name__}; found {len(roots)}.")
-        load_hf_checkpoint(module, path, prefix=roots[0])
+        load_hf_checkpoint(module, path, prefix=_llama_root(module, path))
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner, check_checkpoint
+    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner
 
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
-                              " directories, e.g. out/pretrain/last.")
-    check_checkpoint(path)
+    path = _sharded_directory(path)
     state = get_model_state_dict(module)
     try:
         # The reader unpickles only torch's own checkpoint-metadata types from .metadata, and the planner reads
@@ -61,6 +52,29 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"Could not load the weights in {str(path)!r} into {type(module).__name__}: {e}") from e
     set_model_state_dict(module, state)
+
+
+def _llama_root(module: nn.Module, path: str | Path) -> str:
+    """The path of the one Llama-family model inside ``module`` that a Hugging Face checkpoint loads into."""
+    from lightning_tp.parallel.plans import find_llama
+
+    roots = find_llama(module)
+    if len(roots) != 1:
+        raise CheckpointError(f"Loading the Hugging Face checkpoint {str(path)!r} needs exactly one Llama-family"
+                              f" model in {type(module).__name__}; found {len(roots)}.")
+    return roots[0]
+
+
+def _sharded_directory(path: str | Path) -> Path:
+    """``path`` as a sharded checkpoint directory whose shard files are all present; else CheckpointError."""
+    from lightning_tp.consolidate import check_checkpoint
+
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
+                              " directories. Fix: pass the directory a run saved, e.g. out/pretrain/last.")
+    check_checkpoint(path)
+    return path
 
 
 def _trained_model(path: Path) -> Any:
@@ -83,19 +97,12 @@ def check_weights_fit(module: nn.Module, path: str | Path) -> None:
     """
     if is_hf_checkpoint(path):
         from lightning_tp.hf import check_hf_checkpoint
-        from lightning_tp.parallel.plans import find_llama
 
-        roots = find_llama(module)
-        if len(roots) == 1:
-            check_hf_checkpoint(module, path, prefix=roots[0])
+        check_hf_checkpoint(module, path, prefix=_llama_root(module, path))
         return
-    from lightning_tp.consolidate import check_checkpoint, read_checkpoint_metadata
+    from lightning_tp.consolidate import read_checkpoint_metadata
 
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
-                              " directories. Fix: pass the directory a run saved, e.g. out/pretrain/last.")
-    check_checkpoint(path)
+    path = _sharded_directory(path)
     metadata = read_checkpoint_metadata(path)
     saved = {k.removeprefix("state_dict."): tuple(v.size) for k, v in metadata.state_dict_metadata.items()
              if k.startswith("state_dict.") and hasattr(v, "size")}

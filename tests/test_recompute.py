@@ -97,3 +97,26 @@ def test_selective_policy_recomputes_partial_sums_and_cheap_ops() -> None:
         assert policy(None, sdpa, x) == CheckpointPolicy.MUST_SAVE
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_transformers_llama_blocks_checkpoint_with_the_same_gradients(mode: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference = grads(copy.deepcopy(base))
+    model = copy.deepcopy(base)
+    plan = resolve_plan(model, "auto", sequence_parallel=False, loss_parallel=False)
+    assert apply_activation_checkpointing(model, plan, mode) == ["model.layers.0", "model.layers.1"]
+    assert list(model.state_dict()) == list(base.state_dict())
+    assert base.config.use_cache and not model.config.use_cache  # a growing KV cache would break recomputation
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, reference[name], rtol=0, atol=1e-6, msg=name)

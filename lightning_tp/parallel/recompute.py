@@ -106,6 +106,13 @@ def apply_activation_checkpointing(module: nn.Module, plan: ResolvedPlan, mode: 
         raise ValueError(f"activation_checkpointing={mode!r} is not a mode; choose one of {', '.join(AC_MODES)}.")
     if mode == "none":
         return []
+    for path in plan.roots:
+        # A transformers model with `use_cache` grows its KV cache in every forward, so a block recomputed in
+        # backward would see the keys twice: the cache is useless in training, turn it off (as transformers' own
+        # gradient checkpointing does).
+        config = getattr(module.get_submodule(path), "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
     for path in plan.blocks:
         _wrap_forward(module.get_submodule(path), "activation checkpointing",
                       functools.partial(_checkpointed, mode=mode))

@@ -119,6 +119,8 @@ def _storage_key(x: Any) -> int:
 
 
 def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq: int) -> dict[str, int]:
+    import gc
+
     import torch
 
     from lightning_tp.models import Llama
@@ -146,10 +148,15 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
         return x
 
     tracker = _StorageTracker()
+    # The decoder stack only (no lm_head): the (gathered) logits and their collective's buffers, which the process
+    # group may or may not have released when the count is taken, are not per-layer bytes and made it noisy.
     with tracker.mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        logits = model(tokens)
+        hidden = model.model(tokens)
+    gc.collect()  # only what something still refers to
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # collectives finished on every rank, their work objects released
     held = tracker.alive_bytes(static)
-    del logits
+    del hidden
     return {"saved": sum(saved.values()), "held": held}
 
 

@@ -33,7 +33,8 @@ def test_all_cpu_benchmarks_quick(tmp_path: Path) -> None:
         # a crash of the harness, not a wrong number, so it gets one more launch, and its output is kept visible.
         import warnings
 
-        warnings.warn(f"benchmark launch exited {proc.returncode}, retrying once:\n{proc.stderr[-3000:]}", stacklevel=1)
+        warnings.warn(f"benchmark launch exited {proc.returncode}, retrying once:\n{proc.stderr[-3000:]}",
+                      RuntimeWarning, stacklevel=1)
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     r = json.loads(out.read_text())

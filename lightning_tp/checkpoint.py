@@ -39,9 +39,11 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner
+    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner, check_checkpoint
 
-    path = _sharded_directory(path)
+    path = Path(path)
+    _refuse_single_file(path)
+    check_checkpoint(path)
     state = get_model_state_dict(module)
     try:
         # The reader unpickles only torch's own checkpoint-metadata types from .metadata, and the planner reads
@@ -65,16 +67,10 @@ def _llama_root(module: nn.Module, path: str | Path) -> str:
     return roots[0]
 
 
-def _sharded_directory(path: str | Path) -> Path:
-    """``path`` as a sharded checkpoint directory whose shard files are all present; else CheckpointError."""
-    from lightning_tp.consolidate import check_checkpoint
-
-    path = Path(path)
+def _refuse_single_file(path: Path) -> None:
     if path.is_file():
         raise CheckpointError(f"checkpoint={str(path)!r} is a single file; this loader reads sharded checkpoint"
                               " directories. Fix: pass the directory a run saved, e.g. out/pretrain/last.")
-    check_checkpoint(path)
-    return path
 
 
 def _trained_model(path: Path) -> Any:
@@ -102,8 +98,9 @@ def check_weights_fit(module: nn.Module, path: str | Path) -> None:
         return
     from lightning_tp.consolidate import read_checkpoint_metadata
 
-    path = _sharded_directory(path)
-    metadata = read_checkpoint_metadata(path)
+    path = Path(path)
+    _refuse_single_file(path)
+    metadata = read_checkpoint_metadata(path)  # also: complete, every shard file there
     saved = {k.removeprefix("state_dict."): tuple(v.size) for k, v in metadata.state_dict_metadata.items()
              if k.startswith("state_dict.") and hasattr(v, "size")}
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}

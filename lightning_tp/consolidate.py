@@ -212,13 +212,16 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 def read_checkpoint_metadata(path: str | Path) -> Metadata:
-    """The DCP ``.metadata`` of the sharded checkpoint directory ``path``, read safely, after checking that every
-    shard file it refers to exists and is long enough. Reads no tensor data: cheap enough for the launching process.
+    """The DCP ``.metadata`` of the sharded checkpoint directory ``path``, read safely, after checking that the
+    directory is complete (:func:`check_checkpoint`) and that every shard file it refers to exists and is long
+    enough. Reads no tensor data: cheap enough for the launching process.
 
     Raises:
-        CheckpointError: ``.metadata`` is unreadable, or a shard file is missing or truncated (named).
+        CheckpointError: the directory is missing or incomplete, ``.metadata`` is unreadable, or a shard file is
+            missing or truncated (named).
     """
     path = Path(path)
+    check_checkpoint(path)
     try:
         metadata = SafeFileSystemReader(str(path)).read_metadata()
     except Exception as e:
@@ -327,9 +330,10 @@ def consolidate(checkpoint_dir: str | Path, out_file: str | Path, weights_only: 
     if checkpoint_dir.is_file():
         raise CheckpointError(f"consolidate: {str(checkpoint_dir)!r} is a single file already, not a sharded"
                               " checkpoint directory. Fix: use the file as it is, or pass the directory it came from.")
-    check_checkpoint(checkpoint_dir)
     if weights_only:
-        read_checkpoint_metadata(checkpoint_dir)  # a missing or truncated shard file is named before any reading
+        read_checkpoint_metadata(checkpoint_dir)  # complete, and a missing or truncated shard is named before reading
+    else:
+        check_checkpoint(checkpoint_dir)
     if out_file.resolve() == checkpoint_dir.resolve() or out_file.is_dir():
         raise CheckpointError(f"consolidate: the output {str(out_file)!r} must be a file path, not a directory."
                               f" Fix: pass a file name, e.g. {str(out_file / 'last.ckpt')!r}.")

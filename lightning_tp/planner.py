@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_tp.callbacks import mfu
 from lightning_tp.errors import LightningTPError
 from lightning_tp.hardware import Accelerator, Link, get_accelerator, get_link, load_hardware
 from lightning_tp.models.config import LlamaConfig, get_config
@@ -503,7 +504,7 @@ def _estimate(inputs: PlanInputs, shards: list[ParamShard], comms: list[Collecti
     step = compute + tp_comm + exposed + optimizer
     tokens = inputs.tokens * inputs.dp * inputs.accumulate
     return Estimate(model_fpt, hw_fpt, compute, tp_comm, fsdp, exposed, optimizer, step, tokens,
-                    tokens / step / inputs.world, model_fpt * tokens / (step * inputs.world * peak))
+                    tokens / step / inputs.world, mfu(tokens / step, model_fpt, inputs.world, peak))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,9 +626,9 @@ class Candidate:
 
 
 def _shape_ok(inputs: PlanInputs, tp: int) -> bool:
-    cfg = inputs.config
-    dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size)
-    return all(v % tp == 0 for v in dims) and not (inputs.sequence_parallel and inputs.seq_len % tp)
+    from lightning_tp.parallel.apply import shape_problems  # the strategy's own rules
+
+    return not shape_problems(inputs.config, tp) and not (inputs.sequence_parallel and inputs.seq_len % tp)
 
 
 def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:

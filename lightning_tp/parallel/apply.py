@@ -28,6 +28,7 @@ __all__ = [
     "clip_grad_norm_",
     "compile_blocks",
     "materialize",
+    "shape_problems",
     "total_grad_norm",
 ]
 
@@ -40,6 +41,18 @@ _SHARDED_DIMS = (
 )
 
 
+def shape_problems(config: Any, tp: int) -> list[str]:
+    """One message per dimension of a model ``config`` that the Llama plan cannot split over ``tp`` ranks."""
+    problems = []
+    for attr, what in _SHARDED_DIMS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value % tp != 0:
+            fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
+                   else f"choose a tensor_parallel_size that divides {value}")
+            problems.append(f"{attr}={value} ({what}) is not divisible by tensor_parallel_size={tp}: {fix}")
+    return problems
+
+
 def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     """Raise one :class:`ModelShapeError` listing every dimension of every model root not divisible by ``tp``."""
     if tp == 1:
@@ -47,14 +60,8 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     problems = []
     for root in plan.roots:
         config = getattr(module.get_submodule(root), "config", None)
-        if config is None:
-            continue
-        for attr, what in _SHARDED_DIMS:
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and value % tp != 0:
-                fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
-                       else f"choose a tensor_parallel_size that divides {value}")
-                problems.append(f"{attr}={value} ({what}) is not divisible by tensor_parallel_size={tp}: {fix}")
+        if config is not None:
+            problems += shape_problems(config, tp)
     if problems:
         raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_tp.callbacks import ThroughputMonitor
 from lightning_tp.checkpoint import CheckpointError, LoadWeights, check_weights_fit, is_hf_checkpoint
-from lightning_tp.consolidate import check_checkpoint, read_checkpoint_metadata
+from lightning_tp.consolidate import read_checkpoint_metadata
 from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.errors import SequenceLengthError
 from lightning_tp.generate import generate
@@ -133,7 +133,6 @@ def _resume_path(resume: str | None, out_dir: Path) -> str | None:
     if not path.exists():
         raise CheckpointError(f"resume={resume!r}: no checkpoint at {str(path)!r}. Train first, or set resume=null.")
     if path.is_dir():  # complete, its shard files all there: checked here rather than inside every rank
-        check_checkpoint(path)
         read_checkpoint_metadata(path)
     return str(path)
 

@@ -10,11 +10,17 @@ from torch import nn
 
 from lightning_tp.errors import LightningTPError
 
-__all__ = ["CheckpointError", "LoadWeights", "check_weights_fit", "is_hf_checkpoint", "load_weights"]
+__all__ = ["CheckpointError", "CheckpointPathError", "LoadWeights", "check_weights_fit", "is_hf_checkpoint",
+           "load_weights"]
 
 
 class CheckpointError(LightningTPError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
+
+
+class CheckpointPathError(CheckpointError, FileExistsError):
+    """A save would replace a file or directory the strategy did not write; nothing is touched. Also a
+    ``FileExistsError`` (the parent raises ``IsADirectoryError``, an ``OSError`` too, for one of these cases)."""
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:

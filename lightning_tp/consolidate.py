@@ -81,6 +81,69 @@ def backup_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.old")
 
 
+def _holds_only_checkpoint_files(directory: Path) -> bool:
+    """Every entry is a file a sharded save writes: DCP's ``.metadata`` and ``*.distcp`` shards, and ``meta.pt``."""
+    return all(entry.is_file() and not entry.is_symlink()
+               and (entry.name in (DCP_METADATA, META_FILE) or entry.name.endswith(".distcp"))
+               for entry in directory.iterdir())
+
+
+def _has_layout(file: Path) -> bool:
+    """Whether ``file`` is a ``torch.save`` archive whose top-level dict has the strategy's :data:`LAYOUT_KEY`.
+    Memory-mapped and with ``weights_only=True``: cheap for a large file, and it runs no code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not an archive, or not one this strategy wrote
+        return False
+    return isinstance(state, Mapping) and LAYOUT_KEY in state
+
+
+def written_by_strategy(path: str | Path, *, complete: bool = True) -> bool:
+    """Whether ``path`` is what :class:`~lightning_tp.TensorParallelStrategy` writes, so that a save may replace it
+    and cleanup may delete it: a single-file checkpoint with the strategy's layout entry, or a directory holding
+    only sharded-checkpoint files whose ``meta.pt`` has it (``complete=False``: staging, ``meta.pt`` may be absent)."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_file():
+        return _has_layout(path)
+    if not path.is_dir() or not _holds_only_checkpoint_files(path):
+        return False
+    if (path / META_FILE).is_file():
+        return _has_layout(path / META_FILE) and (not complete or (path / DCP_METADATA).is_file())
+    return not complete
+
+
+def refuse_to_replace(path: str | Path, staged: str | Path | None = None) -> str | None:
+    """Why a save must not write to ``path`` (``None``: nothing is there, or a checkpoint the strategy wrote).
+
+    A save replaces the whole of ``path`` (and uses ``staged`` and ``<path>.old`` beside it); anything else there
+    (a user's file, a directory with other files, another strategy's checkpoint) would be lost, so it is refused
+    and left untouched.
+    """
+    path = Path(path)
+    for sibling in (p for p in (Path(staged) if staged else None, backup_path(path)) if p is not None):
+        if (sibling.exists() or sibling.is_symlink()) and not written_by_strategy(sibling, complete=False):
+            return (f"Refusing to save a checkpoint to {str(path)!r}: the save writes through {str(sibling)!r}, which"
+                    " exists and was not written by TensorParallelStrategy; nothing was touched. Fix: move or rename"
+                    " it, or save to another path.")
+    if not (path.exists() or path.is_symlink()) or written_by_strategy(path):
+        return None
+    if path.is_symlink():
+        what = "is a symbolic link"
+    elif path.is_dir():
+        foreign = sorted(e.name for e in path.iterdir()
+                         if not (e.name in (DCP_METADATA, META_FILE) or e.name.endswith(".distcp")))
+        what = (f"is a directory holding files a checkpoint does not ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''})" if foreign else
+                "is a directory that is not a complete checkpoint written by TensorParallelStrategy")
+    else:
+        what = "is a file that is not a checkpoint written by TensorParallelStrategy"
+    return (f"Refusing to save a checkpoint to {str(path)!r}: it already exists and {what}. A save replaces the"
+            " whole path, so it would be lost; nothing was touched. Fix: save to another path (e.g. another"
+            " `dirpath` or `filename` for ModelCheckpoint), or move or delete it yourself if it is no longer needed.")
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint directory or a single file."""
     path = Path(path)
@@ -90,11 +153,13 @@ def check_checkpoint(path: str | Path) -> None:
         raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Fix: pass the directory a run"
                               " saved (e.g. out/pretrain/last), or check the spelling.")
     if not path.is_dir():
-        raise CheckpointError(f"The checkpoint path {str(path)!r} is neither a file nor a directory.")
+        raise CheckpointError(f"The path {str(path)!r} does not point to a valid checkpoint: it is neither a file nor"
+                              " a directory.")
     missing = [name for name in (DCP_METADATA, META_FILE) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(
-            f"The checkpoint directory {str(path)!r} is incomplete: it has no {' and no '.join(missing)}. It was not"
+            f"The path {str(path)!r} does not point to a valid checkpoint: the directory is incomplete, it has no"
+            f" {' and no '.join(missing)}. It was not"
             " written completely (an interrupted save, or a directory that is not a checkpoint) and is refused."
             " Resume from a complete checkpoint: a directory with both .metadata and meta.pt."
         )
@@ -128,19 +193,22 @@ def recover(path: str | Path) -> None:
     """Undo what a crash during a save left behind around ``path`` (rank 0 only; no-op when nothing is left).
 
     A crash between the two renames of :func:`publish` leaves no ``path`` but a complete ``<path>.old``: it is
-    moved back. Leftover ``<path>.tmp-*`` directories are deleted, and so is ``<path>.old`` when ``path`` exists.
+    moved back. Leftover ``<path>.tmp-<step>`` directories are deleted, and so is ``<path>.old`` when ``path``
+    exists. Only what :func:`written_by_strategy` recognises is moved or deleted.
     """
     path = Path(path)
     old = backup_path(path)
-    if (is_complete(old) or old.is_file()) and not (is_complete(path) or path.is_file()):
-        remove(path)  # nothing, or (never written by `publish`) an incomplete directory
+    if not written_by_strategy(old):  # absent, or not ours: never touched
+        pass
+    elif not (path.exists() or path.is_symlink()):
         os.replace(old, path)
         _fsync_dir(path.parent)
-    elif old.exists():
+    elif written_by_strategy(path):
         remove(old)
     if path.parent.is_dir():
         for stale in path.parent.glob(f"{path.name}.tmp-*"):
-            remove(stale)
+            if stale.name.removeprefix(f"{path.name}.tmp-").isdigit() and written_by_strategy(stale, complete=False):
+                remove(stale)
 
 
 def write_meta(checkpoint: Mapping[str, Any], directory: Path) -> None:

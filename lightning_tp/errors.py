@@ -1,15 +1,24 @@
-"""Typed errors raised for user mistakes. Each message names the parameter, the value and the fix."""
+"""Typed errors raised for user mistakes. Each message names the parameter, the value and the fix.
+
+Every error is a :class:`LightningTPError` (a ``ValueError``) and also derives from the exception Lightning's
+``ModelParallelStrategy`` raises for the same condition, so ``except RuntimeError`` around a wrong mesh (or
+``except TypeError`` around an FSDP1 model) keeps working when the strategy class is swapped.
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "ConfigureModelRequiredError",
     "EnvironmentConfigError",
     "LightningTPError",
     "MeshConfigError",
+    "ModelNotRecognisedError",
     "ModelShapeError",
     "PlanError",
+    "PrecisionConfigError",
     "SequenceLengthError",
     "UnsupportedFeatureError",
+    "UnsupportedModuleError",
 ]
 
 
@@ -17,8 +26,8 @@ class LightningTPError(ValueError):
     """Base class of every configuration error raised by lightning_tp."""
 
 
-class MeshConfigError(LightningTPError):
-    """``tensor_parallel_size`` × ``data_parallel_size`` does not fit the devices."""
+class MeshConfigError(LightningTPError, RuntimeError):
+    """``tensor_parallel_size`` × ``data_parallel_size`` does not fit the devices (the parent: ``RuntimeError``)."""
 
 
 class ModelShapeError(LightningTPError):
@@ -27,6 +36,22 @@ class ModelShapeError(LightningTPError):
 
 class PlanError(LightningTPError):
     """A plan is unknown, malformed, or does not match the model's modules."""
+
+
+class ModelNotRecognisedError(PlanError):
+    """``plan="auto"`` (or a registered name) found no model it knows how to shard."""
+
+
+class ConfigureModelRequiredError(PlanError, TypeError):
+    """No plan applies and ``configure_model()`` is not overridden (the parent: ``TypeError``)."""
+
+
+class UnsupportedModuleError(LightningTPError, TypeError):
+    """The model holds modules the strategy cannot shard, e.g. FSDP1 wrappers (the parent: ``TypeError``)."""
+
+
+class PrecisionConfigError(LightningTPError):
+    """``Trainer(precision=...)`` is not one the strategy supports."""
 
 
 class SequenceLengthError(LightningTPError):

@@ -9,7 +9,9 @@ receives ordinary tensors.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -88,8 +90,16 @@ class ScriptLauncher(_SubprocessScriptLauncher):
         if not self.cluster_environment.creates_processes_externally:
             folder = tempfile.mkdtemp(prefix="lightning_tp-failures-")
             atexit.register(shutil.rmtree, folder, ignore_errors=True)  # ranks run later fits in this folder too
+            # Only the ranks started here need the folder: it is in the environment they copy, not left in ours.
+            previous = os.environ.get(FAILURES_ENV)
             os.environ[FAILURES_ENV] = folder
-            self._call_children_scripts()
+            try:
+                self._call_children_scripts()
+            finally:
+                if previous is None:
+                    del os.environ[FAILURES_ENV]
+                else:
+                    os.environ[FAILURES_ENV] = previous
             observer = _Observer(self.procs)
             observer.start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
@@ -173,6 +183,26 @@ def record_failure(rank: int, error: BaseException) -> None:
         pass
 
 
+class _DropSequentialAllGatherNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sequential all_gather operations" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_sequential_all_gathers() -> Any:
+    """Silence DTensor's note (a ``logging`` warning, once per rank) that gathering an FSDP + TP parameter, placed
+    ``(_StridedShard(0), Shard(0))`` on the (dp, tp) mesh, takes two all-gathers that "may give inconsistent results
+    between ranks due to different reduction orders". All-gathers only copy shards, they reduce nothing, so every
+    rank gets the same bits; and the order (tp first, then dp) cannot be merged into one collective."""
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    note = _DropSequentialAllGatherNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
 class ForkLauncher(_MultiProcessingLauncher):
     """Fork the ranks from the current (e.g. Jupyter) process; bring the trained weights back as full tensors.
 
@@ -194,8 +224,9 @@ class ForkLauncher(_MultiProcessingLauncher):
         weights_path = None
         if trainer.state.fn == TrainerFn.FITTING:
             # A collective: every rank contributes its shards, rank 0 receives whole CPU tensors.
-            state = get_model_state_dict(trainer.lightning_module,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            with _quiet_sequential_all_gathers():
+                state = get_model_state_dict(trainer.lightning_module,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self._strategy.global_rank == 0:
                 weights_path = os.path.join(tempfile.mkdtemp(), "weights.pt")
                 torch.save(state, weights_path)

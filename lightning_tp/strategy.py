@@ -18,13 +18,23 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
-from lightning.fabric.strategies.model_parallel import _setup_device_mesh
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_tp.errors import MeshConfigError, SequenceLengthError, UnsupportedFeatureError
+from lightning_tp.errors import (
+    ConfigureModelRequiredError,
+    MeshConfigError,
+    ModelNotRecognisedError,
+    PlanError,
+    PrecisionConfigError,
+    SequenceLengthError,
+    UnsupportedFeatureError,
+    UnsupportedModuleError,
+)
 from lightning_tp.parallel.apply import (
     apply_fsdp,
     apply_tensor_parallel,
@@ -53,9 +63,14 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             (or ``world_size // data_parallel_size`` when that is given), so TP stays on the fast link.
         data_parallel_size: Number of data-parallel (FSDP2) replicas. ``"auto"``: the number of nodes
             (or ``world_size // tensor_parallel_size`` when that is given).
-        plan: ``"auto"`` (recognise a Llama-family model inside the LightningModule), a registered plan
-            name (see :data:`lightning_tp.parallel.plans.PLANS`), a dict ``{module glob: ParallelStyle}``
-            relative to the LightningModule, or a callable ``(*, sequence_parallel, loss_parallel) -> dict``.
+        plan: ``"auto"`` (recognise a Llama-family model inside the LightningModule; a model that
+            ``configure_model()`` already parallelized, with DTensor parameters or FSDP2 modules, is left as it
+            is), a registered plan name (see :data:`lightning_tp.parallel.plans.PLANS`), a dict
+            ``{module glob: ParallelStyle}`` relative to the LightningModule, a callable
+            ``(*, sequence_parallel, loss_parallel) -> dict``, or ``None``: no plan, you parallelize in
+            ``configure_model()`` exactly as with ``ModelParallelStrategy`` (its errors included), keeping this
+            strategy's mesh-aware clipping, loss-parallel scoping, accumulation without FSDP2 syncs, safe
+            checkpoints, launchers and failure reports.
         sequence_parallel: Shard norms and residual activations over the sequence between TP regions:
             same bytes moved as TP alone, activation memory divided by ``tp``.
         loss_parallel: Keep logits vocab-sharded and compute ``F.cross_entropy`` on the shards; the full
@@ -90,7 +105,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self,
         tensor_parallel_size: _Size = "auto",
         data_parallel_size: _Size = "auto",
-        plan: PlanSpec = "auto",
+        plan: Optional[PlanSpec] = "auto",
         sequence_parallel: bool = True,
         loss_parallel: bool = True,
         fsdp: bool = True,
@@ -127,13 +142,17 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                             " e.g. timeout=600)")
         if launcher not in ("auto", "subprocess", "fork"):
             problems.append(f"`launcher` must be 'auto', 'subprocess' or 'fork', got {launcher!r}")
-        if not (isinstance(plan, (str, Mapping)) or callable(plan)):
-            problems.append(f"`plan` must be 'auto', a plan name, a dict or a callable, got {plan!r}")
+        if not (plan is None or isinstance(plan, (str, Mapping)) or callable(plan)):
+            problems.append(f"`plan` must be 'auto', a plan name, a dict, a callable or None, got {plan!r}")
         if not fsdp and isinstance(data_parallel_size, int) and data_parallel_size > 1:
             problems.append(f"`fsdp=False` needs `data_parallel_size=1` (got {data_parallel_size}): gradients of"
                             " data-parallel replicas are synchronised by FSDP2; set fsdp=True")
         if problems:
             raise MeshConfigError(f"Invalid {type(self).__name__} arguments: " + "; ".join(problems) + ".")
+        if plan is None:
+            _refuse_plan_features(activation_checkpointing=activation_checkpointing, compile=compile,
+                                  async_tp=async_tp, float8=float8, why="`plan=None` (you parallelize in"
+                                  " `configure_model()`)")
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -152,6 +171,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self.async_tp = async_tp
         self.float8 = float8
         self._resolved_plan: Optional[ResolvedPlan] = None
+        # "plan": the strategy applied its plan; "user": configure_model() parallelized the model (or plan=None)
+        self._parallelized_by: Optional[Literal["plan", "user"]] = None
 
     # ------------------------------------------------------------------ sizes, checked before any spawn
 
@@ -168,8 +189,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             tp = world // dp if world % dp == 0 else 0
         if not dp or not tp or dp * tp != world:
             raise MeshConfigError(
-                f"data_parallel_size ({self._data_parallel_size}) × tensor_parallel_size"
-                f" ({self._tensor_parallel_size}) must equal the world size {world}"
+                f"data_parallel_size ({self._data_parallel_size}) and tensor_parallel_size"
+                f" ({self._tensor_parallel_size}) multiplied should equal the world size {world}"
                 f" (num_nodes={self.num_nodes} × devices={per_node}). Fix: choose sizes whose product is {world},"
                 " or leave one of them 'auto'."
             )
@@ -185,7 +206,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
         precision = str(getattr(self.precision_plugin, "precision", "32-true"))
         if precision not in _SUPPORTED_PRECISION:
-            raise ValueError(
+            raise PrecisionConfigError(
                 f"{type(self).__name__} does not support `Trainer(precision={precision!r})`. Choose one of"
                 f" {', '.join(_SUPPORTED_PRECISION)}; 'bf16-mixed' computes in bf16 and reduces gradients in fp32."
             )
@@ -244,7 +265,10 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         parameter is overwritten with the trained values.
         """
         if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
-            materialize(module, self._resolve(module), torch.device("cpu"), getattr(module, "init_seed", None))
+            if self._parallelized_by == "plan" or (self.plan is not None and _has_parameters(module)):
+                materialize(module, self._resolve(module), torch.device("cpu"), getattr(module, "init_seed", None))
+            else:  # the user's own parallelization: storage only, the trained values follow
+                module.to_empty(device="cpu")
         missing, unexpected = module.load_state_dict(state, strict=False)
         lost = sorted({n for n, _ in module.named_parameters()} & set(missing))
         if lost or unexpected:
@@ -252,11 +276,27 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
                                f" unexpected {sorted(unexpected)}.")
 
     def preflight(self, module: pl.LightningModule) -> None:
-        """Check the plan and model shapes if the model already exists (built in ``__init__``)."""
+        """In the launching process: check the plan and model shapes if the model already exists (built in
+        ``__init__``), and that a model no plan applies to is parallelized in ``configure_model()``."""
         _reject_fsdp1(module, type(self).__name__)
-        if not any(True for _ in module.parameters()):
+        user_hook = is_overridden("configure_model", module)
+        if self.plan is None:
+            if not user_hook:
+                raise ConfigureModelRequiredError(_configure_model_required(type(self).__name__))
+            return
+        if not _has_parameters(module):
+            if not user_hook:
+                raise ConfigureModelRequiredError(_no_plan_found(type(self).__name__, module, self.plan, user_hook))
             return  # built in configure_model: checked in setup, identically on every rank
-        self._resolve(module)
+        try:
+            self._resolve(module)
+        except PlanError as error:
+            if user_hook and isinstance(error, ModelNotRecognisedError):
+                return  # configure_model() may parallelize it: decided in setup, after the hook ran
+            if not user_hook and isinstance(error, ModelNotRecognisedError):
+                raise ConfigureModelRequiredError(_no_plan_found(type(self).__name__, module, self.plan,
+                                                                 user_hook)) from error
+            raise
 
     def _resolve(self, module: nn.Module) -> ResolvedPlan:
         plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
@@ -266,13 +306,10 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        # "auto" sizes resolved (and a bad mesh refused) first; then the parent's order: the accelerator's device
+        # setup (`torch.cuda.set_device(root_device)`), the process group, the mesh, the mesh on the module.
         self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
-        self._setup_distributed()
-        self._device_mesh = _setup_device_mesh(
-            self._data_parallel_size, self._tensor_parallel_size, self.world_size, self.root_device
-        )
-        assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        super().setup_environment()
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -292,11 +329,17 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
+        first_setup = self._parallelized_by is None  # validate/test after fit set up the same module again
+        if first_setup:
+            self._parallelized_by = self._who_parallelizes(self.model)
+        if self._parallelized_by == "user":
+            super().setup(trainer)  # the parent's: its checks, meta materialisation, precision, optimizers
+            self._install_gradient_clipping()
+            return
         self.accelerator.setup(trainer)
-        _reject_fsdp1(self.model, type(self).__name__)
         module = self.model
-        if self._resolved_plan is None:
-            self._resolved_plan = self._resolve(module)
+        if first_setup:
+            assert self._resolved_plan is not None
             seed = getattr(module, "init_seed", None)
             if self.root_device.type == "cpu":
                 # DTensor's random ops are coordinated across ranks only on accelerators; on CPU every shard
@@ -330,6 +373,49 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _who_parallelizes(self, module: nn.Module) -> Literal["plan", "user"]:
+        """On every rank, after ``configure_model()``: apply the plan, or leave the parallelization to the user.
+
+        ``plan=None`` and (under ``"auto"``) a model that already holds DTensor parameters or FSDP2 modules are
+        the user's: no plan is applied to them, ever. A model with no parameters has nothing to shard and is
+        the user's too (the parent's behaviour). Anything else gets the plan, or the plan's typed error.
+        """
+        _reject_fsdp1(module, type(self).__name__)
+        if self.plan is None:
+            return "user"
+        dtensors, fsdp_units = _user_parallelism(module)
+        name = type(self).__name__
+        if dtensors or fsdp_units:
+            if self.plan != "auto":
+                raise PlanError(f"configure_model() already parallelized the model ({dtensors} DTensor parameters,"
+                                f" {fsdp_units} FSDP2 modules), and plan={self.plan!r} would shard it a second time."
+                                " Fix: pass plan=None (or 'auto'), or remove the parallelization from"
+                                " configure_model().")
+            _refuse_plan_features(activation_checkpointing=self.activation_checkpointing, compile=self.compile,
+                                  async_tp=self.async_tp, float8=self.float8,
+                                  why="a model that `configure_model()` parallelized itself")
+            if not fsdp_units and self.data_parallel_size > 1:
+                raise MeshConfigError(
+                    f"configure_model() applied tensor parallelism ({dtensors} DTensor parameters) but no FSDP2 while"
+                    f" data_parallel_size={self.data_parallel_size}: the data-parallel replicas would never average"
+                    " their gradients. Fix: call `fully_shard(..., mesh=self.device_mesh['data_parallel'])` in"
+                    " configure_model(), or set data_parallel_size=1, or let the strategy do both (plan='auto' on a"
+                    " model it recognises, with no parallelization in configure_model()).")
+            rank_zero_info(f"{name}: configure_model() parallelized the model itself ({dtensors} DTensor"
+                           f" parameters, {fsdp_units} FSDP2 modules); no plan is applied to it.")
+            return "user"
+        if not _has_parameters(module):
+            return "user"
+        try:
+            self._resolved_plan = self._resolve(module)
+        except PlanError as error:
+            if isinstance(error, ModelNotRecognisedError):
+                user_hook = is_overridden("configure_model", module)
+                cls = ModelNotRecognisedError if user_hook else ConfigureModelRequiredError
+                raise cls(_no_plan_found(name, module, self.plan, user_hook)) from error
+            raise
+        return "plan"
 
     def _mp_policy(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -474,12 +560,63 @@ def _enable_async_tp(tp_mesh: Any) -> None:
 def _reject_fsdp1(module: nn.Module, owner: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if not any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        return
     wrapped = [n or type(module).__name__ for n, m in module.named_modules() if isinstance(m, FullyShardedDataParallel)]
-    if wrapped:
-        raise TypeError(
-            f"Modules {wrapped} are wrapped with FSDP1 `torch.distributed.fsdp.FullyShardedDataParallel`; {owner}"
-            " applies FSDP2 itself after tensor parallelism. Remove the wrapper and pass the plain model."
-        )
+    raise UnsupportedModuleError(
+        f"Found modules that are wrapped with `torch.distributed.fsdp.FullyShardedDataParallel` (FSDP1):"
+        f" {wrapped or 'some of its modules'}. The `{owner}` only supports the new FSDP2 APIs in PyTorch >= 2.4."
+        f" Fix: remove the wrapper and pass the plain model ({owner} applies FSDP2 after tensor parallelism), or"
+        " call `fully_shard` (FSDP2) yourself in configure_model() with plan=None."
+    )
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _user_parallelism(module: nn.Module) -> tuple[int, int]:
+    """How many DTensor parameters and FSDP2 modules ``module`` holds: the marks of a user's own parallelization."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    dtensors = sum(isinstance(p, DTensor) for p in module.parameters())
+    return dtensors, sum(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _configure_model_required(owner: str) -> str:
+    return (f"When using the {owner} with plan=None, you are required to override the `configure_model()` hook in"
+            " the LightningModule and apply parallelization there (as with ModelParallelStrategy). Fix: add"
+            " configure_model(), or use plan='auto' for a Llama-family model the strategy shards for you.")
+
+
+def _no_plan_found(owner: str, module: nn.Module, plan: Any, user_hook: bool) -> str:
+    what = (f"plan={plan!r} found no model it recognises in {type(module).__name__}: it looks for a Llama-family"
+            " causal LM (`model.layers[i].self_attn`, `.mlp`, `lm_head`, as in lightning_tp.models.Llama or"
+            " transformers' LlamaForCausalLM), and configure_model() did not parallelize it (no DTensor parameters,"
+            " no FSDP2 modules).")
+    if user_hook:
+        return (f"{what} Fix: pass plan=None to keep ModelParallelStrategy's behaviour (the model is trained as"
+                " configure_model() left it), parallelize it in configure_model() with `self.device_mesh`, or pass"
+                " `plan=` a dict {module glob: ParallelStyle} or a callable.")
+    return (f"{what} Fix: pass `plan=` a dict {{module glob: ParallelStyle}} or a callable, or pass plan=None: then,"
+            f" as with ModelParallelStrategy, you are required to override the `configure_model()` hook in the"
+            f" LightningModule and apply parallelization there ({owner} keeps its clipping, loss parallel and"
+            " checkpoints).")
+
+
+def _refuse_plan_features(*, activation_checkpointing: str, compile: bool, async_tp: bool, float8: bool,
+                          why: str) -> None:
+    """Options that act on the decoder blocks the strategy's own plan finds cannot apply to a user's parallelization."""
+    asked = [f"{name}={value!r}" for name, value, off in (
+        ("activation_checkpointing", activation_checkpointing, "none"), ("compile", compile, False),
+        ("async_tp", async_tp, False), ("float8", float8, False)) if value != off]
+    if asked:
+        raise UnsupportedFeatureError(
+            f"{', '.join(asked)} act on the decoder blocks found by the strategy's own plan, which does not apply to"
+            f" {why}. Fix: leave them at their defaults and apply them yourself in configure_model() (e.g."
+            " `torch.compile`, `checkpoint_wrapper` per block), or let the strategy parallelize the model"
+            " (plan='auto', nothing parallelized in configure_model()).")
 
 
 def _to_local(output: Any) -> Any:

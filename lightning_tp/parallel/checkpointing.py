@@ -30,9 +30,15 @@ class AtomicCheckpointMixin:
         if storage_options is not None:
             raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported"
                             f" because `{type(self).__name__}` does not use the `CheckpointIO`.")
+        from lightning_tp.checkpoint import CheckpointPathError
+
         path = Path(self.broadcast(str(filepath)))  # rank 0 decides, every rank writes to the same place
         checkpoint[files.LAYOUT_KEY] = self._checkpoint_layout()
         staged = files.staging_path(path, int(checkpoint.get("global_step", 0)))
+        # Never replace what the strategy did not write: refused on every rank, before anything is touched.
+        refusal = self.broadcast(files.refuse_to_replace(path, staged) if self.is_global_zero else None)
+        if refusal:
+            raise CheckpointPathError(refusal)
 
         def prepare() -> None:
             if self.is_global_zero:

@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from lightning_tp.errors import PlanError
+from lightning_tp.errors import ModelNotRecognisedError, PlanError
 
 __all__ = [
     "PLANS",
@@ -280,11 +280,12 @@ def resolve_plan(
             )
         roots = find_llama(module)
         if not roots:
-            raise PlanError(
+            raise ModelNotRecognisedError(
                 f"plan={plan!r} found no model it recognises in {type(module).__name__}: it looks for a"
                 " Llama-family causal LM (`model.layers[i].self_attn`, `.mlp`, `lm_head`, as in"
                 " lightning_tp.models.Llama or transformers' LlamaForCausalLM). Build the model in `__init__` or"
-                " `configure_model()`, or pass `plan=` a dict {module glob: ParallelStyle} or a callable."
+                " `configure_model()`, pass `plan=` a dict {module glob: ParallelStyle} or a callable, or pass"
+                " plan=None and parallelize it yourself in configure_model()."
             )
         for root in roots:
             _check_supported(module.get_submodule(root), root, plan)

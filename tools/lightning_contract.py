@@ -1,0 +1,157 @@
+"""Run Lightning's own ``ModelParallelStrategy`` tests against ``TensorParallelStrategy``: the parent's contract.
+
+    python tools/lightning_contract.py --lightning-src PATH [--mode parent|auto|none|all] [--integration] [-k EXPR]
+
+``PATH`` is a checkout (or ``git archive``) of Lightning-AI/pytorch-lightning at the tag matching the installed
+``lightning``. Nothing of Lightning's is copied into this repository: the tests are copied into a temporary
+directory, the class the test modules import as ``ModelParallelStrategy`` is replaced by
+
+* ``parent``: Lightning's own class (the baseline),
+* ``auto``: ``TensorParallelStrategy`` (the default ``plan="auto"``),
+* ``none``: ``TensorParallelStrategy(plan=None)`` (the user parallelizes in ``configure_model``),
+
+and pytest runs them. ``--integration`` also runs a CPU port of ``test_model_parallel_integration.py``: the only
+edits are ``accelerator="cuda"|"gpu"|"auto"`` → ``"cpu"``, the ``min_cuda_gpus``/``standalone`` requirements
+dropped, and ``strategy="ddp"`` kept as it is. Multi-device cases launch real gloo processes (Lightning re-runs
+the same pytest command for the other ranks), so the integration run takes several minutes on 2 cores.
+
+Prints one table per mode (passed / failed / skipped, and each test's outcome) and exits non-zero if a test
+that passes with the parent fails with a substituted class, except those listed in ``DELIBERATE`` (each a
+documented difference, see README "Differences from ModelParallelStrategy").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+UNIT = "tests/tests_pytorch/strategies/test_model_parallel.py"
+INTEGRATION = "tests/tests_pytorch/strategies/test_model_parallel_integration.py"
+SUPPORT = ("tests/tests_pytorch/__init__.py", "tests/tests_pytorch/conftest.py", "tests/tests_pytorch/helpers")
+
+# Tests that fail with the subclass by design, per mode, with the reason (kept in sync with the README's list).
+_SAFE_SAVES = ("a save onto an existing file, or a directory that is not a complete checkpoint written by this"
+               " strategy, is refused with CheckpointPathError (a FileExistsError) and nothing is touched; the parent"
+               " deletes the file, or writes beside the user's files, or deletes a directory holding only meta.pt")
+DELIBERATE = {
+    ("auto", "test_save_checkpoint_path_exists"): _SAFE_SAVES,
+    ("none", "test_save_checkpoint_path_exists"): _SAFE_SAVES,
+    ("auto", "test_meta_device_materialization"): "plan='auto' refuses a model it does not recognise and that"
+    " configure_model() did not parallelize (ModelNotRecognisedError, naming plan=None) instead of training it"
+    " unsharded; plan=None keeps the parent's behaviour and passes this test",
+}
+
+_SUBSTITUTE = '''
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _substitute_strategy(request, monkeypatch):
+    mode = os.environ.get("LIGHTNING_TP_CONTRACT_MODE", "parent")
+    if mode == "parent" or not hasattr(request.module, "ModelParallelStrategy"):
+        yield
+        return
+    from lightning_tp import TensorParallelStrategy
+
+    # Named like the parent: Lightning's messages interpolate `type(self).__name__`, and the tests match them.
+    class ModelParallelStrategy(TensorParallelStrategy):
+        def __init__(self, *args, **kwargs):
+            if mode == "none":
+                kwargs.setdefault("plan", None)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(request.module, "ModelParallelStrategy", ModelParallelStrategy)
+    yield
+'''
+
+
+def _port_integration(text: str) -> str:
+    text = re.sub(r'accelerator="(cuda|gpu|auto)"', 'accelerator="cpu"', text)
+    text = re.sub(r",\s*min_cuda_gpus=\d+", "", text)
+    text = re.sub(r"min_cuda_gpus=\d+,\s*", "", text)
+    text = re.sub(r",\s*standalone=True", "", text)
+    text = re.sub(r"standalone=True,\s*", "", text)
+    text = text.replace("RunIf(bf16_cuda=True)", "RunIf()")
+    return text
+
+
+def prepare(src: Path, integration: bool) -> Path:
+    work = Path(tempfile.mkdtemp(prefix="lightning-contract-"))
+    for rel in (UNIT, *SUPPORT) + ((INTEGRATION,) if integration else ()):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (src / rel).is_dir():
+            shutil.copytree(src / rel, work / rel)
+        else:
+            shutil.copy(src / rel, work / rel)
+    (work / "tests/tests_pytorch/strategies/__init__.py").touch()
+    conftest = work / "tests/tests_pytorch/strategies/conftest.py"
+    conftest.write_text(_SUBSTITUTE)
+    if integration:
+        path = work / INTEGRATION
+        path.write_text(_port_integration(path.read_text()))
+    return work
+
+
+def run(work: Path, mode: str, files: list[str], extra: list[str]) -> dict[str, str]:
+    report = work / f"report-{mode}.jsonl"
+    env = {**os.environ, "LIGHTNING_TP_CONTRACT_MODE": mode, "PYTHONPATH": str(work / "tests")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rN",
+           f"--junitxml={report.with_suffix('.xml')}", *files, *extra]
+    subprocess.run(cmd, cwd=work / "tests", env=env, check=False)
+    return _outcomes(report.with_suffix(".xml"))
+
+
+def _outcomes(xml: Path) -> dict[str, str]:
+    import xml.etree.ElementTree as ET
+
+    outcomes = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        name = case.get("name", "?")
+        tags = {child.tag for child in case}
+        outcomes[name] = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lightning-src", type=Path, required=True)
+    parser.add_argument("--mode", choices=("parent", "auto", "none", "all"), default="all")
+    parser.add_argument("--integration", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the outcomes here")
+    args, extra = parser.parse_known_args(argv)
+    work = prepare(args.lightning_src.resolve(), args.integration)
+    files = [UNIT.removeprefix("tests/")] + ([INTEGRATION.removeprefix("tests/")] if args.integration else [])
+    modes = ("parent", "auto", "none") if args.mode == "all" else (args.mode,)
+    results = {mode: run(work, mode, files, extra) for mode in modes}
+    regressions = []
+    for mode, outcomes in results.items():
+        counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "skipped")}
+        print(f"\n== {mode}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+        for name, outcome in sorted(outcomes.items()):
+            base = results.get("parent", {}).get(name)
+            note = ""
+            if mode != "parent" and base == "passed" and outcome != "passed":
+                reason = DELIBERATE.get((mode, name.split("[")[0]))
+                note = f"  deliberate: {reason}" if reason else "  REGRESSION"
+                if not reason:
+                    regressions.append(f"{mode}: {name}")
+            print(f"   {outcome:8s} {name}{note}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    if regressions:
+        print("\nregressions against the parent:\n  " + "\n  ".join(regressions))
+    return 1 if regressions else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,10 @@
 """``lightning-tp``: the console entry point. ``lightning-tp pretrain|finetune [hydra overrides and flags]``.
 
 Every argument after the recipe name goes to Hydra unchanged (``key=value``, ``--cfg job``,
-``--multirun``, ``--help``). The recipe scripts live in ``recipes/`` beside the package (an editable
-install from a clone); the command runs them as ``python recipes/NAME.py ...`` would, so Lightning can
-re-launch the same script for the other ranks.
+``--multirun``, ``--help``). The recipes are the package modules ``lightning_tp.recipes.pretrain|finetune``
+with their configs in ``lightning_tp/conf``, so the command works from a wheel as from a clone; it runs them as
+``python -m lightning_tp.recipes.NAME ...`` would, so Lightning's launcher re-runs that module for the other
+ranks.
 
 Two conversions run in one process, without a process group:
 
@@ -32,11 +33,9 @@ USAGE = (f"usage: lightning-tp {{{','.join(RECIPES)}}} [key=value ...] [--cfg jo
 CONVERSIONS = ("export", "import")  # Hugging Face checkpoints out and in (lightning_tp.hf)
 
 
-def recipe_path(name: str) -> Path:
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
-    if not path.is_file():
-        raise SystemExit(f"lightning-tp: recipe {str(path)!r} not found; install from a clone with `pip install -e .`.")
-    return path
+def recipe_module(name: str) -> str:
+    """The module ``lightning-tp NAME`` runs as ``python -m`` would (``lightning_tp.recipes.NAME``)."""
+    return f"lightning_tp.recipes.{name}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         return {"export": export_main, "import": import_main}[argv[0]](argv[1:])
     if argv[0] not in RECIPES:
         raise SystemExit(f"lightning-tp: unknown recipe {argv[0]!r}; choose one of {', '.join(RECIPES)}.\n{USAGE}")
-    path = recipe_path(argv[0])
-    sys.argv = [str(path), *argv[1:]]
-    runpy.run_path(str(path), run_name="__main__")
+    # As `python -m`: while it runs, __main__ is the recipe module (its __spec__ names it), which is what
+    # Lightning's launcher re-runs for ranks > 0 (`python -m lightning_tp.recipes.NAME` + sys.argv[1:]).
+    sys.argv = [f"lightning-tp {argv[0]}", *argv[1:]]
+    runpy.run_module(recipe_module(argv[0]), run_name="__main__", alter_sys=True)
 
 
 def _config_from_arg(spec: str) -> Any:

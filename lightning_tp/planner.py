@@ -45,7 +45,7 @@ __all__ = [
     "recommend",
 ]
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # packaged configs (lightning_tp.recipes.CONF_DIR)
 AC_MODES = ("none", "selective", "full")
 # Bytes per element: (stored parameter, gathered/compute copy, gradient shard, AdamW state = 2 moments).
 # bf16-mixed is the strategy's FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 master

@@ -1,29 +1,11 @@
-"""Pretrain a Llama with TensorParallelStrategy: compose the config, instantiate, fit.
+"""The pretrain recipe as a script in a clone: `python recipes/pretrain.py [key=value ...] [--cfg job] [--multirun]`.
 
-    python recipes/pretrain.py                       # embedded defaults, CPU or GPU
-    python recipes/pretrain.py --cfg job             # print the composed config
-    python recipes/pretrain.py trainer.max_steps=50 --multirun optimizer.lr=1e-3,3e-4
-
-Same as `lightning-tp pretrain ...`. Config: conf/pretrain.yaml and the groups under conf/.
+A thin wrapper: the recipe is the package module :mod:`lightning_tp.recipes.pretrain` (also
+`python -m lightning_tp.recipes.pretrain` and `lightning-tp pretrain`, which work from a wheel). Lightning re-runs
+this script for the other ranks. Config: `conf/pretrain.yaml` (`conf` links to the packaged `lightning_tp/conf`).
 """
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from lightning_tp.recipes import check_overrides, flags_first, register_configs
-from lightning_tp.recipes.run import run
-
-register_configs()
-
-
-@hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from lightning_tp.recipes.pretrain import main
 
 if __name__ == "__main__":
-    sys.argv = flags_first(sys.argv)
-    check_overrides("pretrain", sys.argv)
     main()

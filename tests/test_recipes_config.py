@@ -17,11 +17,10 @@ from omegaconf import OmegaConf
 
 from lightning_tp import TensorParallelStrategy
 from lightning_tp.models import Llama, list_presets
-from lightning_tp.recipes import register_configs
+from lightning_tp.recipes import CONF_DIR, register_configs
 from lightning_tp.recipes.run import model_config
 
-ROOT = Path(__file__).parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR  # the packaged configs (a clone's top-level conf/ links to them)
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "strategy", "trainer")}
 TRAINER_ARGS = set(inspect.signature(L.Trainer.__init__).parameters)
 
@@ -114,9 +113,45 @@ def test_console_entry_point_passes_hydra_flags_through(capsys: pytest.CaptureFi
     cli.main(["pretrain", "--cfg", "job", "model=debug", "trainer.max_steps=7"])
     job = OmegaConf.create(capsys.readouterr().out)
     assert job.model.name == "debug" and job.trainer.max_steps == 7
-    assert sys.argv[0] == str(ROOT / "recipes" / "pretrain.py")  # what Lightning re-runs for the other ranks
     with pytest.raises(SystemExit, match="unknown recipe 'pretrian'.*pretrain"):
         cli.main(["pretrian"])
+
+
+def test_packaged_configs_and_the_clone_link() -> None:
+    assert CONF_DIR == Path(__import__("lightning_tp").__file__).resolve().parent / "conf"
+    assert (CONF_DIR / "pretrain.yaml").is_file() and (CONF_DIR / "plan.yaml").is_file()
+    link = Path(__file__).parents[1] / "conf"  # the clone's top-level conf/ is the same directory
+    assert link.resolve() == CONF_DIR
+
+
+def test_console_entry_point_relaunches_the_recipe_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`lightning-tp pretrain` runs `lightning_tp.recipes.pretrain` as `python -m` would, so the command Lightning's
+    launcher builds for ranks > 0 is `python -m lightning_tp.recipes.pretrain ...` (no file of the clone)."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
+
+    import lightning_tp.recipes.run as recipe_run
+    from lightning_tp import cli
+
+    seen: dict = {}
+
+    def fake_run(cfg, checkpoint=None):
+        import __main__
+
+        seen["main"] = __main__.__spec__.name
+        seen["cmd"], seen["cwd"] = _hydra_subprocess_cmd(local_rank=1)
+
+    monkeypatch.setattr(recipe_run, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # Hydra leaves its job config set; later tests don't
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    monkeypatch.chdir(tmp_path)
+    cli.main(["pretrain", "model=debug", f"out_dir={tmp_path / 'out'}"])
+    assert seen["main"] == "lightning_tp.recipes.pretrain"
+    assert seen["cmd"][:3] == [sys.executable, "-m", "lightning_tp.recipes.pretrain"]
+    assert "model=debug" in seen["cmd"] and seen["cwd"] == str(tmp_path)
 
 
 def test_help_flag_reaches_hydra(capsys: pytest.CaptureFixture[str]) -> None:

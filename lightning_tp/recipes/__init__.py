@@ -1,10 +1,11 @@
-"""Hydra recipe support: typed config schemas and the run function shared by the recipe scripts."""
+"""Hydra recipe support: typed config schemas, the packaged configs (:data:`CONF_DIR`), the run function and the
+entry points ``python -m lightning_tp.recipes.pretrain|finetune`` (what ``lightning-tp pretrain|finetune`` runs)."""
 
 from __future__ import annotations
 
-from lightning_tp.recipes.config import register_configs
+from lightning_tp.recipes.config import CONF_DIR, register_configs
 
-__all__ = ["check_overrides", "flags_first", "register_configs"]
+__all__ = ["CONF_DIR", "check_overrides", "flags_first", "register_configs"]
 
 
 def flags_first(argv: list[str]) -> list[str]:
@@ -25,14 +26,11 @@ def flags_first(argv: list[str]) -> list[str]:
 def check_overrides(recipe: str, argv: list[str]) -> None:
     """Compose ``recipe`` with the command line's plain overrides before Hydra runs, so a misspelled key or a
     wrong type ends with :class:`~lightning_tp.recipes.config.RecipeConfigError` (close matches, expected type,
-    the fix), exit status 1, instead of Hydra's terser message. Sweeps (``a=1,2``), ``hydra.*`` and ``+``/``~``
-    overrides are left to Hydra.
+    the fix) instead of Hydra's terser message; the recipe entry points print it as one line and exit with
+    status 1. Sweeps (``a=1,2``), ``hydra.*`` and ``+``/``~`` overrides are left to Hydra.
     """
-    from lightning_tp.recipes.config import RecipeConfigError, compose_recipe
+    from lightning_tp.recipes.config import compose_recipe
 
     plain = [t for t in argv[1:] if not t.startswith(("-", "+", "~", "hydra.")) and "=" in t
              and "," not in t.partition("=")[2] and not t.partition("=")[2].startswith(("range(", "choice(", "glob("))]
-    try:
-        compose_recipe(recipe, plain)
-    except RecipeConfigError as e:
-        raise SystemExit(f"lightning-tp {recipe}: {e}") from e
+    compose_recipe(recipe, plain)

@@ -36,8 +36,9 @@ __all__ = [
     "register_configs",
 ]
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-"""The recipes' Hydra config directory (in a clone, beside the package)."""
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+"""The recipes' Hydra config directory, shipped in the package (``lightning_tp/conf``; a clone's top-level ``conf``
+links to it). Also importable by Hydra as the module ``lightning_tp.conf``."""
 
 
 class RecipeConfigError(LightningTPError):

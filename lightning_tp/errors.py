@@ -42,8 +42,9 @@ class ModelNotRecognisedError(PlanError):
     """``plan="auto"`` (or a registered name) found no model it knows how to shard."""
 
 
-class ConfigureModelRequiredError(PlanError, TypeError):
-    """No plan applies and ``configure_model()`` is not overridden (the parent: ``TypeError``)."""
+class ConfigureModelRequiredError(ModelNotRecognisedError, TypeError):
+    """No plan applies to the model (``plan=None``, or ``"auto"`` recognises none) and ``configure_model()`` is not
+    overridden to parallelize it (the parent: ``TypeError``)."""
 
 
 class UnsupportedModuleError(LightningTPError, TypeError):

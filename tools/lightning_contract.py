@@ -49,9 +49,20 @@ DELIBERATE = {
 }
 
 _SUBSTITUTE = '''
+import json
 import os
 
 import pytest
+
+# Ranks that Lightning starts re-run this pytest command: only the launching process reports outcomes.
+_REPORT = None if "LOCAL_RANK" in os.environ else os.environ.get("LIGHTNING_TP_CONTRACT_REPORT")
+
+
+def pytest_runtest_logreport(report):
+    if _REPORT and (report.when == "call" or report.outcome != "passed"):
+        name = report.nodeid.split("::")[-1]
+        with open(_REPORT, "a") as f:
+            f.write(json.dumps({"name": name, "outcome": report.outcome}) + "\\n")
 
 
 @pytest.fixture(autouse=True)
@@ -101,23 +112,32 @@ def prepare(src: Path, integration: bool) -> Path:
     return work
 
 
-def run(work: Path, mode: str, files: list[str], extra: list[str]) -> dict[str, str]:
+def run(work: Path, mode: str, files: list[str], extra: list[str], timeout: float) -> dict[str, str]:
     report = work / f"report-{mode}.jsonl"
-    env = {**os.environ, "LIGHTNING_TP_CONTRACT_MODE": mode, "PYTHONPATH": str(work / "tests")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rN",
-           f"--junitxml={report.with_suffix('.xml')}", *files, *extra]
-    subprocess.run(cmd, cwd=work / "tests", env=env, check=False)
-    return _outcomes(report.with_suffix(".xml"))
-
-
-def _outcomes(xml: Path) -> dict[str, str]:
-    import xml.etree.ElementTree as ET
-
-    outcomes = {}
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        name = case.get("name", "?")
-        tags = {child.tag for child in case}
-        outcomes[name] = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+    env = {**os.environ, "LIGHTNING_TP_CONTRACT_MODE": mode, "LIGHTNING_TP_CONTRACT_REPORT": str(report),
+           "PYTHONPATH": str(work / "tests")}
+    env.pop("LOCAL_RANK", None)
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rN"]
+    for file in files:
+        if file.endswith("_integration.py"):
+            # One process per test, as Lightning runs its standalone tests: the ranks a Trainer starts re-run the
+            # whole pytest command, so two multi-device tests in one command would start two sets of ranks.
+            listed = subprocess.run([*base, "--collect-only", file, *extra], cwd=work / "tests", env=env,
+                                    capture_output=True, text=True, check=False).stdout
+            for node in (line for line in listed.splitlines() if "::" in line):
+                print(f"-- {mode}: {node}", flush=True)
+                try:
+                    subprocess.run([*base, node], cwd=work / "tests", env=env, check=False, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    with open(report, "a") as f:
+                        f.write(json.dumps({"name": node.split("::")[-1], "outcome": "failed"}) + "\n")
+        else:
+            subprocess.run([*base, file, *extra], cwd=work / "tests", env=env, check=False)
+    outcomes: dict[str, str] = {}
+    for line in report.read_text().splitlines() if report.exists() else []:
+        record = json.loads(line)
+        if outcomes.get(record["name"]) != "failed":  # a failed setup, call or teardown fails the test
+            outcomes[record["name"]] = record["outcome"]
     return outcomes
 
 
@@ -127,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("parent", "auto", "none", "all"), default="all")
     parser.add_argument("--integration", action="store_true")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per integration test")
     args, extra = parser.parse_known_args(argv)
     work = prepare(args.lightning_src.resolve(), args.integration)
     files = [UNIT.removeprefix("tests/")] + ([INTEGRATION.removeprefix("tests/")] if args.integration else [])
     modes = ("parent", "auto", "none") if args.mode == "all" else (args.mode,)
-    results = {mode: run(work, mode, files, extra) for mode in modes}
+    results = {mode: run(work, mode, files, extra, args.timeout) for mode in modes}
     regressions = []
     for mode, outcomes in results.items():
         counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "skipped")}

@@ -34,10 +34,18 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 from lightning_tp import TensorParallelStrategy, cli
-from lightning_tp.checkpoint import CheckpointError
+from lightning_tp.checkpoint import CheckpointError, CheckpointPathError
 from lightning_tp.data.errors import DataError
 from lightning_tp.data.tokenizers import TokenizerError
-from lightning_tp.errors import EnvironmentConfigError, MeshConfigError, ModelShapeError, PlanError, SequenceLengthError
+from lightning_tp.errors import (
+    ConfigureModelRequiredError,
+    EnvironmentConfigError,
+    MeshConfigError,
+    ModelShapeError,
+    PlanError,
+    SequenceLengthError,
+    UnsupportedFeatureError,
+)
 from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import Llama, get_config
 from lightning_tp.recipes.config import RecipeConfigError, compose_recipe
@@ -305,6 +313,41 @@ def _export_wrong_model(tmp: Path, f: dict[str, Path]):
             ["--model 'small'", "Leave --model out"])
 
 
+class _NoHook(L.LightningModule):
+    """A module that is not a Llama and has no ``configure_model``: nothing would parallelize it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+
+
+def _save_onto(make: Callable[[Path], Path]) -> Callable[[Path, dict[str, Path]], Any]:
+    """``trainer.save_checkpoint(path)`` reaches ``strategy.save_checkpoint``: onto a path the user's files hold."""
+    def build(tmp: Path, f: dict[str, Path]):
+        path = make(tmp)
+
+        def go() -> Any:
+            strategy = TensorParallelStrategy()
+            strategy.model, strategy.parallel_devices = torch.nn.Linear(2, 2), [torch.device("cpu")]
+            strategy._data_parallel_size = strategy._tensor_parallel_size = 1
+            strategy._device_mesh = type("Mesh", (), {"__getitem__": lambda self, k: type(
+                "Dim", (), {"size": lambda self: 1})()})()
+            strategy.save_checkpoint({"state_dict": {}, "global_step": 1}, path)
+        return go, [str(path), "nothing was touched", "Fix: save to another path"]
+    return build
+
+
+def _user_notes(tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("mine")
+    return tmp / "notes.txt"
+
+
+def _user_results(tmp: Path) -> Path:
+    (tmp / "results").mkdir()
+    (tmp / "results" / "table.csv").write_text("a,b\n")
+    return tmp / "results"
+
+
 def R(recipe: str, overrides: list[str], expect: list[str]) -> Callable[[Path, dict[str, Path]], Any]:
     """A recipe case; ``{tmp}`` and the names of :func:`files` in overrides and fragments are filled in."""
     def build(tmp: Path, f: dict[str, Path]):
@@ -363,6 +406,15 @@ CASES = [
          plan={"model.model.layers.*.self_attn.q": ColwiseParallel()})),
          ["'model.model.layers.*.self_attn.q' matches no module", "Near misses",
           "self_attn.q_proj"]), PlanError),
+    Case("plan-none-without-configure-model", "model/plan", F(_fit(lambda: TensorParallelStrategy(plan=None),
+         _NoHook), ["plan=None", "required to override the `configure_model()` hook", "Fix: add configure_model()"]),
+         ConfigureModelRequiredError),
+    Case("plan-auto-unrecognised-without-configure-model", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
+         _NoHook), ["found no model it recognises in _NoHook", "pass plan=None", "configure_model()"]),
+         ConfigureModelRequiredError),
+    Case("plan-none-with-activation-checkpointing", "model/plan", F(_fit(lambda: TensorParallelStrategy(
+         plan=None, activation_checkpointing="full")), ["activation_checkpointing='full'", "plan=None",
+         "Fix: leave them at their defaults"]), UnsupportedFeatureError),
     Case("model-config-invalid", "model/plan", R("pretrain", ["model.hidden_size=60"],
          ["`hidden_size`=60", "set `head_dim` explicitly or change one of them"]), ValueError),
     # ------------------------------------------------------------------ precision
@@ -418,6 +470,8 @@ CASES = [
          ["resume='{tmp}/nope'", "set resume=null"]), CheckpointError),
     Case("resume-truncated", "checkpoint", _resume_truncated, CheckpointError),
     # ------------------------------------------------------------------ command-line conversions
+    Case("save-onto-user-file", "checkpoint", _save_onto(_user_notes), CheckpointPathError),
+    Case("save-onto-user-directory", "checkpoint", _save_onto(_user_results), CheckpointPathError),
     Case("consolidate-missing", "checkpoint", lambda tmp, f: (_cli("consolidate", tmp / "nope", tmp / "a.ckpt"),
          [str(tmp / "nope"), "does not exist", "Fix: pass the directory a run saved"]), SystemExit, CheckpointError),
     Case("consolidate-truncated", "checkpoint", lambda tmp, f: (lambda c: (_truncate(c / "__0_0.distcp"), (

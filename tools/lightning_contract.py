@@ -11,9 +11,10 @@ directory, the class the test modules import as ``ModelParallelStrategy`` is rep
 * ``none``: ``TensorParallelStrategy(plan=None)`` (the user parallelizes in ``configure_model``),
 
 and pytest runs them. ``--integration`` also runs a CPU port of ``test_model_parallel_integration.py``: the only
-edits are ``accelerator="cuda"|"gpu"|"auto"`` → ``"cpu"``, the ``min_cuda_gpus``/``standalone`` requirements
-dropped, and ``strategy="ddp"`` kept as it is. Multi-device cases launch real gloo processes (Lightning re-runs
-the same pytest command for the other ranks), so the integration run takes several minutes on 2 cores.
+edits are ``accelerator="cuda"|"gpu"|"auto"`` → ``"cpu"``, the expected device type ``"cuda"`` → ``"cpu"``, the
+``min_cuda_gpus``/``standalone``/``bf16_cuda`` requirements dropped, and ``strategy="ddp"`` kept as it is.
+Multi-device cases launch real gloo processes (Lightning re-runs the same pytest command for the other ranks), one
+pytest process per test, so the integration run takes several minutes per mode on 2 cores.
 
 Prints one table per mode (passed / failed / skipped, and each test's outcome) and exits non-zero if a test
 that passes with the parent fails with a substituted class, except those listed in ``DELIBERATE`` (each a
@@ -87,6 +88,8 @@ def _substitute_strategy(request, monkeypatch):
 
 def _port_integration(text: str) -> str:
     text = re.sub(r'accelerator="(cuda|gpu|auto)"', 'accelerator="cpu"', text)
+    text = text.replace('"accelerator": "cuda"', '"accelerator": "cpu"')
+    text = text.replace('== "cuda"', '== "cpu"').replace('torch.device("cuda", self.local_rank)', 'torch.device("cpu")')
     text = re.sub(r",\s*min_cuda_gpus=\d+", "", text)
     text = re.sub(r"min_cuda_gpus=\d+,\s*", "", text)
     text = re.sub(r",\s*standalone=True", "", text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,9 @@ def _run(recipe: str, overrides: list[str], cwd: Path) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("e2e")
-    _run("pretrain", [*COMMON, "out_dir=out/pretrain", "data.max_bytes=200000",
-                      f"data.cache_dir={work / 'cache'}"], work)
+    proc = _run("pretrain", [*COMMON, "out_dir=out/pretrain", "data.max_bytes=200000",
+                             f"data.cache_dir={work / 'cache'}"], work)
+    (work / "pretrain.out").write_text(proc.stdout + proc.stderr)
     return work
 
 
@@ -46,6 +48,19 @@ def test_pretrain_writes_checkpoint_logs_and_summary(pretrained: Path) -> None:
     assert isinstance(summary["sample"], str)
     metrics_csv = list((out / "logs").rglob("metrics.csv"))
     assert metrics_csv and "train/loss" in metrics_csv[0].read_text().splitlines()[0]
+    # The loss curve beside summary.json; summary.json keeps full precision, the printed line is rounded.
+    assert summary["loss_curve"] == "out/pretrain/loss_curve.png"
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (summary["sample_temperature"], summary["sample_top_k"], summary["sample_seed"]) == (0.8, 40, 0)
+    printed = (pretrained / "pretrain.out").read_text()
+    line = next(t for t in printed.splitlines() if t.startswith("[lightning-tp] 6 steps in "))
+    first, last = (f"{v:.2f}" for _, v in (summary["val_loss_history"][0], summary["val_loss_history"][-1]))
+    assert f"val loss {first} -> {last}" in line
+    assert re.search(r"; [\d,]+ tokens/s$", line) and f"{summary['tokens_per_sec']:,.0f} tokens/s" in line
+    assert re.search(r" in (\d+\.\d s|\d+ s|\d+ min \d+ s) on 4 processes \(dp=2 x tp=2\)", line)
+    assert "[lightning-tp] sample (temperature 0.8, top-k 40, seed 0): 'def ' -> " in printed
+    # Warnings of Lightning's and torch's own code that a user cannot act on are not printed.
+    assert "LeafSpec" not in printed and "sequential all_gather" not in printed
 
 
 @pytest.fixture(scope="module")

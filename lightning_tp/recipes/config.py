@@ -194,6 +194,13 @@ class _RunConfig:
     sample_prompt: str = "def "
     """Text to continue after training, printed by rank 0; empty to skip."""
     sample_tokens: int = 48
+    """At most this many new tokens (EOS ends the sample sooner)."""
+    sample_temperature: float = 0.8
+    """Softmax temperature of the sample; 0 = greedy (argmax)."""
+    sample_top_k: Optional[int] = 40
+    """Draw from the k most likely tokens only; null = all of them, 1 = greedy."""
+    sample_seed: Optional[int] = None
+    """Seed of the sampling generator (the same seed gives the same sample); null = ``seed``."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from lightning_tp.checkpoint import CheckpointError, LoadWeights, check_weights_
 from lightning_tp.consolidate import read_checkpoint_metadata
 from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.errors import SequenceLengthError
-from lightning_tp.generate import generate
+from lightning_tp.generate import check_sampling, generate
 from lightning_tp.hf import config_from_hf
 from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import LlamaConfig, get_config
 from lightning_tp.preflight import check_devices
+from lightning_tp.recipes import report
 
 __all__ = ["model_config", "run"]
 
@@ -120,6 +122,37 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
     return loggers
 
 
+def _metrics_csv(trainer: L.Trainer) -> Path | None:
+    """The CSV logger's ``metrics.csv`` (it may not exist yet), or None without a CSV logger."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    return None if csv is None else Path(csv.log_dir) / "metrics.csv"
+
+
+def _fit_quietly(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
+    """``trainer.fit``, without the warnings a user of the recipes can do nothing about."""
+    with warnings.catch_warnings():
+        # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec(), which torch 2.13 deprecates
+        # (FutureWarning, once per rank). It is Lightning's own code on every fit, harmless, and not the user's to
+        # change.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        trainer.fit(module, **kwargs)
+
+
+def _sample_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``generate``'s sampling arguments from the ``sample_*`` keys, checked (a bad value fails before fit)."""
+    temperature, top_k = float(cfg.get("sample_temperature", 0.0)), cfg.get("sample_top_k")
+    try:
+        check_sampling(temperature, top_k)
+    except ValueError as e:
+        raise ValueError(f"sample_temperature / sample_top_k: {e}. Fix: e.g. sample_temperature=0.8"
+                         " sample_top_k=40, or sample_temperature=0 for greedy.") from None
+    seed = cfg.seed if cfg.get("sample_seed") is None else cfg.sample_seed
+    return {"temperature": temperature, "top_k": top_k, "seed": int(seed)}
+
+
 def _has_tensorboard() -> bool:
     import importlib.util
 
@@ -183,6 +216,26 @@ def _end_sweep_job(launched: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
+def _sizes(strategy: Any) -> tuple[int, int] | None:
+    try:
+        return int(strategy.data_parallel_size), int(strategy.tensor_parallel_size)
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _write_loss_curve(out_dir: Path, metrics_csv: Path | None, summary: dict[str, Any], strategy: Any) -> str | None:
+    """``out_dir/loss_curve.png`` from the CSV log's train loss and the validation history; its path, or None
+    (and one printed line saying why) when it cannot be drawn."""
+    if not report.has_matplotlib():
+        print("[lightning-tp] loss curve skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    sizes = _sizes(strategy)
+    title = f"{summary['steps']} steps" + (f", dp={sizes[0]} x tp={sizes[1]}" if sizes else "")
+    path = report.write_loss_curve(out_dir / "loss_curve.png", report.read_train_losses(metrics_csv),
+                                   summary["val_loss_history"], title=title)
+    return None if path is None else str(path)
+
+
 def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     """Fit a :class:`CausalLMModule` as ``cfg`` says; returns (and on rank 0 writes) a summary.
 
@@ -194,6 +247,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     _children_run_this_job_only()
     out_dir = _job_out_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sampling = _sample_settings(cfg)
     llama = model_config(cfg.model)
     data_overrides: dict[str, Any] = {}
     if checkpoint is not None and is_hf_checkpoint(checkpoint):
@@ -240,17 +294,19 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
     )
     _check_sequence_length(trainer.strategy, cfg.data.seq_len)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
+    # Resolved here, before any rank starts, so that every process (forked ones too) names the same version.
+    metrics_csv = _metrics_csv(trainer)
+    _fit_quietly(trainer, module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
 
     sample = None
     if cfg.sample_prompt:
         strategy = trainer.strategy
         multiple = getattr(strategy, "tensor_parallel_size", 1) if getattr(strategy, "sequence_parallel", False) else 1
         sample = generate(module.model, datamodule.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
-                          pad_to_multiple_of=multiple, max_context=cfg.data.seq_len)
+                          pad_to_multiple_of=multiple, max_context=cfg.data.seq_len, **sampling)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": time.perf_counter() - start,
         "steps": trainer.global_step,
         "val_loss_history": history.result(trainer),
         "tokens_per_sec": metrics.get("perf/tokens_per_sec"),
@@ -258,16 +314,17 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         "checkpoint": str(out_dir / "last"),
         "sample_prompt": cfg.sample_prompt,
         "sample": sample,
+        **{f"sample_{k}": v for k, v in sampling.items()},
         "world_size": trainer.world_size,
+        "loss_curve": None,
     }
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
+        summary["loss_curve"] = _write_loss_curve(out_dir, metrics_csv, summary, trainer.strategy)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        first, last = (summary["val_loss_history"][0][1], summary["val_loss_history"][-1][1]) \
-            if summary["val_loss_history"] else (None, None)
-        print(f"\n[lightning-tp] {trainer.global_step} steps in {summary['wall_time_s']} s on {trainer.world_size}"
-              f" processes; val/loss {first} -> {last}; tokens/s {summary['tokens_per_sec']}")
-        if sample is not None:
-            print(f"[lightning-tp] sample: {cfg.sample_prompt!r} -> {sample!r}")
+        print()
+        for line in report.summary_lines(summary, sizes=_sizes(trainer.strategy), loss_curve=summary["loss_curve"],
+                                         out_dir=str(out_dir)):
+            print(line)
     _end_sweep_job(launched)
     return summary

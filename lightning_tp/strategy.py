@@ -309,6 +309,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         # "auto" sizes resolved (and a bad mesh refused) first; then the parent's order: the accelerator's device
         # setup (`torch.cuda.set_device(root_device)`), the process group, the mesh, the mesh on the module.
         self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
+        _ignore_lightning_leafspec_warning()
         super().setup_environment()
 
     @property
@@ -555,6 +556,16 @@ def _enable_async_tp(tp_mesh: Any) -> None:
 
     inductor_config._micro_pipeline_tp = True
     enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
+def _ignore_lightning_leafspec_warning() -> None:
+    """Lightning 2.6's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()``, which torch 2.13 deprecates: a
+    FutureWarning once per rank on every fit, from Lightning's own code, harmless, and nothing a user can act on.
+    Only that message is filtered, on the ranks this strategy runs (set up here, before any data loader exists)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def _reject_fsdp1(module: nn.Module, owner: str) -> None:

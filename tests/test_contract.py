@@ -152,6 +152,18 @@ def test_loading_a_directory_that_is_no_checkpoint_is_a_value_error_as_in_the_pa
 # ------------------------------------------------------------------------------------------- device setup
 
 
+@pytest.fixture
+def keep_rank_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``set_world_ranks`` sets Lightning's process-wide rank; a mocked rank 1 must not silence later tests."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+
+    for module in (fabric_rank_zero, pytorch_rank_zero, utils_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
+
+
+@pytest.mark.usefixtures("keep_rank_zero")
 def test_setup_environment_sets_each_ranks_own_device_before_the_process_group() -> None:
     """On a (mocked) 2-GPU node, rank 1's accelerator gets ``cuda:1`` before the process group and the mesh."""
     calls: list[Any] = []

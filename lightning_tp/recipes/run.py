@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +127,6 @@ def _metrics_csv(trainer: L.Trainer) -> Path | None:
 
     csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     return None if csv is None else Path(csv.log_dir) / "metrics.csv"
-
-
-def _fit_quietly(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
-    """``trainer.fit``, without the warnings a user of the recipes can do nothing about."""
-    with warnings.catch_warnings():
-        # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec(), which torch 2.13 deprecates
-        # (FutureWarning, once per rank). It is Lightning's own code on every fit, harmless, and not the user's to
-        # change.
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                category=FutureWarning)
-        trainer.fit(module, **kwargs)
 
 
 def _sample_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -296,7 +284,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     _check_sequence_length(trainer.strategy, cfg.data.seq_len)
     # Resolved here, before any rank starts, so that every process (forked ones too) names the same version.
     metrics_csv = _metrics_csv(trainer)
-    _fit_quietly(trainer, module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
 
     sample = None
     if cfg.sample_prompt:

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _ci_deps import require
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tp.data.pretrain import (
@@ -381,7 +382,7 @@ def test_embedded_default_corpus(tmp_path: Path) -> None:
 
 
 def test_tokenizer_json_end_to_end(tmp_path: Path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")  # comes with transformers
     words = "the quick brown fox jumps over the lazy dog again and again".split()
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

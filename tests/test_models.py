@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ci_deps import require
 
 import lightning_tp.models.llama as llama_module
 from lightning_tp.models import PRESETS, Llama, LlamaConfig, get_config, list_presets
@@ -224,7 +225,7 @@ def test_model_file_has_no_torch_distributed() -> None:
 
 
 def _hf_config(config: LlamaConfig):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     fields = dataclasses.asdict(config)
     rope_theta, rope_scaling = fields.pop("rope_theta"), fields.pop("rope_scaling")
     fields.pop("initializer_range")
@@ -253,7 +254,7 @@ PARITY_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_logits_match_hugging_face(name: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = PARITY_CONFIGS[name]
     torch.manual_seed(0)
     ours = Llama(config)
@@ -287,7 +288,7 @@ def test_logits_match_hugging_face(name: str) -> None:
 
 def test_hf_parity_detects_rope_scaling() -> None:
     """The parity check can fail: an HF model without the scaling gives different logits at seq 64."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = PARITY_CONFIGS["llama31_scaling"]
     ours = Llama(config)
     ours.init_weights(seed=0)

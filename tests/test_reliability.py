@@ -760,3 +760,70 @@ def test_a_failing_launcher_kills_the_ranks_it_started_and_names_the_first_failu
     recorded._stop_children(error, tmp_path)
     (note,) = error.__notes__
     assert note.startswith("lightning-tp: rank 1 failed first") and note.endswith("ValueError: bad batch")
+
+
+# ----------------------------------------------------------------------- declared test dependencies (tests/_ci_deps.py)
+
+_HIDDEN = '''
+import sys
+
+import pytest
+
+sys.modules["datasets"] = None  # a declared test dependency, made unimportable
+
+
+def test_importorskip_of_a_declared_package():
+    pytest.importorskip("datasets")
+
+
+def test_require_of_a_declared_package():
+    from _ci_deps import require
+
+    require("datasets")
+
+
+def test_importorskip_of_an_optional_package():
+    pytest.importorskip("lightning_tp_no_such_optional_package")
+'''
+
+
+def _run_hidden(tmp_path: Path, ci: Optional[str]) -> str:
+    (tmp_path / "test_hidden.py").write_text(_HIDDEN)
+    (tmp_path / "test_hidden_module.py").write_text(
+        'import sys\n\nimport pytest\n\nsys.modules["datasets"] = None\npytest.importorskip("datasets")\n\n\n'
+        'def test_never_runs():\n    pass\n')
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
+    if ci is not None:
+        env["CI"] = ci
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "_ci_deps", "-p", "no:cacheprovider",
+                           "--continue-on-collection-errors", "test_hidden.py", "test_hidden_module.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return proc.stdout + proc.stderr
+
+
+def test_a_missing_declared_dependency_skips_locally_and_fails_under_ci(tmp_path: Path) -> None:
+    local = _run_hidden(tmp_path, None).splitlines()[-1]
+    assert re.search(r"\b4 skipped\b", local) and "failed" not in local and "error" not in local, local
+    ci = _run_hidden(tmp_path, "true")
+    summary = ci.splitlines()[-1]
+    # importorskip and require of the declared package fail, the module-level importorskip is a collection
+    # error; only the truly optional package still skips.
+    assert re.search(r"\b2 failed\b", summary) and re.search(r"\b1 skipped\b", summary), ci[-3000:]
+    assert re.search(r"\b1 error\b", summary), ci[-3000:]
+    assert "declared dependency 'datasets' is missing" in ci and "CI=true: a declared dependency may not skip" in ci
+
+
+def test_ci_refuses_to_start_without_a_declared_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    import _ci_deps  # tests/ is on sys.path: tests/conftest.py registers it as a plugin
+
+    assert set(_ci_deps.FALLBACK) == set(_ci_deps.declared_from_pyproject())  # the 3.10 fallback is pyproject's
+    assert {"transformers", "datasets", "tensorboard", "nbclient", "matplotlib", "jsonargparse"} <= _ci_deps.declared()
+    assert _ci_deps.missing() == []  # this installation has every declared package
+    monkeypatch.setattr(_ci_deps, "declared", lambda: frozenset({"torch", "lightning_tp_no_such_declared_package"}))
+    assert _ci_deps.missing() == ["lightning_tp_no_such_declared_package"]
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.UsageError, match="lightning_tp_no_such_declared_package"):
+        _ci_deps.pytest_configure(None)  # type: ignore[arg-type]
+    monkeypatch.setenv("CI", "")
+    _ci_deps.pytest_configure(None)  # type: ignore[arg-type]  # locally: nothing raised

@@ -234,7 +234,17 @@ def test_trainer_fit_three_steps_logs_train_and_val_metrics() -> None:
     module = CausalLMModule(llama=llama, lr=1e-3, warmup_steps=1)
     train = [_batch(config.vocab_size, bs=2, seqlen=16, seed=i) for i in range(3)]
     val = [_batch(config.vocab_size, bs=2, seqlen=16, seed=10 + i) for i in range(2)]
-    trainer = _trainer(max_steps=3, limit_val_batches=2, num_sanity_val_steps=0)
+    last_step_loss: list[float] = []
+
+    class LastStepLoss(L.Callback):
+        """The loss of the third batch on the weights it is trained from, computed in float64 outside the module."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            if batch_idx == 2:
+                with torch.no_grad():
+                    last_step_loss.append(_manual_loss(llama(batch["input_ids"]), batch["labels"]).item())
+
+    trainer = _trainer(max_steps=3, limit_val_batches=2, num_sanity_val_steps=0, callbacks=[LastStepLoss()])
     trainer.fit(module, _loader(train), _loader(val))
 
     assert trainer.global_step == 3
@@ -242,14 +252,23 @@ def test_trainer_fit_three_steps_logs_train_and_val_metrics() -> None:
     assert any(not torch.equal(before[n], p) for n, p in llama.named_parameters())
     metrics = trainer.callback_metrics
     train_loss = metrics["train/loss"].item()
-    # An initialised model starts near the uniform-prediction loss.
+    # An initialised model starts near the uniform-prediction loss; the logged value is the last step's loss.
     assert abs(train_loss - math.log(config.vocab_size)) < 0.5
+    assert train_loss == pytest.approx(last_step_loss[0], rel=1e-5)
     assert metrics["train/ppl"].item() == pytest.approx(math.exp(train_loss), rel=1e-5)
-    n_tokens = int((train[-1]["labels"] != -100).sum())
-    assert metrics["train/tokens"].item() == n_tokens
-    total = sum(int((b["labels"] != -100).sum()) for b in train)
-    assert metrics["train/tokens_seen"].item() == total
-    assert "val/loss" in metrics and metrics["val/ppl"].item() == pytest.approx(math.exp(metrics["val/loss"]))
+    # Token counts are known exactly: 2 × 16 labels per batch, 4 + 3 of them masked.
+    assert metrics["train/tokens"].item() == 2 * 16 - (4 + 3) == int((train[-1]["labels"] != -100).sum())
+    assert metrics["train/tokens_seen"].item() == 3 * (2 * 16 - (4 + 3))
+    # Validation ran once, after the third step, on the trained weights: its loss is the token-weighted mean over
+    # both batches, computed here with a float64 log-softmax on those weights (not from the module's own metric).
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 2
+    with torch.no_grad():
+        sums = [(_manual_loss(llama(b["input_ids"]), b["labels"]) * (b["labels"] != -100).sum(),
+                 int((b["labels"] != -100).sum())) for b in val]
+    expected_val = sum(s.item() for s, _ in sums) / sum(n for _, n in sums)
+    assert sum(n for _, n in sums) == 2 * 2 * 16 - 2 * (4 + 3)  # each batch masks 4 + 3 labels (see _batch)
+    assert metrics["val/loss"].item() == pytest.approx(expected_val, rel=1e-5)
+    assert metrics["val/ppl"].item() == pytest.approx(math.exp(expected_val), rel=1e-5)
 
 
 def test_validation_loss_is_token_weighted_over_batches() -> None:

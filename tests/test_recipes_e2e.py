@@ -3,6 +3,7 @@ sharded checkpoint. Each run is a real `python recipes/NAME.py overrides...` lau
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,9 +21,9 @@ COMMON = ["model=debug", "trainer.max_steps=6", "trainer.val_check_interval=3", 
           "logger.tensorboard=false"]
 
 
-def _run(recipe: str, overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(recipe: str, overrides: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **extra_env)
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -81,15 +82,55 @@ def test_finetune_starts_from_the_pretrained_weights(pretrained: Path, finetuned
     assert pre["steps"] == 6 and tuned["steps"] == 6
 
 
+def _instructions_as_a_hugging_face_dataset(directory: Path) -> None:
+    """The embedded instruction set (what ``data=instructions`` reads) as a local ``datasets`` data directory, which
+    ``datasets.load_dataset(directory, split="train")`` reads without the network."""
+    import datasets
+
+    from lightning_tp.data.instructions import make_default_dataset
+
+    records = make_default_dataset()
+    directory.mkdir(parents=True)
+    datasets.Dataset.from_dict({k: [r[k] for r in records] for k in ("instruction", "output")}).to_parquet(
+        str(directory / "train.parquet"))
+
+
+def _tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = log_dir.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return {e.step: e.value for e in accumulator.Scalars(tag)}
+
+
 def test_finetune_from_a_hugging_face_export_of_the_pretrained_checkpoint(pretrained: Path, finetuned: dict) -> None:
+    """Export to Hugging Face files, then fine-tune from them on the same records read through ``datasets``
+    (``data.hf_dataset``), logging to TensorBoard as well as CSV."""
     export = subprocess.run([sys.executable, "-m", "lightning_tp.cli", "export", "out/pretrain/last", "out/hf"],
                             cwd=pretrained, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
     assert (pretrained / "out" / "hf" / "config.json").is_file()
-    _run("finetune", [*COMMON, "checkpoint=out/hf", "out_dir=out/from_hf"], pretrained)
-    from_hf = json.loads((pretrained / "out" / "from_hf" / "summary.json").read_text())
-    # Same weights through two formats: the step-0 validation loss is the same.
-    assert from_hf["val_loss_history"][0][1] == pytest.approx(finetuned["val_loss_history"][0][1], rel=1e-5)
+    _instructions_as_a_hugging_face_dataset(pretrained / "hf_data")
+    overrides = [o for o in COMMON if not o.startswith("logger.")]
+    _run("finetune", [*overrides, "checkpoint=out/hf", "out_dir=out/from_hf", "logger.tensorboard=true",
+                      f"data.hf_dataset={pretrained / 'hf_data'}", "data.hf_split=train"], pretrained,
+         HF_HOME=str(pretrained / "hf_home"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    out = pretrained / "out" / "from_hf"
+    from_hf = json.loads((out / "summary.json").read_text())
+    # Same weights through two formats and the same records through two readers: every validation loss of the
+    # run (step 0 and after training) equals the run from the sharded checkpoint on the embedded records.
+    assert [s for s, _ in from_hf["val_loss_history"]] == [s for s, _ in finetuned["val_loss_history"]] == [0, 3, 6]
+    for (_, ours), (_, theirs) in zip(from_hf["val_loss_history"], finetuned["val_loss_history"], strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-5), (from_hf["val_loss_history"], finetuned["val_loss_history"])
+    # TensorBoard got the same train/loss values as the CSV logger, one per step.
+    (metrics_csv,) = (out / "logs").rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics_csv.open()))
+    from_csv = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    from_tb = _tensorboard_scalars(out / "tensorboard", "train/loss")
+    assert sorted(from_tb) == sorted(from_csv) and len(from_tb) == 6, (from_tb, from_csv)
+    for step, value in from_csv.items():
+        assert from_tb[step] == pytest.approx(value, rel=1e-6), step
 
 
 def _fails_before_spawning(overrides: list[str], cwd: Path) -> str:

@@ -5,25 +5,31 @@ so a 10x regression in the numerics fails. Import it from a test module (``tests
 
     from tolerances import FP32, assert_losses_close
 
-Achieved, fp32, ``tests/test_multiprocess.py`` (the dense Llama at (dp, tp) = (2, 2), (1, 4), (1, 2), every flag
-set, accumulation, activation checkpointing, mixed-mesh clipping with AdamW and SGD):
+Achieved, fp32, ``tests/test_multiprocess.py`` (the debug Llama at (dp, tp) = (2, 2), (1, 4), (1, 2), every flag
+set, accumulation, activation checkpointing, and the mixed-mesh clipping cases), worst case over all of them:
 
 ============================  ==========  =========
 quantity                      achieved    tolerance
 ============================  ==========  =========
 loss, relative                1.5e-7      1e-6
-gradient (after clipping)     4.5e-8      1e-6
-parameter after 5 steps       8.2e-6      2e-5
+gradient, before clipping     4.5e-8      1e-6
+gradient, after clipping      3.0e-8      1e-6
+parameter, AdamW, 5 steps     8.2e-6      2e-5
+parameter, SGD, 5 steps       3.0e-8      1e-6
 total gradient norm, rel.     2.7e-7      1e-6
 ============================  ==========  =========
 
-(The parameter error is larger than the gradient error because AdamW divides by sqrt(v): tiny gradient
-differences in elements with tiny gradients become full-size update differences. With SGD the parameter error
-is lr x the gradient error.)
+AdamW amplifies gradient errors: for an element whose gradient is near zero, the update lr * g / (|g| + eps) moves
+by up to lr / eps = 1e5 times the gradient error. The dense cases land at 8e-6 (so 2e-5 is 2.5x, not 10x: the
+margin is the data's luck, not a law); the mixed-mesh cases with norm clipping and AdamW reached 6e-4 on a few
+embedding elements while losses and gradients matched to 1.5e-7 / 3e-8. So those cases use SGD (parameter error
+= lr x gradient error) and AdamW is compared element-wise only where it is well conditioned.
 
-Reduced precision compares with the same single-process computation in fp32 (the distributed reduction order
-differs from one process's, so a same-dtype reference is no closer): the bounds below are the loss's relative
-error over five steps.
+Reduced precision compares losses (and the gradient norm) with the fp32 single-process reference: achieved
+bf16-mixed 1.1e-4, bf16-true 2.5e-3, 16-true 2.4e-4 relative over five steps; bounds ~8x that.
+
+Measure again with ``PYTHONPATH=. python -m pytest -q tests/test_multiprocess.py`` and the per-case ``*_err`` fields
+of the worker's JSON (``tests/workers/parity.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ class Tolerance:
 
 
 FP32 = Tolerance(loss_rel=1e-6, grad_abs=1e-6, param_abs=2e-5, norm_rel=1e-6)
+SGD_PARAM_ABS = 1e-6  # parameters after SGD steps: lr x the gradient error
 
 # Loss only (reduced-precision gradients and parameters are not compared element-wise), against the fp32 reference.
-LOSS_REL = {"32-true": FP32.loss_rel, "bf16-mixed": 2e-3, "bf16-true": 2e-2, "16-true": 5e-3}
+LOSS_REL = {"32-true": FP32.loss_rel, "bf16-mixed": 1e-3, "bf16-true": 2e-2, "16-true": 2e-3}
 
 
 def losses_close(ours: list[float], ref: list[float], rel: float = FP32.loss_rel) -> bool:

@@ -3,19 +3,26 @@
 Launched by the tests as a script, exactly as a user would run one: Lightning's launcher re-runs this
 file for ranks 1..N-1. One launch runs several Trainer configurations (sharing one process group) so
 that the ~7 s Lightning import is paid once. Global rank 0 writes what every rank saw, together with an
-independent single-process reference computed with a plain ``Llama`` and ``torch.optim.AdamW``.
+independent single-process reference computed with a plain ``Llama`` and ``torch.optim.AdamW`` (or SGD),
+clipped with ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``.
+
+Gradients are compared after clipping: Lightning calls ``on_before_optimizer_step`` *before* it clips
+(``Precision._after_closure``, Lightning 2.6), so the clipped gradients are recorded in the module's
+``configure_gradient_clipping`` right after the strategy's clipping ran.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tp import Llama, TensorParallelStrategy, get_config
@@ -23,6 +30,11 @@ from lightning_tp.parallel.apply import total_grad_norm
 
 CONFIG = get_config("debug")  # 2 layers, h=64, 8 heads, 4 kv heads, vocab 512
 SEQ, MICRO_BATCH, STEPS, LR, WEIGHT_DECAY, CLIP = 16, 2, 5, 1e-3, 0.1, 0.5
+# Value clipping clamps ~5% of the Llama's gradient elements (and every element of the extra head's).
+CLIP_VALUE, SGD_LR = 0.01, 0.5
+# The extra head's loss is scaled so its gradient norm (~2.6) is as large as the Llama's (~2.7): a norm that
+# counts the head's replicated copies twice, or drops it, is off by far more than the tolerance.
+HEAD_OUT, HEAD_SCALE = 4, 10.0
 
 
 def initial_weights() -> dict[str, torch.Tensor]:
@@ -40,27 +52,59 @@ def ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(0, 1))
 
 
+def initial_head() -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        head = nn.Linear(SEQ, HEAD_OUT)
+    return {k: v.clone() for k, v in head.state_dict().items()}
+
+
+def head_loss(head: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A user's extra objective on a module the plan does not cover (a plain-tensor input, so no TP)."""
+    return HEAD_SCALE * head(tokens[:, :-1].float() / CONFIG.vocab_size).pow(2).mean()
+
+
+def make_optimizer(params: Any, optim: str) -> torch.optim.Optimizer:
+    if optim == "sgd":
+        return torch.optim.SGD(params, lr=SGD_LR)
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
 class LitLlama(L.LightningModule):
     """What a user writes: build a Llama, call F.cross_entropy. No parallelisation code."""
 
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None = None,
+                 optim: str = "adamw") -> None:
         super().__init__()
         self.model = Llama(CONFIG)
         self.model.load_state_dict(weights)
+        if head is not None:  # left out of the plan: FSDP2 puts it on the dp mesh only (plain with fsdp=False)
+            self.head = nn.Linear(SEQ, HEAD_OUT)
+            self.head.load_state_dict(head)
+        self.optim = optim
         self.losses: list[float] = []
         self.logits_types: set[str] = set()
+        self.clipped_grads: dict[str, torch.Tensor] = {}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens = batch[0]
         logits = self.model(tokens[:, :-1])
         self.logits_types.add(f"{type(logits).__name__}{getattr(logits, 'placements', '')}/{logits.dtype}")
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(0, 1))
+        if hasattr(self, "head"):
+            loss = loss + head_loss(self.head, tokens)
         self.losses.append(loss.detach().float().item())
         self.log("train_loss", loss)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        return make_optimizer(self.parameters(), self.optim)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not self.clipped_grads:  # first optimizer step, after the strategy's clipping
+            self.clipped_grads = {_name(n): full(p.grad) for n, p in self.named_parameters()}
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +141,7 @@ class Recorder(L.Callback):
         self.sync_calls.append(self._count)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Lightning calls this before clipping: the unclipped gradients and their mesh-aware norm
         if not self.grads:  # first optimizer step: every rank takes part in the gathers
             self.grads = {_name(n): full(p.grad) for n, p in pl_module.named_parameters()}
             self.grad_norm = float(total_grad_norm(pl_module.parameters()))
@@ -106,15 +151,20 @@ class Recorder(L.Callback):
         dist.reduce_scatter_single = self._original
 
 
-def reference(dp: int, accumulate: int, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Single process, plain model; the data split Lightning's Trainer uses for training (a shuffled
-    DistributedSampler over the dp ranks, seed 0, epoch 0)."""
+def reference(dp: int, accumulate: int, weights: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None = None,
+              optim: str = "adamw", clip_algorithm: str = "norm") -> dict[str, Any]:
+    """Single process, plain model, fp32; the data split Lightning's Trainer uses for training (a shuffled
+    DistributedSampler over the dp ranks, seed 0, epoch 0). Torch's own clipping."""
     from torch.utils.data import DistributedSampler
 
     torch.manual_seed(0)
-    model = Llama(CONFIG)
-    model.load_state_dict(weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    llama = Llama(CONFIG)
+    llama.load_state_dict(weights)
+    model = nn.ModuleDict({"model": llama})
+    if head is not None:
+        model["head"] = nn.Linear(SEQ, HEAD_OUT)
+        model["head"].load_state_dict(head)
+    opt = make_optimizer(model.parameters(), optim)
     data = dataset(dp, accumulate)
     per_rank = [data[list(DistributedSampler(data, num_replicas=dp, rank=r, shuffle=True, seed=0))]
                 for r in range(dp)]
@@ -125,19 +175,30 @@ def reference(dp: int, accumulate: int, weights: dict[str, torch.Tensor]) -> dic
         for a in range(accumulate):
             i = (step * accumulate + a) * MICRO_BATCH
             for r in range(dp):
-                loss = ce(model(per_rank[r][i:i + MICRO_BATCH, :-1]), per_rank[r][i:i + MICRO_BATCH])
+                batch = per_rank[r][i:i + MICRO_BATCH]
+                loss = ce(llama(batch[:, :-1]), batch)
+                if head is not None:
+                    loss = loss + head_loss(model["head"], batch)
                 losses[r].append(loss.item())
                 total = total + loss / (dp * accumulate)
         total.backward()
-        if step == 0:  # compared with the Trainer's gradients before clipping
-            out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         if step == 0:
-            out["grad_norm"] = float(norm)
+            grads = {_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
+            out["grads"] = grads  # compared with the Trainer's gradients before clipping
+            out["grad_norm"] = float(torch.nn.utils.get_total_norm(list(grads.values())))
+            out["head_norm"] = float(torch.nn.utils.get_total_norm(
+                [g for n, g in grads.items() if n.startswith("head.")] or [torch.zeros(1)]))
+            out["grad_absmax"] = max(float(g.abs().max()) for g in grads.values())
+        if clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), CLIP_VALUE)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if step == 0:
+            out["clipped_grads"] = {_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
     out["losses"] = losses
-    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["params"] = {_name(n): p.detach().clone() for n, p in model.named_parameters()}
     return out
 
 
@@ -154,9 +215,11 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
     # the data set is sized for the resolved dp; "auto" resolves to the number of nodes
     dp_resolved = dp if dp != "auto" else (num_nodes if tp == "auto" else devices * num_nodes // tp)
     accumulate = case.get("accumulate", 1)
-    weights = initial_weights()
-    module = LitLlama(weights)
+    clip_algorithm, optim = case.get("clip", "norm"), case.get("optim", "adamw")
+    weights, head = initial_weights(), (initial_head() if case.get("head") else None)
+    module = LitLlama(weights, head, optim)
     recorder = Recorder()
+    start = time.perf_counter()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -165,11 +228,13 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
             data_parallel_size=dp, tensor_parallel_size=tp,
             sequence_parallel=case["sp"], loss_parallel=case["lp"],
             activation_checkpointing=case.get("ac", "none"), compile=case.get("compile", False),
+            fsdp=case.get("fsdp", True), reshard_after_forward=case.get("reshard", True),
         ),
         precision=case.get("precision", "32-true"),
         max_steps=STEPS,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=CLIP,
+        gradient_clip_val=CLIP_VALUE if clip_algorithm == "value" else CLIP,
+        gradient_clip_algorithm=clip_algorithm,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -190,16 +255,25 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
         "logits_types": sorted(module.logits_types),
         "logged_loss": float(trainer.callback_metrics["train_loss"]),
         "state_dict_keys": sorted(module.state_dict()),
+        # where each parameter lives: "Tensor", or "DTensor" + the mesh dim names
+        "param_meshes": {_name(n): type(p).__name__ + (str(p.device_mesh.mesh_dim_names) if hasattr(p, "device_mesh")
+                                                        else "") for n, p in module.named_parameters()},
+        "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
     }
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if trainer.global_rank != 0:
         return None
-    ref = reference(dp_resolved, accumulate, weights)
+    seconds = time.perf_counter() - start
+    ref = reference(dp_resolved, accumulate, weights, head, optim, clip_algorithm)
     result = {**case, "ranks": everyone, "ref_losses": ref["losses"], "grad_norm": recorder.grad_norm,
-              "ref_grad_norm": ref["grad_norm"]}
+              "ref_grad_norm": ref["grad_norm"], "ref_head_norm": ref["head_norm"],
+              "ref_grad_absmax": ref["grad_absmax"], "seconds": seconds,
+              "clipped_absmax": max(float(g.abs().max()) for g in module.clipped_grads.values()),
+              "ref_clipped_norm": float(torch.nn.utils.get_total_norm(list(ref["clipped_grads"].values())))}
     if case.get("precision", "32-true") == "32-true":
-        result["grad_abs_err"] = max_abs(recorder.grads, ref["grads"])
+        result["unclipped_grad_abs_err"] = max_abs(recorder.grads, ref["grads"])
+        result["grad_abs_err"] = max_abs(module.clipped_grads, ref["clipped_grads"])
         result["param_abs_err"] = max_abs(recorder.params, ref["params"])
         result["param_rel_err"] = max_rel(recorder.params, ref["params"])
     return result

@@ -104,8 +104,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"name": "incomplete", "dp": 1, "tp": 2, "max_steps": 5, "ckpt": "partial/last", "expect_error": True},
         {"name": "interrupted swap", "dp": 1, "tp": 2, "max_steps": 4, "ckpt": "swap/last"},
     ]})
+    runs = {"root": root, **{k: v for r in (a, b, c) for k, v in r["runs"].items()}, "faults": a["faults"]}
     print(f"\ncheckpoint launches took {time.perf_counter() - start:.1f} s")
-    return {"root": root, **{k: v for r in (a, b, c) for k, v in r["runs"].items()}, "faults": a["faults"]}
+    print(_differences(runs))
+    return runs
+
+
+def _differences(runs: dict) -> str:
+    """What the tolerances below are measured against (printed with ``-s``; docs/reliability.md quotes it)."""
+    full, resumed = _by_rank(runs["full"]), _by_rank(runs["resume"])
+    resume = max(abs(loss - full[rank][s]) for rank, losses in resumed.items() for s, loss in losses.items())
+    reshard = {name: max(abs(runs[name]["global_losses"][s] - runs["full"]["global_losses"][s])
+                         for s in runs[name]["global_losses"])
+               for name in ("(1,4)", "(4,1)", "(1,2)", "file (2,2)", "file (1,4)", "interrupted swap")}
+    return (f"resumed at the same layout vs uninterrupted, worst |loss difference| on any rank: {resume:.1e}"
+            f" (allowed {RESUME_TOL:g})\nresharded / from the consolidated file vs uninterrupted, worst |global loss"
+            f" difference| (allowed {RESHARD_TOL:g}): " + ", ".join(f"{k} {v:.1e}" for k, v in reshard.items()))
 
 
 def _by_rank(run: dict) -> dict[int, dict[str, float]]:

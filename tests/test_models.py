@@ -335,3 +335,56 @@ def test_rms_norm_gradients_and_saved_bytes() -> None:
     assert torch.equal(out, expected)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------- GPU tier: the sharded init path
+
+_GPU_INIT = '''
+import json, sys
+
+import lightning as L
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tp import CausalLMModule, TensorParallelStrategy
+
+out = {}
+for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+    module = CausalLMModule("debug", init_seed=seed)  # built on the meta device by configure_model
+    trainer = L.Trainer(accelerator="cuda", devices=1, max_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        strategy=TensorParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    trainer.fit(module, DataLoader(TensorDataset(torch.zeros(4, 17, dtype=torch.long)), batch_size=2))
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
+            for n, p in module.named_parameters()}
+    torch.save(full, f"{sys.argv[1]}/{name}.pt")
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA device")
+def test_gpu_init_of_sharded_meta_weights_is_seeded_and_distributed_as_documented(tmp_path: Path) -> None:
+    """On GPUs the strategy shards the meta-device model first and each rank initialises only its shards (on CPU
+    it initialises the full model before sharding, which tests/test_multiprocess.py compares with one process).
+    Here that path runs: the weights are finite with the documented distribution, the same ``init_seed`` gives the
+    same weights, and another seed other weights."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _GPU_INIT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b, c = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    config = get_config("debug")
+    assert a.keys() == b.keys() == c.keys() and len(a) == 3 + 9 * config.num_hidden_layers
+    for name, weight in a.items():
+        assert torch.isfinite(weight).all(), name
+        assert torch.equal(weight, b[name]), name  # same seed, same weights
+        if "norm" in name:
+            assert torch.equal(weight, torch.ones_like(weight)), name
+        else:
+            assert abs(weight.std().item() - config.initializer_range) < 0.15 * config.initializer_range, name
+            assert not torch.equal(weight, c[name]), name  # another seed
+    # distinct parameters draw distinct numbers (no two projections, or shards, repeat one stream)
+    assert not torch.equal(a["model.model.layers.0.mlp.gate_proj.weight"], a["model.model.layers.0.mlp.up_proj.weight"])

@@ -298,19 +298,57 @@ def causal_lm(devices: int) -> dict[str, Any] | None:
             labels[: 4 + i % 3] = -100  # a masked "prompt" of varying length
             return {"input_ids": self.data[i, :-1], "labels": labels}
 
+    class Seen(L.Callback):
+        """What each rank was fed, recorded outside the module: unmasked labels per step, the last validation."""
+
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+            self.val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.tokens.append(int((batch["labels"] != -100).sum()))
+
+        def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+            self.val = []
+
+        def on_validation_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
+                                      dataloader_idx: int = 0) -> None:
+            self.val.append((batch["input_ids"].clone(), batch["labels"].clone()))
+
+    seen = Seen()
     module = CausalLMModule("debug", init_seed=7, lr=1e-3, warmup_steps=2)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices,
         strategy=TensorParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2),
         max_steps=6, val_check_interval=3, limit_val_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[ThroughputMonitor(warmup_steps=1)],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[ThroughputMonitor(warmup_steps=1), seen],
     )
     train, val = Tokens(48, 1), Tokens(16, 2)
     trainer.fit(module, DataLoader(train, batch_size=MICRO_BATCH), DataLoader(val, batch_size=MICRO_BATCH))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    weights = {_name(n): full(p) for n, p in module.named_parameters()}  # a collective: every rank takes part
+    dp_rank = trainer.strategy.device_mesh["data_parallel"].get_local_rank()
+    fed: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(fed, (dp_rank, seen.tokens, seen.val))
     if trainer.global_rank != 0:
         return None
-    return {"metrics": metrics, "dp": 2, "tokens_per_step": 2 * MICRO_BATCH * SEQ}
+    by_dp = {dp: (tokens, batches) for dp, tokens, batches in fed}  # TP ranks of a replica were fed the same
+    # The last validation's loss, independently: one process, float64, the trained weights, every replica's batches.
+    reference = Llama(CONFIG)
+    reference.load_state_dict(weights)
+    reference.double()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, batches in by_dp.values():
+            for input_ids, labels in batches:
+                logits = reference(input_ids).double()
+                total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), ignore_index=-100,
+                                               reduction="sum"))
+                count += int((labels != -100).sum())
+    return {"metrics": metrics, "dp": 2, "tokens_per_step": 2 * MICRO_BATCH * SEQ,
+            "expected_tokens_last_step": sum(tokens[-1] for tokens, _ in by_dp.values()),
+            "expected_tokens_seen": sum(sum(tokens) for tokens, _ in by_dp.values()),
+            "expected_val_loss": total / count, "val_tokens": count, "steps": [len(t) for t, _ in by_dp.values()]}
 
 
 def initial_weights_match(devices: int) -> dict[str, Any] | None:
@@ -335,7 +373,8 @@ def initial_weights_match(devices: int) -> dict[str, Any] | None:
 
 def checkpoint_across_modes(devices: int, root: str) -> dict[str, Any] | None:
     """Save after 2 steps with full activation checkpointing, then resume that checkpoint to step 4 twice: without
-    activation checkpointing, and with selective checkpointing + compiled blocks. Same keys, same numbers."""
+    activation checkpointing, and with selective checkpointing + compiled blocks. Both must continue the
+    uninterrupted 4-step run (a resume that lost the weights or the optimizer state would not)."""
 
     def fit(ac: str, steps: int, compile: bool = False, save: str | None = None, resume: str | None = None) -> list:
         module = LitLlama(initial_weights())
@@ -345,19 +384,23 @@ def checkpoint_across_modes(devices: int, root: str) -> dict[str, Any] | None:
             max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
-        data = DataLoader(TensorDataset(dataset(1, 1)), batch_size=MICRO_BATCH)
+        # Every sample the same: the sampler Lightning injects shuffles, and a plain DataLoader has no saved
+        # position, so a resumed run draws another order; with identical samples every order gives the batches
+        # of the uninterrupted run, and what is compared is the weights and the optimizer state.
+        data = DataLoader(TensorDataset(dataset(1, 1)[:1].repeat(4 * MICRO_BATCH, 1)), batch_size=MICRO_BATCH)
         trainer.fit(module, data, ckpt_path=resume)
         if save:
             trainer.save_checkpoint(save)
         return module.losses
 
     path = f"{root}/ac_full_step2"
+    uninterrupted = fit("none", 4)  # the reference: the same 4 steps without a save and a resume
     first = fit("full", 2, save=path)
     plain = fit("none", 4, resume=path)
     selective_compiled = fit("selective", 4, compile=True, resume=path)
     if dist.get_rank() != 0:
         return None
-    return {"first": first, "plain": plain, "selective_compiled": selective_compiled}
+    return {"uninterrupted": uninterrupted, "first": first, "plain": plain, "selective_compiled": selective_compiled}
 
 
 def _collective_counter() -> Any:

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _ci_deps import require
+from tolerances import FP32
 
-pytest.importorskip("transformers")
+require("transformers")
 pytestmark = pytest.mark.multiprocess
 
 WORKER = Path(__file__).parent / "workers" / "hf_parity.py"
@@ -33,17 +35,19 @@ def result(request, tmp_path_factory) -> dict:
 def test_transformers_llama_trained_by_the_trainer_matches_one_process(result):
     run = result["trainer"]
     assert len(run["losses"]) == len(run["ref_losses"]) == 4
-    for ours, theirs in zip(run["losses"], run["ref_losses"], strict=True):
-        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
-    assert len(run["grad_err"]) == 21 and max(run["grad_err"].values()) <= 1e-5
+    worst = max(abs(ours - theirs) / abs(theirs) for ours, theirs in zip(run["losses"], run["ref_losses"], strict=True))
+    print(f"\nhf trainer run: loss rel err {worst:.1e}, grad abs err {max(run['grad_err'].values()):.1e}")
+    assert worst <= FP32.loss_rel
+    assert len(run["grad_err"]) == 21 and max(run["grad_err"].values()) <= FP32.grad_abs
 
 
 @pytest.mark.parametrize("name", ["hf-llama", "hf-llama-tied", "native-llama", "native-llama-tied", "hf-mistral",
                                   "hf-qwen2", "hf-qwen3"])
 def test_logits_and_gradients_match_one_process(result, name):
     case = result["parity"][name]
-    assert case["logits_err"] <= 1e-5, case
-    assert case["grad_err"] <= 1e-5, case
+    print(f"\n{name}: logits abs err {case['logits_err']:.1e}, grad abs err {case['grad_err']:.1e}")
+    assert case["logits_err"] <= FP32.grad_abs, case  # logits: the same element-wise bound as gradients
+    assert case["grad_err"] <= FP32.grad_abs, case
     assert case["grads_compared"] >= 20
 
 

@@ -81,10 +81,13 @@ def backup_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.old")
 
 
+def _is_checkpoint_file_name(name: str) -> bool:
+    """A name a sharded save writes: DCP's ``.metadata`` and ``*.distcp`` shards, and ``meta.pt``."""
+    return name in (DCP_METADATA, META_FILE) or name.endswith(".distcp")
+
+
 def _holds_only_checkpoint_files(directory: Path) -> bool:
-    """Every entry is a file a sharded save writes: DCP's ``.metadata`` and ``*.distcp`` shards, and ``meta.pt``."""
-    return all(entry.is_file() and not entry.is_symlink()
-               and (entry.name in (DCP_METADATA, META_FILE) or entry.name.endswith(".distcp"))
+    return all(entry.is_file() and not entry.is_symlink() and _is_checkpoint_file_name(entry.name)
                for entry in directory.iterdir())
 
 
@@ -132,8 +135,7 @@ def refuse_to_replace(path: str | Path, staged: str | Path | None = None) -> str
     if path.is_symlink():
         what = "is a symbolic link"
     elif path.is_dir():
-        foreign = sorted(e.name for e in path.iterdir()
-                         if not (e.name in (DCP_METADATA, META_FILE) or e.name.endswith(".distcp")))
+        foreign = sorted(e.name for e in path.iterdir() if not _is_checkpoint_file_name(e.name))
         what = (f"is a directory holding files a checkpoint does not ({', '.join(foreign[:5])}"
                 f"{', ...' if len(foreign) > 5 else ''})" if foreign else
                 "is a directory that is not a complete checkpoint written by TensorParallelStrategy")
@@ -198,13 +200,12 @@ def recover(path: str | Path) -> None:
     """
     path = Path(path)
     old = backup_path(path)
-    if not written_by_strategy(old):  # absent, or not ours: never touched
-        pass
-    elif not (path.exists() or path.is_symlink()):
-        os.replace(old, path)
-        _fsync_dir(path.parent)
-    elif written_by_strategy(path):
-        remove(old)
+    if written_by_strategy(old):  # an absent or foreign <path>.old is never touched
+        if not (path.exists() or path.is_symlink()):
+            os.replace(old, path)
+            _fsync_dir(path.parent)
+        elif written_by_strategy(path):
+            remove(old)
     if path.parent.is_dir():
         for stale in path.parent.glob(f"{path.name}.tmp-*"):
             if stale.name.removeprefix(f"{path.name}.tmp-").isdigit() and written_by_strategy(stale, complete=False):

@@ -265,7 +265,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         parameter is overwritten with the trained values.
         """
         if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
-            if self._parallelized_by == "plan" or (self.plan is not None and _has_parameters(module)):
+            if self.plan is not None and _has_parameters(module):
                 materialize(module, self._resolve(module), torch.device("cpu"), getattr(module, "init_seed", None))
             else:  # the user's own parallelization: storage only, the trained values follow
                 module.to_empty(device="cpu")
@@ -290,13 +290,11 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             return  # built in configure_model: checked in setup, identically on every rank
         try:
             self._resolve(module)
-        except PlanError as error:
-            if user_hook and isinstance(error, ModelNotRecognisedError):
+        except ModelNotRecognisedError as error:
+            if user_hook:
                 return  # configure_model() may parallelize it: decided in setup, after the hook ran
-            if not user_hook and isinstance(error, ModelNotRecognisedError):
-                raise ConfigureModelRequiredError(_no_plan_found(type(self).__name__, module, self.plan,
-                                                                 user_hook)) from error
-            raise
+            raise ConfigureModelRequiredError(_no_plan_found(type(self).__name__, module, self.plan,
+                                                             user_hook)) from error
 
     def _resolve(self, module: nn.Module) -> ResolvedPlan:
         plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
@@ -410,12 +408,10 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             return "user"
         try:
             self._resolved_plan = self._resolve(module)
-        except PlanError as error:
-            if isinstance(error, ModelNotRecognisedError):
-                user_hook = is_overridden("configure_model", module)
-                cls = ModelNotRecognisedError if user_hook else ConfigureModelRequiredError
-                raise cls(_no_plan_found(name, module, self.plan, user_hook)) from error
-            raise
+        except ModelNotRecognisedError as error:
+            user_hook = is_overridden("configure_model", module)
+            cls = ModelNotRecognisedError if user_hook else ConfigureModelRequiredError
+            raise cls(_no_plan_found(name, module, self.plan, user_hook)) from error
         return "plan"
 
     def _mp_policy(self) -> Any:

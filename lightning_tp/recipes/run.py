@@ -211,13 +211,13 @@ def _sizes(strategy: Any) -> tuple[int, int] | None:
         return None
 
 
-def _write_loss_curve(out_dir: Path, metrics_csv: Path | None, summary: dict[str, Any], strategy: Any) -> str | None:
+def _write_loss_curve(out_dir: Path, metrics_csv: Path | None, summary: dict[str, Any],
+                      sizes: tuple[int, int] | None) -> str | None:
     """``out_dir/loss_curve.png`` from the CSV log's train loss and the validation history; its path, or None
     (and one printed line saying why) when it cannot be drawn."""
     if not report.has_matplotlib():
         print("[lightning-tp] loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         return None
-    sizes = _sizes(strategy)
     title = f"{summary['steps']} steps" + (f", dp={sizes[0]} x tp={sizes[1]}" if sizes else "")
     path = report.write_loss_curve(out_dir / "loss_curve.png", report.read_train_losses(metrics_csv),
                                    summary["val_loss_history"], title=title)
@@ -308,10 +308,11 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary["loss_curve"] = _write_loss_curve(out_dir, metrics_csv, summary, trainer.strategy)
+        sizes = _sizes(trainer.strategy)
+        summary["loss_curve"] = _write_loss_curve(out_dir, metrics_csv, summary, sizes)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print()
-        for line in report.summary_lines(summary, sizes=_sizes(trainer.strategy), loss_curve=summary["loss_curve"],
+        for line in report.summary_lines(summary, sizes=sizes, loss_curve=summary["loss_curve"],
                                          out_dir=str(out_dir)):
             print(line)
     _end_sweep_job(launched)

@@ -284,9 +284,9 @@ def measure_single_device(device: str, preset: str, batch: int, seq: int, steps:
     import torch
     import torch.nn.functional as F
 
-    from lightning_tp.callbacks import peak_flops_for
     from lightning_tp.models import Llama, get_config
     from lightning_tp.parallel.plans import resolve_plan
+    from lightning_tp.training.callbacks import peak_flops_for
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is visible here; run on a GPU machine, or pass"

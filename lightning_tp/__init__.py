@@ -7,7 +7,6 @@ Importing this package registers the strategy names ``"tensor_parallel"``, ``"te
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_tp.callbacks import ThroughputMonitor
 from lightning_tp.errors import (
     LightningTPError,
     MeshConfigError,
@@ -15,10 +14,11 @@ from lightning_tp.errors import (
     PlanError,
     SequenceLengthError,
 )
-from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import Llama, LlamaConfig, get_config, list_presets
 from lightning_tp.parallel.plans import PLANS, llama_plan, per_projection_llama_plan, register_plan
 from lightning_tp.strategy import TensorParallelStrategy
+from lightning_tp.training.callbacks import ThroughputMonitor
+from lightning_tp.training.module import CausalLMModule
 
 TensorParallelStrategy.register_strategies(StrategyRegistry)
 

@@ -24,13 +24,13 @@ from typing import Any
 
 RECIPES = ("pretrain", "finetune")
 # non-recipe subcommands: module whose main(argv) runs them
-TOOLS = {"consolidate": "lightning_tp.consolidate", "plan": "lightning_tp.planner"}
+TOOLS = {"consolidate": "lightning_tp.checkpoint.consolidate", "plan": "lightning_tp.planner"}
 USAGE = (f"usage: lightning-tp {{{','.join(RECIPES)}}} [key=value ...] [--cfg job] [--multirun] [--help]\n"
          "       lightning-tp consolidate CHECKPOINT_DIR OUT_FILE\n"
          "       lightning-tp plan [key=value ...] [--json]   (dry run: memory, communication, step time; no GPU)\n"
          "       lightning-tp export CHECKPOINT_DIR OUT_DIR [--model PRESET_OR_CONFIG_JSON] [--tokenizer DIR]\n"
          "       lightning-tp import HF_DIR OUT_DIR")
-CONVERSIONS = ("export", "import")  # Hugging Face checkpoints out and in (lightning_tp.hf)
+CONVERSIONS = ("export", "import")  # Hugging Face checkpoints out and in (lightning_tp.checkpoint.hf)
 
 
 def recipe_module(name: str) -> str:
@@ -62,7 +62,7 @@ def _config_from_arg(spec: str) -> Any:
     """A preset name, a Hugging Face ``config.json``, or a JSON file of :class:`LlamaConfig` fields."""
     import json
 
-    from lightning_tp.hf import config_from_hf
+    from lightning_tp.checkpoint.hf import config_from_hf
     from lightning_tp.models import LlamaConfig, get_config
 
     path = Path(spec)
@@ -96,8 +96,8 @@ def export_main(argv: list[str]) -> None:
 
     import torch
 
-    from lightning_tp.checkpoint import CheckpointError
-    from lightning_tp.hf import consolidated_state_dict, export_hf
+    from lightning_tp.checkpoint.hf import consolidated_state_dict, export_hf
+    from lightning_tp.errors import CheckpointError
     from lightning_tp.models import LlamaConfig, get_config
 
     parser = argparse.ArgumentParser(prog="lightning-tp export", description=export_main.__doc__)
@@ -151,8 +151,8 @@ def import_main(argv: list[str]) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from lightning_tp.checkpoint import CheckpointError
-    from lightning_tp.hf import llama_from_hf
+    from lightning_tp.checkpoint.hf import llama_from_hf
+    from lightning_tp.errors import CheckpointError
 
     parser = argparse.ArgumentParser(prog="lightning-tp import", description=import_main.__doc__)
     parser.add_argument("hf_dir", type=Path, help="config.json + model.safetensors (or shards with an index)")

@@ -8,7 +8,10 @@ Every error is a :class:`LightningTPError` (a ``ValueError``) and also derives f
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointPathError",
     "ConfigureModelRequiredError",
+    "DataError",
     "EnvironmentConfigError",
     "LightningTPError",
     "MeshConfigError",
@@ -65,3 +68,16 @@ class EnvironmentConfigError(LightningTPError):
 
 class UnsupportedFeatureError(LightningTPError):
     """An opt-in feature (async TP, float8) cannot run on this accelerator or software stack."""
+
+
+class CheckpointError(LightningTPError):
+    """A checkpoint is missing, incomplete, or does not fit the model."""
+
+
+class CheckpointPathError(CheckpointError, FileExistsError):
+    """A save would replace a file or directory the strategy did not write; nothing is touched. Also a
+    ``FileExistsError`` (the parent raises ``IsADirectoryError``, an ``OSError`` too, for one of these cases)."""
+
+
+class DataError(LightningTPError):
+    """A corpus is missing, empty or too small, or a data parameter has an invalid value."""

@@ -9,7 +9,7 @@ JSON/YAML file (:func:`load_hardware`, or ``hardware_file=PATH`` on the ``lightn
     links:
       - {name: xgmi, bandwidth: 448e9, efficiency: 0.7, latency: 10e-6}
 
-Peak FLOP/s come from :data:`lightning_tp.callbacks.PEAK_FLOPS` (the table the throughput monitor uses)
+Peak FLOP/s come from :data:`lightning_tp.training.callbacks.PEAK_FLOPS` (the table the throughput monitor uses)
 where it has the part, so the two never disagree. Sources for the other figures: NVIDIA's H100/H200/A100
 datasheets (memory, HBM bandwidth, NVLink: 900 GB/s H100/H200 and 600 GB/s A100 *bidirectional* per GPU,
 i.e. 450 and 300 GB/s per direction) and ConnectX-7 / ConnectX-6 NICs (400 / 200 Gb/s per GPU, i.e. 50 / 25
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_tp.callbacks import PEAK_FLOPS
 from lightning_tp.errors import LightningTPError
+from lightning_tp.training.callbacks import PEAK_FLOPS
 
 __all__ = [
     "ACCELERATORS",

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_tp.callbacks import mfu
 from lightning_tp.errors import LightningTPError
 from lightning_tp.hardware import Accelerator, Link, get_accelerator, get_link, load_hardware
 from lightning_tp.models.config import LlamaConfig, get_config
 from lightning_tp.recipes.config import ModelConfig, PretrainDataConfig, StrategyConfig, TrainerConfig
+from lightning_tp.training.callbacks import mfu
 
 __all__ = [
     "AC_MODES",

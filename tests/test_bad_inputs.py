@@ -34,11 +34,12 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 from lightning_tp import TensorParallelStrategy, cli
-from lightning_tp.checkpoint import CheckpointError, CheckpointPathError
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.tokenizers import TokenizerError
 from lightning_tp.errors import (
+    CheckpointError,
+    CheckpointPathError,
     ConfigureModelRequiredError,
+    DataError,
     EnvironmentConfigError,
     MeshConfigError,
     ModelShapeError,
@@ -46,10 +47,10 @@ from lightning_tp.errors import (
     SequenceLengthError,
     UnsupportedFeatureError,
 )
-from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import Llama, get_config
 from lightning_tp.recipes.config import RecipeConfigError, compose_recipe
 from lightning_tp.recipes.run import run
+from lightning_tp.training.module import CausalLMModule
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs" / "errors.md"
@@ -94,7 +95,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    from lightning_tp.hf import export_hf
+    from lightning_tp.checkpoint.hf import export_hf
 
     root = tmp_path_factory.mktemp("good")
     corpus = root / "corpus.txt"
@@ -580,7 +581,7 @@ def test_a_valid_job_reaches_the_spawn_guard(entry: str, files: dict[str, Path],
 
 
 def test_port_check_passes_a_free_port_and_names_a_taken_one() -> None:
-    from lightning_tp.preflight import check_port
+    from lightning_tp.launch.preflight import check_port
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -604,7 +605,7 @@ RANK_ONLY_SCRIPT = textwrap.dedent("""
     from torch.utils.data import DataLoader
 
     from lightning_tp import TensorParallelStrategy
-    from lightning_tp.lightning_module import CausalLMModule
+    from lightning_tp.training.module import CausalLMModule
 
     if __name__ == "__main__":
         print(f"FIT_STARTS_AT {time.time()}", flush=True)  # after the imports, which are not the input's fault

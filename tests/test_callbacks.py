@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_tp.callbacks`: throughput arithmetic, MFU, and the hook logic with a fake clock."""
+"""Tests of :mod:`lightning_tp.training.callbacks`: throughput arithmetic, MFU, and the hook logic with a fake clock."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tp import callbacks
-from lightning_tp.callbacks import ThroughputMonitor, data_parallel_size, mfu, peak_flops_for, tokens_per_step
-from lightning_tp.lightning_module import CausalLMModule
 from lightning_tp.models import Llama, get_config
+from lightning_tp.training import callbacks
+from lightning_tp.training.callbacks import ThroughputMonitor, data_parallel_size, mfu, peak_flops_for, tokens_per_step
+from lightning_tp.training.module import CausalLMModule
 
 
 class FakeMesh:

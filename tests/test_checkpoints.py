@@ -31,8 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_tp.checkpoint import CheckpointError
-from lightning_tp.consolidate import (
+from lightning_tp.checkpoint.consolidate import (
     SafeFileSystemReader,
     check_checkpoint,
     consolidate,
@@ -42,6 +41,7 @@ from lightning_tp.consolidate import (
     rekey_to_param_ids,
     remove,
 )
+from lightning_tp.errors import CheckpointError
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint.py"
 RESUME_TOL, RESHARD_TOL = 1e-6, 1e-5

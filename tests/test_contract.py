@@ -23,8 +23,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from torch import nn
 
 from lightning_tp import TensorParallelStrategy
-from lightning_tp.checkpoint import CheckpointError, CheckpointPathError
 from lightning_tp.errors import (
+    CheckpointError,
+    CheckpointPathError,
     ConfigureModelRequiredError,
     MeshConfigError,
     ModelNotRecognisedError,
@@ -32,7 +33,7 @@ from lightning_tp.errors import (
     UnsupportedFeatureError,
     UnsupportedModuleError,
 )
-from lightning_tp.launchers import FAILURES_ENV, ScriptLauncher
+from lightning_tp.launch import FAILURES_ENV, ScriptLauncher
 from lightning_tp.models import Llama, get_config
 
 
@@ -339,7 +340,7 @@ def test_a_single_file_save_replaces_the_strategys_own_file(tmp_path: Path) -> N
 
 
 def test_recover_leaves_a_users_siblings_alone(tmp_path: Path) -> None:
-    from lightning_tp.consolidate import recover
+    from lightning_tp.checkpoint.consolidate import recover
 
     last = _own_checkpoint(tmp_path / "last")
     (tmp_path / "last.old").mkdir()
@@ -365,7 +366,7 @@ def test_the_launching_process_keeps_the_failure_folder_out_of_its_environment(m
     strategy = TensorParallelStrategy()
     environment = mock.Mock(creates_processes_externally=False)
     launcher = ScriptLauncher(strategy, environment, 2, 1)
-    with mock.patch("lightning_tp.launchers._preflight"), mock.patch("lightning_tp.launchers._Observer"):
+    with mock.patch("lightning_tp.launch.script.preflight"), mock.patch("lightning_tp.launch.script._Observer"):
         assert launcher.launch(lambda: "trained") == "trained"
     assert seen["children's"] and Path(seen["children's"]).is_dir()  # the ranks it starts get the folder
     assert FAILURES_ENV not in os.environ

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_tp.data.tokenizers import ByteTokenizer
-from lightning_tp.generate import generate, sample_token
 from lightning_tp.models import Llama, LlamaConfig
+from lightning_tp.training.generate import generate, sample_token
 
 
 def _logits(seed: int = 0, vocab: int = 50) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Hugging Face interop (:mod:`lightning_tp.hf`), single process, no network: config.json both ways, safetensors
+"""Hugging Face interop (:mod:`lightning_tp.checkpoint.hf`), single process, no network: config.json both ways,
+safetensors
 checkpoints in (plain and DTensor parameters) and out, checkpoint errors, and consolidation of sharded checkpoints."""
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch.distributed as dist
 from _ci_deps import require
 from torch import nn
 
-from lightning_tp.checkpoint import CheckpointError
-from lightning_tp.hf import (
+from lightning_tp.checkpoint.hf import (
     config_from_hf,
     config_to_hf,
     consolidated_state_dict,
@@ -25,6 +25,7 @@ from lightning_tp.hf import (
     load_hf_checkpoint,
     strip_prefix,
 )
+from lightning_tp.errors import CheckpointError
 from lightning_tp.models import Llama, LlamaConfig, get_config
 from lightning_tp.models.llama import RMSNorm
 
@@ -506,7 +507,7 @@ def test_cli_export_needs_model_without_safe_meta(tmp_path: Path, capsys: pytest
     cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
     assert "finetune checkpoint=" in capsys.readouterr().out
     from lightning_tp import CausalLMModule
-    from lightning_tp.checkpoint import load_weights
+    from lightning_tp.checkpoint.weights import load_weights
 
     module = CausalLMModule(llama=_materialised(tmp_path / "hf"))
     with warnings.catch_warnings():

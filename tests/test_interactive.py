@@ -38,7 +38,7 @@ def test_interactive_session_picks_the_fork_launcher(monkeypatch: pytest.MonkeyP
     from lightning.fabric.utilities import imports
 
     from lightning_tp import TensorParallelStrategy
-    from lightning_tp.launchers import ForkLauncher, ScriptLauncher
+    from lightning_tp.launch import ForkLauncher, ScriptLauncher
 
     monkeypatch.setattr(imports, "_IS_INTERACTIVE", True)
     monkeypatch.setattr("lightning.pytorch.trainer.connectors.accelerator_connector._IS_INTERACTIVE", True)

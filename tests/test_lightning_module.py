@@ -1,4 +1,4 @@
-"""Single-process tests of :class:`lightning_tp.lightning_module.CausalLMModule`."""
+"""Single-process tests of :class:`lightning_tp.training.module.CausalLMModule`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tp.lightning_module import CausalLMModule, TokenMeanLoss, _foreach_is_safe, warmup_cosine_factor
 from lightning_tp.models import Llama, LlamaConfig, get_config
+from lightning_tp.training.module import CausalLMModule, TokenMeanLoss, _foreach_is_safe, warmup_cosine_factor
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=4, num_key_value_heads=2)

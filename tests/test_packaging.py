@@ -115,7 +115,7 @@ def test_full_error_env_gives_the_traceback(tmp_path: Path) -> None:
                  f"out_dir={tmp_path / 'out'}"], tmp_path, HYDRA_FULL_ERROR="1")
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("lightning_tp.checkpoint.CheckpointError: checkpoint=")
+    assert proc.stderr.strip().splitlines()[-1].startswith("lightning_tp.errors.CheckpointError: checkpoint=")
 
 
 def test_recipe_config_error_before_hydra_is_one_line(capsys: pytest.CaptureFixture[str],
@@ -131,7 +131,7 @@ def test_recipe_config_error_before_hydra_is_one_line(capsys: pytest.CaptureFixt
 
 
 def test_only_typed_errors_are_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_tp.data.errors import DataError
+    from lightning_tp.errors import DataError
     from lightning_tp.recipes.entry import _TypedFailure, one_line, typed_errors_pass_hydra
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)

@@ -574,9 +574,9 @@ def test_the_offline_guard_refuses_outbound_connections_and_allows_loopback(tmp_
 
 PACKAGE = ROOT / "lightning_tp"
 DCP_AUDITED = {
-    ("hf.py", "consolidated_state_dict"): "requests tensor entries only (a TensorStorageMetadata filter), so DCP's"
-                                          " default planner never unpickles a byte entry",
-    ("consolidate.py", "load_full"): "reader and planner are the Safe* pair unless the caller passes"
+    ("checkpoint/hf.py", "consolidated_state_dict"): "requests tensor entries only (a TensorStorageMetadata filter),"
+                                                     " so DCP's default planner never unpickles a byte entry",
+    ("checkpoint/consolidate.py", "load_full"): "reader and planner are the Safe* pair unless the caller passes"
                                      " weights_only=False",
 }
 """DCP loads audited by hand, with the reason. A byte entry (a non-tensor value) of a DCP checkpoint is unpickled by
@@ -659,7 +659,7 @@ def test_every_load_in_the_package_refuses_arbitrary_pickles() -> None:
                     unsafe_dcp.add((rel, function))
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and any("Unpickler" in ast.unparse(b) for b in node.bases):
-                if (rel, node.name) != ("consolidate.py", "_MetadataUnpickler"):
+                if (rel, node.name) != ("checkpoint/consolidate.py", "_MetadataUnpickler"):
                     problems.append(f"{rel}: unpickler class {node.name}")
     assert problems == [], problems
     assert unsafe_dcp == AWAITING_FIX, (f"DCP loads without a safe planner: {sorted(unsafe_dcp)}; expected only the"
@@ -706,7 +706,7 @@ def _checkpoint_with_a_smuggled_pickle(path: Path, marker: Path) -> Any:
 
 
 def test_consolidate_refuses_a_pickle_smuggled_into_a_shard(tmp_path: Path) -> None:
-    from lightning_tp.consolidate import consolidate
+    from lightning_tp.checkpoint.consolidate import consolidate
 
     marker = tmp_path / "pwned"
     _checkpoint_with_a_smuggled_pickle(tmp_path / "ckpt", marker)
@@ -721,7 +721,7 @@ def test_consolidate_refuses_a_pickle_smuggled_into_a_shard(tmp_path: Path) -> N
 def test_load_weights_refuses_a_pickle_smuggled_into_a_shard(tmp_path: Path) -> None:
     """``lightning-tp finetune checkpoint=DIR`` loads weights with ``load_weights``: an untrusted DIR must not run
     code."""
-    from lightning_tp.checkpoint import load_weights
+    from lightning_tp.checkpoint.weights import load_weights
 
     marker = tmp_path / "pwned"
     target = _checkpoint_with_a_smuggled_pickle(tmp_path / "ckpt", marker)
@@ -738,7 +738,7 @@ def test_a_failing_launcher_kills_the_ranks_it_started_and_names_the_first_failu
     still running (must be killed); then with a recorded error, which the note quotes instead."""
     from lightning.fabric.plugins.environments import LightningEnvironment
 
-    from lightning_tp.launchers import ScriptLauncher, record_failure
+    from lightning_tp.launch import ScriptLauncher, record_failure
 
     def launcher(*commands: str) -> ScriptLauncher:
         launcher = ScriptLauncher(None, LightningEnvironment(), len(commands) + 1, 1)  # type: ignore[arg-type]

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.tokenizers import Tokenizer
+from lightning_tp.errors import DataError
 
 __all__ = [
     "DEFAULT_CORPUS_MAX_BYTES",

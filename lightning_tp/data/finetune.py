@@ -21,7 +21,7 @@ assistant contents and their EOS carry a label. A BOS token starts every example
 
 Batches are ``{"input_ids": (batch_size, seq_len) int64, "labels": (batch_size, seq_len) int64}`` with labels
 already shifted (``labels[:, t]`` is the target of input position ``t``) and masked positions set to
-``ignore_index``, as :class:`lightning_tp.lightning_module.CausalLMModule` expects. ``seq_len`` is fixed for every
+``ignore_index``, as :class:`lightning_tp.training.module.CausalLMModule` expects. ``seq_len`` is fixed for every
 batch, so sequence parallelism can always split it.
 
 Prompt templates, token-level rendering and the built-in set live in :mod:`lightning_tp.data.instructions`, record
@@ -41,7 +41,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_tp.data.errors import DataError  # one DataError for all data modules
 from lightning_tp.data.instructions import (
     PROMPT_TEMPLATES,
     PromptTemplate,
@@ -54,6 +53,7 @@ from lightning_tp.data.instructions import (
 from lightning_tp.data.records import CHAT_ROLES, Record, collect_records, data_files, iter_sources, load_hf_dataset
 from lightning_tp.data.samplers import data_parallel_replicas
 from lightning_tp.data.tokenizers import Tokenizer, load_tokenizer
+from lightning_tp.errors import DataError  # one DataError for all data modules
 
 __all__ = [
     "CHAT_ROLES",

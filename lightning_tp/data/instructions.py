@@ -14,8 +14,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.tokenizers import Tokenizer
+from lightning_tp.errors import DataError
 
 __all__ = [
     "PROMPT_TEMPLATES",

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_tp.data import corpus
 from lightning_tp.data.corpus import DEFAULT_CORPUS_MAX_BYTES, PackedWindows, default_corpus_files, resolve_files
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.samplers import ResumableDataLoader, ResumableDistributedSampler, data_parallel_replicas
 from lightning_tp.data.tokenizers import Tokenizer, load_tokenizer
+from lightning_tp.errors import DataError
 
 __all__ = [
     "DEFAULT_CORPUS_MAX_BYTES",

@@ -3,7 +3,7 @@
 Alpaca records are ``{"instruction": str, "input": str (optional), "output": str}``; chat records are
 ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``. Every problem is reported
 with its location (``file:line``, a JSON array index, a data set row); :func:`collect_records` raises it as
-:class:`~lightning_tp.data.errors.DataError` or, with ``skip_malformed=True``, skips and lists it.
+:class:`~lightning_tp.errors.DataError` or, with ``skip_malformed=True``, skips and lists it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.instructions import PromptTemplate, encode_chat, encode_instruction, make_default_dataset
 from lightning_tp.data.tokenizers import Tokenizer
+from lightning_tp.errors import DataError
 
 __all__ = [
     "CHAT_ROLES",

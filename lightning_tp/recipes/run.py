@@ -18,17 +18,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tp.callbacks import ThroughputMonitor
-from lightning_tp.checkpoint import CheckpointError, LoadWeights, check_weights_fit, is_hf_checkpoint
-from lightning_tp.consolidate import read_checkpoint_metadata
+from lightning_tp.checkpoint.consolidate import read_checkpoint_metadata
+from lightning_tp.checkpoint.hf import config_from_hf
+from lightning_tp.checkpoint.weights import LoadWeights, check_weights_fit, is_hf_checkpoint
 from lightning_tp.data.tokenizers import check_tokenizer
-from lightning_tp.errors import SequenceLengthError
-from lightning_tp.generate import check_sampling, generate
-from lightning_tp.hf import config_from_hf
-from lightning_tp.lightning_module import CausalLMModule
+from lightning_tp.errors import CheckpointError, SequenceLengthError
+from lightning_tp.launch.preflight import check_devices
 from lightning_tp.models import LlamaConfig, get_config
-from lightning_tp.preflight import check_devices
 from lightning_tp.recipes import report
+from lightning_tp.training.callbacks import ThroughputMonitor
+from lightning_tp.training.generate import check_sampling, generate
+from lightning_tp.training.module import CausalLMModule
 
 __all__ = ["model_config", "run"]
 

@@ -39,9 +39,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tp import CausalLMModule, TensorParallelStrategy
-from lightning_tp.data.errors import DataError
 from lightning_tp.data.pretrain import PretrainDataModule
 from lightning_tp.data.samplers import ResumableDistributedSampler
+from lightning_tp.errors import DataError
 
 GLOBAL_BATCH, SEQ_LEN, TOTAL_STEPS = 4, 16, 12
 

@@ -50,7 +50,7 @@ def main() -> None:
                         strategy=TensorParallelStrategy(tensor_parallel_size=2, launcher="fork"))
     trainer.fit(meta_module, DataLoader(rows, batch_size=4))
     from lightning_tp.data.tokenizers import ByteTokenizer
-    from lightning_tp.generate import generate
+    from lightning_tp.training.generate import generate
 
     result["meta_materialised"] = not any(p.is_meta for p in meta_module.parameters())
     result["inv_freq_finite"] = bool(torch.isfinite(meta_module.model.model.inv_freq).all())

@@ -23,7 +23,7 @@ import transformers
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tp import Llama, TensorParallelStrategy
-from lightning_tp.hf import config_from_hf
+from lightning_tp.checkpoint.hf import config_from_hf
 
 SEQ, BATCH, STEPS, LR = 16, 2, 4, 1e-3
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,

@@ -25,12 +25,12 @@ class AtomicCheckpointMixin:
 
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
 
-        from lightning_tp import consolidate as files
+        from lightning_tp.checkpoint import consolidate as files
 
         if storage_options is not None:
             raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported"
                             f" because `{type(self).__name__}` does not use the `CheckpointIO`.")
-        from lightning_tp.checkpoint import CheckpointPathError
+        from lightning_tp.errors import CheckpointPathError
 
         path = Path(self.broadcast(str(filepath)))  # rank 0 decides, every rank writes to the same place
         checkpoint[files.LAYOUT_KEY] = self._checkpoint_layout()
@@ -88,8 +88,8 @@ class AtomicCheckpointMixin:
         import torch.distributed as dist
         from torch.distributed.checkpoint.api import CheckpointException
 
-        from lightning_tp import consolidate as files
-        from lightning_tp.checkpoint import CheckpointError
+        from lightning_tp.checkpoint import consolidate as files
+        from lightning_tp.errors import CheckpointError
 
         error: Optional[BaseException] = None
         try:
@@ -128,8 +128,8 @@ class AtomicCheckpointMixin:
 
         from torch.distributed.checkpoint.api import CheckpointException
 
-        from lightning_tp import consolidate as files
-        from lightning_tp.checkpoint import CheckpointError
+        from lightning_tp.checkpoint import consolidate as files
+        from lightning_tp.errors import CheckpointError
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if self.is_global_zero:
@@ -157,7 +157,7 @@ class AtomicCheckpointMixin:
             set_optimizer_state_dict,
         )
 
-        from lightning_tp import consolidate as files
+        from lightning_tp.checkpoint import consolidate as files
 
         def read(state: dict[str, Any]) -> None:
             if weights_only:
@@ -180,7 +180,7 @@ class AtomicCheckpointMixin:
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
         """Delete a checkpoint (rank 0); a directory stops looking complete before its files go."""
-        from lightning_tp import consolidate as files
+        from lightning_tp.checkpoint import consolidate as files
 
         if self.is_global_zero:
             files.remove(filepath)

@@ -42,9 +42,9 @@ from lightning_tp.parallel.apply import (
     clip_grad_norm_,
     materialize,
 )
-from lightning_tp.parallel.checkpointing import AtomicCheckpointMixin
 from lightning_tp.parallel.plans import PlanSpec, ResolvedPlan, resolve_plan
 from lightning_tp.parallel.recompute import AC_MODES, apply_activation_checkpointing, compile_blocks
+from lightning_tp.strategy.checkpoint_io import AtomicCheckpointMixin
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -216,7 +216,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             return
         from lightning.fabric.utilities.imports import _IS_INTERACTIVE
 
-        from lightning_tp.launchers import ForkLauncher, ScriptLauncher
+        from lightning_tp.launch import ForkLauncher, ScriptLauncher
 
         if self.launcher_kind == "fork" or (self.launcher_kind == "auto" and _IS_INTERACTIVE):
             self._launcher = ForkLauncher(self)
@@ -503,7 +503,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     def on_exception(self, exception: BaseException) -> None:
         # Tell the launching process why this rank failed, so its report quotes the original error.
         super().on_exception(exception)
-        from lightning_tp.launchers import record_failure
+        from lightning_tp.launch import record_failure
 
         record_failure(self.global_rank, exception)
 

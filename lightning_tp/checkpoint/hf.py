@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tp.checkpoint import CheckpointError
+from lightning_tp.errors import CheckpointError
 from lightning_tp.models.config import LlamaConfig
 from lightning_tp.models.llama import Llama
 
@@ -377,7 +377,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path, prefix: str = "model.") 
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from lightning_tp.consolidate import SafeFileSystemReader  # unpickles only DCP's own metadata classes
+    from lightning_tp.checkpoint.consolidate import SafeFileSystemReader  # unpickles only DCP's own metadata classes
 
     path = Path(checkpoint_dir)
     if not (path / ".metadata").is_file():

@@ -8,7 +8,7 @@ until the collective timeout (30 minutes by default). These checks turn both int
 * :func:`check_devices`: the ``devices`` a recipe asks for against the visible CUDA devices (before the Trainer
   is built, so the message can name the recipe's key) and the number of CPU processes against the cores.
 * :func:`check_port`: the rendezvous port (``MASTER_PORT``, or the free port Lightning picked) can be bound.
-* :func:`check_launch`: both, for a launcher about to start its ranks (:mod:`lightning_tp.launchers`).
+* :func:`check_launch`: both, for a launcher about to start its ranks (:mod:`lightning_tp.launch`).
 """
 
 from __future__ import annotations

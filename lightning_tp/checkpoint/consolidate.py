@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from lightning_tp.checkpoint import CheckpointError
+from lightning_tp.errors import CheckpointError
 
 __all__ = [
     "META_FILE",

@@ -1,17 +1,13 @@
-"""How ``TensorParallelStrategy`` starts its ranks: a script re-run (the default) or fork (notebooks).
+"""The default launcher: re-run the script for ranks 1..N-1, after the preflight checks; no rank outlives a failure.
 
-Both validate the plan and model shapes in the launching process first. The fork launcher exists because
-Lightning's own model-parallel strategy refuses notebooks, and its fork launcher would pickle DTensor shards
-back to the notebook: here every rank takes part in gathering the full weights, and the notebook's module
-receives ordinary tensors.
+Failing ranks record their error (:func:`record_failure`) for the launching process, whose error then names the
+rank that failed first.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -22,12 +18,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 if TYPE_CHECKING:
@@ -35,11 +28,11 @@ if TYPE_CHECKING:
 
     from lightning_tp.strategy import TensorParallelStrategy
 
-__all__ = ["ForkLauncher", "ScriptLauncher"]
+__all__ = ["EXIT_WAIT_S", "FAILURES_ENV", "ScriptLauncher", "preflight", "record_failure"]
 
 
-def _preflight(strategy: TensorParallelStrategy, trainer: Optional[pl.Trainer]) -> None:
-    from lightning_tp.preflight import check_launch
+def preflight(strategy: TensorParallelStrategy, trainer: Optional[pl.Trainer]) -> None:
+    from lightning_tp.launch.preflight import check_launch
 
     check_launch(strategy)  # CPU process count, rendezvous port: before any rank exists to wait on them
     if trainer is not None and trainer.lightning_module is not None:
@@ -83,7 +76,7 @@ class ScriptLauncher(_SubprocessScriptLauncher):
 
     @override
     def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
-        _preflight(self._strategy, trainer)
+        preflight(self._strategy, trainer)
         # Lightning's launch, holding on to the observer and a folder for the ranks' failure records.
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         observer, folder = None, None
@@ -181,78 +174,3 @@ def record_failure(rank: int, error: BaseException) -> None:
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps(record))
     except OSError:  # the launching process already finished and removed the folder
         pass
-
-
-class _DropSequentialAllGatherNote(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "sequential all_gather operations" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_sequential_all_gathers() -> Any:
-    """Silence DTensor's note (a ``logging`` warning, once per rank) that gathering an FSDP + TP parameter, placed
-    ``(_StridedShard(0), Shard(0))`` on the (dp, tp) mesh, takes two all-gathers that "may give inconsistent results
-    between ranks due to different reduction orders". All-gathers only copy shards, they reduce nothing, so every
-    rank gets the same bits; and the order (tp first, then dp) cannot be merged into one collective."""
-    log = logging.getLogger("torch.distributed.tensor._redistribute")
-    note = _DropSequentialAllGatherNote()
-    log.addFilter(note)
-    try:
-        yield
-    finally:
-        log.removeFilter(note)
-
-
-class ForkLauncher(_MultiProcessingLauncher):
-    """Fork the ranks from the current (e.g. Jupyter) process; bring the trained weights back as full tensors.
-
-    CUDA must not be initialised in the notebook before ``fit`` (Lightning's fork check says so clearly).
-    """
-
-    def __init__(self, strategy: TensorParallelStrategy) -> None:
-        super().__init__(strategy, start_method="fork")
-
-    @override
-    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
-        _preflight(self._strategy, trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-    @override
-    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Optional[_WorkerOutput]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights_path = None
-        if trainer.state.fn == TrainerFn.FITTING:
-            # A collective: every rank contributes its shards, rank 0 receives whole CPU tensors.
-            with _quiet_sequential_all_gathers():
-                state = get_model_state_dict(trainer.lightning_module,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self._strategy.global_rank == 0:
-                weights_path = os.path.join(tempfile.mkdtemp(), "weights.pt")
-                torch.save(state, weights_path)
-        if self._strategy.global_rank != 0:
-            return None
-        callback = trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", None) if callback is not None else None
-        return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
-
-    @override
-    def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
-        # Loop progress too, so that trainer.global_step and current_epoch read right in the notebook.
-        return {**super().get_extra_results(trainer), "fit_loop": trainer.fit_loop.state_dict()}
-
-    @override
-    def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
-        super().update_main_process_results(trainer, extra)
-        if "fit_loop" in extra:
-            trainer.fit_loop.load_state_dict(extra["fit_loop"])
-
-    @override
-    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: pl.Trainer) -> None:
-        if worker_output.weights_path is not None:
-            state = torch.load(worker_output.weights_path, map_location="cpu", weights_only=True)
-            os.remove(worker_output.weights_path)
-            os.rmdir(os.path.dirname(worker_output.weights_path))
-            self._strategy.receive_weights(trainer.lightning_module, state)
-            worker_output = worker_output._replace(weights_path=None)
-        super()._recover_results_in_main_process(worker_output, trainer)

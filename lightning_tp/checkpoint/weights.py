@@ -8,19 +8,10 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from lightning_tp.errors import LightningTPError
+from lightning_tp.errors import CheckpointError
 
-__all__ = ["CheckpointError", "CheckpointPathError", "LoadWeights", "check_weights_fit", "is_hf_checkpoint",
+__all__ = ["LoadWeights", "check_weights_fit", "is_hf_checkpoint",
            "load_weights"]
-
-
-class CheckpointError(LightningTPError):
-    """A checkpoint is missing, incomplete, or does not fit the model."""
-
-
-class CheckpointPathError(CheckpointError, FileExistsError):
-    """A save would replace a file or directory the strategy did not write; nothing is touched. Also a
-    ``FileExistsError`` (the parent raises ``IsADirectoryError``, an ``OSError`` too, for one of these cases)."""
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
@@ -37,7 +28,7 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     shards need. Collective for sharded checkpoints: call it on every rank.
     """
     if is_hf_checkpoint(path):
-        from lightning_tp.hf import load_hf_checkpoint
+        from lightning_tp.checkpoint.hf import load_hf_checkpoint
 
         load_hf_checkpoint(module, path, prefix=_llama_root(module, path))
         return
@@ -45,7 +36,7 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from lightning_tp.consolidate import SafeFileSystemReader, SafeLoadPlanner, check_checkpoint
+    from lightning_tp.checkpoint.consolidate import SafeFileSystemReader, SafeLoadPlanner, check_checkpoint
 
     path = Path(path)
     _refuse_single_file(path)
@@ -98,11 +89,11 @@ def check_weights_fit(module: nn.Module, path: str | Path) -> None:
     another shape, or with a missing or truncated shard file fails here instead of inside every rank.
     """
     if is_hf_checkpoint(path):
-        from lightning_tp.hf import check_hf_checkpoint
+        from lightning_tp.checkpoint.hf import check_hf_checkpoint
 
         check_hf_checkpoint(module, path, prefix=_llama_root(module, path))
         return
-    from lightning_tp.consolidate import read_checkpoint_metadata
+    from lightning_tp.checkpoint.consolidate import read_checkpoint_metadata
 
     path = Path(path)
     _refuse_single_file(path)

@@ -29,7 +29,7 @@ PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 IMPORT_NAMES = {"hydra-core": "hydra", "jsonargparse[signatures]": "jsonargparse"}
 # Imported by tests but installed through a declared package: tokenizers comes with transformers.
 TRANSITIVE = ("tokenizers",)
-# Used when pyproject.toml cannot be parsed (Python 3.10 without tomli); tests/test_reliability.py checks it is
+# Used when pyproject.toml cannot be parsed (Python 3.10 without tomli); tests/unit/test_reliability.py checks it is
 # the same set as pyproject's.
 FALLBACK = ("torch", "lightning", "torchmetrics", "hydra", "safetensors", "matplotlib", "pytest", "ruff",
             "transformers", "nbclient", "nbformat", "ipykernel", "jsonargparse", "datasets", "tensorboard")

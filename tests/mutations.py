@@ -38,7 +38,7 @@ class Mutation:
     """pytest arguments selecting the tests meant to catch it"""
 
 
-MP = "tests/test_multiprocess.py"
+MP = "tests/multiprocess/test_parity.py"
 CLIP = (MP, "-k", "clip")
 MUTATIONS = [
     Mutation("clip-divisor-dropped", "the gradient norm counts replicated copies of a gradient once per copy",
@@ -68,17 +68,18 @@ MUTATIONS = [
              (MP, "-k", "gradients_equal_single_process or loss_equals_single_process")),
     Mutation("sampler-ignores-saved-position", "a resumed data loader restarts its epoch from the beginning",
              "lightning_tp/data/samplers.py", "start = min(self.consumed, len(indices)) if self._resume else 0",
-             "start = 0", ("tests/test_data_pretrain.py", "-k", "resume")),
+             "start = 0", ("tests/unit/data/test_data_pretrain.py", "-k", "resume")),
     Mutation("resume-skips-model-weights", "loading a sharded checkpoint restores everything but the weights",
              "lightning_tp/parallel/checkpointing.py", "        read(module_state)\n", "        pass\n",
-             ("tests/test_checkpoints.py", "-k", "resume or reshard", MP, "-k", "resumes_with_another")),
+             ("tests/unit/checkpoint/test_checkpoints.py", "-k", "resume or reshard", MP, "-k",
+              "resumes_with_another")),
     Mutation("non-atomic-save", "the previous checkpoint is deleted before the new one is in place",
              "lightning_tp/consolidate.py", "        os.replace(path, old)\n", "        remove(path)\n",
-             ("tests/test_checkpoints.py", "-k", "publish")),
+             ("tests/unit/checkpoint/test_checkpoints.py", "-k", "publish")),
     Mutation("save-overwrites-user-files", "a save replaces a directory of the user's files",
              "lightning_tp/consolidate.py",
              "    if not (path.exists() or path.is_symlink()) or written_by_strategy(path):\n        return None",
-             "    return None", ("tests/test_contract.py", "-k", "save")),
+             "    return None", ("tests/unit/strategy/test_contract.py", "-k", "save")),
 ]
 
 

@@ -5,7 +5,7 @@ so a 10x regression in the numerics fails. Import it from a test module (``tests
 
     from tolerances import FP32, assert_losses_close
 
-Achieved, fp32, ``tests/test_multiprocess.py`` (the debug Llama at (dp, tp) = (2, 2), (1, 4), (1, 2), every flag
+Achieved, fp32, ``tests/multiprocess/test_parity.py`` (the debug Llama at (dp, tp) = (2, 2), (1, 4), (1, 2), every flag
 set, accumulation, activation checkpointing, and the mixed-mesh clipping cases), worst case over all of them:
 
 ============================  ==========  =========
@@ -28,8 +28,8 @@ embedding elements while losses and gradients matched to 1.5e-7 / 3e-8. So those
 Reduced precision compares losses (and the gradient norm) with the fp32 single-process reference: achieved
 bf16-mixed 1.1e-4, bf16-true 2.5e-3, 16-true 2.4e-4 relative over five steps; bounds ~8x that.
 
-Measure again with ``PYTHONPATH=. python -m pytest -q tests/test_multiprocess.py`` and the per-case ``*_err`` fields
-of the worker's JSON (``tests/workers/parity.py``).
+Measure again with ``PYTHONPATH=. python -m pytest -q tests/multiprocess/test_parity.py`` and the per-case
+``*_err`` fields of the worker's JSON (``tests/workers/parity.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Hugging Face interop (:mod:`lightning_tp.checkpoint.hf`), single process, no network: config.json both ways,
-safetensors checkpoints in (plain and DTensor parameters) and out, checkpoint errors, and consolidation of sharded checkpoints."""
+"""Hugging Face interop (:mod:`lightning_tp.checkpoint.hf`), single process, no network: config.json
+both ways, safetensors checkpoints in (plain and DTensor parameters) and out, checkpoint errors, and
+consolidation of sharded checkpoints."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ is SIGKILLed if it is exceeded, so CI cannot hang), each with the network blocke
 Then ``lightning-tp pretrain`` (shortened, world 2) and a fast test subset run with the network blocked. What the
 checkpoint tests already cover (failures raised inside a save on one or all ranks, a swap interrupted between its
 renames, incomplete directories, a pickle with foreign globals in ``.metadata``) is not repeated here: see
-``tests/test_checkpoints.py`` and ``docs/reliability.md``.
+``tests/unit/checkpoint/test_checkpoints.py`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from paths import ROOT, WORKERS
 
-ROOT = Path(__file__).parents[1]
-WORKER = Path(__file__).parent / "workers" / "faults.py"
+WORKER = WORKERS / "faults.py"
 CRASH_TIMEOUT_S = 300
 """Collective timeout of the launches where a rank crashes or is killed: far above their exit times, so it is not
 what ends them."""
@@ -60,7 +60,7 @@ LAYOUT_RTOL = 1e-5
 """Same samples at another (dp, tp): equal losses up to the order of reductions."""
 LAUNCH_LIMIT_S = 420
 
-GUARD = '''"""Offline guard (tests/test_reliability.py): refuse connections and name lookups that leave this machine."""
+GUARD = '''"""Offline guard (tests/unit/test_reliability.py): refuse connections and lookups leaving this machine."""
 import ipaddress
 import os
 import socket
@@ -540,7 +540,7 @@ def test_the_main_job_runs_with_the_network_blocked(tmp_path: Path) -> None:
 def test_fast_tests_pass_with_the_network_blocked(tmp_path: Path) -> None:
     """The fast tests that touch what could reach for the network (transformers, safetensors and tokenizer files,
     checkpoint reading and conversion) run under the guard."""
-    files = ["tests/test_hf_interop.py", "tests/test_checkpoints.py"]
+    files = ["tests/unit/checkpoint/test_hf_interop.py", "tests/unit/checkpoint/test_checkpoints.py"]
     job = Job([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not multiprocess", "-p", "no:cacheprovider",
                *files], tmp_path / "pytest.log", offline_env(tmp_path / "guard"), cwd=ROOT)
     result = job.finish()

@@ -19,11 +19,12 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+from paths import WORKERS
 from tolerances import FP32, LOSS_REL, SGD_PARAM_ABS, assert_losses_close, assert_max_err
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).parent / "workers" / "parity.py"
+WORKER = WORKERS / "parity.py"
 CLIP, CLIP_VALUE = 0.5, 0.01  # keep in sync with the worker
 N_LLAMA = 3 + 9 * 2  # embed, lm_head, norm + 9 per layer
 FLAGS = [{"sp": sp, "lp": lp} for sp, lp in product((True, False), (True, False))]
@@ -273,7 +274,7 @@ def test_two_nodes_auto_sizes_keep_tp_inside_a_node(runs):
 
 def test_cpu_init_by_the_strategy_equals_single_process_init(runs):
     """The CPU path (full init on every rank, then shard): dropping the pre-shard init repeats shards and fails
-    here. The GPU path (each rank initialises its own shards) is tests/test_models.py's `gpu` test."""
+    here. The GPU path (each rank initialises its own shards) is tests/unit/test_models.py's `gpu` test."""
     init = runs["world4"]["init"]
     assert init["n"] == N_LLAMA
     assert max(init["max_abs_err"].values()) == 0.0  # same seed, same numbers, whatever the sharding

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import WORKERS
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).parent / "workers" / "user_parallel.py"
+WORKER = WORKERS / "user_parallel.py"
 # What Lightning's script launcher itself puts in the launching process's environment (so that later Trainer calls
 # in the same script join the ranks it started instead of starting new ones); nothing else may appear.
 LIGHTNING_LAUNCH_KEYS = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"}

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

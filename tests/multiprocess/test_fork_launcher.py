@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT, WORKERS
 
 pytestmark = pytest.mark.multiprocess
-ROOT = Path(__file__).parents[1]
 
 
 def _env() -> dict[str, str]:
@@ -22,7 +22,7 @@ def _env() -> dict[str, str]:
 
 def test_fork_launch_brings_full_trained_weights_back(tmp_path: Path) -> None:
     out = tmp_path / "fork.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "fork.py"), str(out)], env=_env(),
+    proc = subprocess.run([sys.executable, str(WORKERS / "fork.py"), str(out)], env=_env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(out.read_text())

@@ -2,7 +2,7 @@
 
 Single process. The reference is the same model without any wrapping; multi-rank parity with TP, SP and FSDP2,
 the collectives of each mode and a checkpoint saved in one mode and resumed in another are in
-``tests/test_multiprocess.py``.
+``tests/multiprocess/test_parity.py``.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from _ci_deps import require
+from paths import WORKERS
 from tolerances import FP32
 
 require("transformers")
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).parent / "workers" / "hf_parity.py"
+WORKER = WORKERS / "hf_parity.py"
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -73,7 +74,7 @@ def test_hf_checkpoint_loads_into_tp_shards_reading_only_each_ranks_slices(tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(Path(__file__).parent / "workers" / "hf_load.py"), str(ckpt), str(out)],
+                           str(WORKERS / "hf_load.py"), str(ckpt), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(out.read_text())

@@ -366,7 +366,7 @@ for name, seed in (("a", 7), ("b", 7), ("c", 8)):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA device")
 def test_gpu_init_of_sharded_meta_weights_is_seeded_and_distributed_as_documented(tmp_path: Path) -> None:
     """On GPUs the strategy shards the meta-device model first and each rank initialises only its shards (on CPU
-    it initialises the full model before sharding, which tests/test_multiprocess.py compares with one process).
+    it initialises the full model before sharding, which tests/multiprocess/test_parity.py compares with one process).
     Here that path runs: the weights are finite with the documented distribution, the same ``init_seed`` gives the
     same weights, and another seed other weights."""
     import subprocess

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 pytestmark = pytest.mark.multiprocess
 
-ROOT = Path(__file__).parents[1]
 COMMON = ["model=debug", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
           "trainer.log_every_n_steps=1", "data.seq_len=96", "data.batch_size=4", "sample_tokens=4",
           "logger.tensorboard=false"]

@@ -12,8 +12,8 @@ import venv
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
-ROOT = Path(__file__).parents[1]
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "HYDRA_FULL_ERROR",
               "PYTHONPATH")
 TINY_RUN = ["model=debug", "trainer=cpu", "trainer.devices=2", "trainer.max_steps=2", "trainer.val_check_interval=2",

@@ -31,6 +31,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from paths import ROOT
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 from lightning_tp import TensorParallelStrategy, cli
@@ -52,7 +53,6 @@ from lightning_tp.recipes.config import RecipeConfigError, compose_recipe
 from lightning_tp.recipes.run import run
 from lightning_tp.training.module import CausalLMModule
 
-ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs" / "errors.md"
 LIMIT_S = 60.0
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "STANDALONE_PORT")

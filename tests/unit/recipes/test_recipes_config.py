@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from paths import ROOT
 
 from lightning_tp import TensorParallelStrategy
 from lightning_tp.models import Llama, list_presets
@@ -120,7 +121,7 @@ def test_console_entry_point_passes_hydra_flags_through(capsys: pytest.CaptureFi
 def test_packaged_configs_and_the_clone_link() -> None:
     assert CONF_DIR == Path(__import__("lightning_tp").__file__).resolve().parent / "conf"
     assert (CONF_DIR / "pretrain.yaml").is_file() and (CONF_DIR / "plan.yaml").is_file()
-    link = Path(__file__).parents[1] / "conf"  # the clone's top-level conf/ is the same directory
+    link = ROOT / "conf"  # the clone's top-level conf/ is the same directory
     assert link.resolve() == CONF_DIR
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import WORKERS
 
 from lightning_tp.checkpoint.consolidate import (
     SafeFileSystemReader,
@@ -43,7 +44,7 @@ from lightning_tp.checkpoint.consolidate import (
 )
 from lightning_tp.errors import CheckpointError
 
-WORKER = Path(__file__).parent / "workers" / "checkpoint.py"
+WORKER = WORKERS / "checkpoint.py"
 RESUME_TOL, RESHARD_TOL = 1e-6, 1e-5
 
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
-README = Path(__file__).parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 @pytest.mark.multiprocess

@@ -6,7 +6,7 @@ Nothing is allocated: the model is built on the meta device, the strategy's own 
 (:func:`lightning_tp.parallel.plans.resolve_plan`) and checked with the strategy's shape rules
 (:func:`lightning_tp.parallel.apply.check_model_shapes`); per-rank shapes follow from the placements the
 plan and FSDP2 produce (tensor parallel ``Shard(d)`` then FSDP2 ``Shard(0)`` padded to equal chunks).
-``tests/test_planner.py`` checks those shapes against a model really sharded under a fake process group.
+``tests/unit/planner/test_planner.py`` checks those shapes against a model really sharded under a fake process group.
 The formulas, their sources and how the estimates compare with published runs are in ``docs/planner.md``.
 """
 

@@ -124,7 +124,8 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
     import torch
 
     from lightning_tp.models import Llama
-    from lightning_tp.parallel.apply import apply_tensor_parallel, check_model_shapes
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
+    from lightning_tp.parallel.shapes import check_model_shapes
     from lightning_tp.parallel.plans import resolve_plan
 
     recompute = _recompute_module()

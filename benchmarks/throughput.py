@@ -188,7 +188,7 @@ def _manual_run(config: Any, mesh: Any, batch: int, seq: int, steps: int, warmup
     from torch.distributed.tensor.parallel import loss_parallel
 
     from lightning_tp.models import Llama
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     model = Llama(config)

@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+from lightning.fabric.utilities import imports as _lightning_imports
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -28,7 +28,6 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 __all__ = [
-    "IS_INTERACTIVE",
     "TESTED",
     "ChildProcessObserver",
     "EmptyStateDictLoadPlanner",
@@ -40,6 +39,7 @@ __all__ = [
     "enable_async_tp",
     "get_fqns",
     "has_symmetric_memory",
+    "is_interactive",
     "load_state_dict_no_process_group",
     "optimizers_to_device",
     "set_element",
@@ -49,8 +49,6 @@ __all__ = [
 TESTED = {"lightning": ("2.6",), "torch": ("2.13",)}
 """The minor releases every symbol below was checked against (the CI installs these)."""
 
-IS_INTERACTIVE: bool = _IS_INTERACTIVE
-"""Lightning's test for a Jupyter/IPython session (the fork launcher's ``"auto"`` case)."""
 ChildProcessObserver = _ChildProcessObserver
 """Lightning's watchdog thread: kills every rank when one of the script launcher's children dies."""
 SubprocessScriptLauncher = _SubprocessScriptLauncher
@@ -67,6 +65,12 @@ load_state_dict_no_process_group = _load_state_dict
 """DCP's loader with ``no_dist=True``: one process reads every shard."""
 get_fqns = _get_fqns
 """The fully qualified parameter names DCP stores for a module attribute path (wrappers stripped)."""
+
+
+def is_interactive() -> bool:
+    """Lightning's test for a Jupyter/IPython session (the fork launcher's ``"auto"`` case), read
+    when asked, so that a test or a notebook that sets Lightning's flag is seen."""
+    return bool(_lightning_imports._IS_INTERACTIVE)
 
 
 def has_symmetric_memory() -> bool:

@@ -8,24 +8,29 @@ receives ordinary tensors.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from typing_extensions import override
 
+from lightning_tp._compat import MultiProcessingLauncher, WorkerOutput
+from lightning_tp.launch.preflight import LaunchedStrategy
 from lightning_tp.launch.script import preflight
+from lightning_tp.parallel.ownership import has_parameters
+from lightning_tp.parallel.parallelize import materialize
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lightning_tp.strategy import TensorParallelStrategy
 
-__all__ = ["ForkLauncher"]
+__all__ = ["ForkLauncher", "receive_weights"]
 
 
 class _DropSequentialAllGatherNote(logging.Filter):
@@ -48,13 +53,13 @@ def _quiet_sequential_all_gathers() -> Any:
         log.removeFilter(note)
 
 
-class ForkLauncher(_MultiProcessingLauncher):
+class ForkLauncher(MultiProcessingLauncher):
     """Fork the ranks from the current (e.g. Jupyter) process; bring the trained weights back as full tensors.
 
     CUDA must not be initialised in the notebook before ``fit`` (Lightning's fork check says so clearly).
     """
 
-    def __init__(self, strategy: TensorParallelStrategy) -> None:
+    def __init__(self, strategy: LaunchedStrategy) -> None:
         super().__init__(strategy, start_method="fork")
 
     @override
@@ -63,9 +68,7 @@ class ForkLauncher(_MultiProcessingLauncher):
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override
-    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Optional[_WorkerOutput]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Optional[WorkerOutput]:
         weights_path = None
         if trainer.state.fn == TrainerFn.FITTING:
             # A collective: every rank contributes its shards, rank 0 receives whole CPU tensors.
@@ -79,7 +82,8 @@ class ForkLauncher(_MultiProcessingLauncher):
             return None
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None) if callback is not None else None
-        return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
+        return WorkerOutput(best_model_path=best, weights_path=weights_path, trainer_state=trainer.state,
+                            trainer_results=results, extra=self.get_extra_results(trainer))
 
     @override
     def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -93,11 +97,29 @@ class ForkLauncher(_MultiProcessingLauncher):
             trainer.fit_loop.load_state_dict(extra["fit_loop"])
 
     @override
-    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: pl.Trainer) -> None:
+    def _recover_results_in_main_process(self, worker_output: WorkerOutput, trainer: pl.Trainer) -> None:
         if worker_output.weights_path is not None:
             state = torch.load(worker_output.weights_path, map_location="cpu", weights_only=True)
             os.remove(worker_output.weights_path)
             os.rmdir(os.path.dirname(worker_output.weights_path))
-            self._strategy.receive_weights(trainer.lightning_module, state)
+            receive_weights(self._strategy, trainer.lightning_module, state)
             worker_output = worker_output._replace(weights_path=None)
         super()._recover_results_in_main_process(worker_output, trainer)
+
+
+def receive_weights(strategy: LaunchedStrategy, module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Put the full weights gathered from the ranks into the launching process's (unsharded) ``module``.
+
+    A module built on the meta device gets storage and its buffers first (``init_weights``), then every
+    parameter is overwritten with the trained values.
+    """
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        if strategy.plan is not None and has_parameters(module):
+            materialize(module, strategy.resolve(module), torch.device("cpu"), getattr(module, "init_seed", None))
+        else:  # the user's own parallelization: storage only, the trained values follow
+            module.to_empty(device="cpu")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    lost = sorted({n for n, _ in module.named_parameters()} & set(missing))
+    if lost or unexpected:
+        raise RuntimeError(f"Trained weights do not fit the launching process's module: missing {lost},"
+                           f" unexpected {sorted(unexpected)}.")

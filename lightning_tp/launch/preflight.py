@@ -9,18 +9,62 @@ until the collective timeout (30 minutes by default). These checks turn both int
   is built, so the message can name the recipe's key) and the number of CPU processes against the cores.
 * :func:`check_port`: the rendezvous port (``MASTER_PORT``, or the free port Lightning picked) can be bound.
 * :func:`check_launch`: both, for a launcher about to start its ranks (:mod:`lightning_tp.launch`).
+* :func:`check_features`: the opt-in features (async TP, float8) against the device and the installation.
+* :func:`check_model`: the plan and the model's shapes, when the LightningModule already holds its model, and
+  that a model no plan applies to is parallelized in ``configure_model()``.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from lightning_tp.errors import EnvironmentConfigError
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
-__all__ = ["MAX_CPU_PROCESSES_ENV", "check_devices", "check_launch", "check_port", "cpu_process_limit"]
+from lightning_tp import _compat
+from lightning_tp.config import ParallelConfig
+from lightning_tp.errors import (
+    ConfigureModelRequiredError,
+    EnvironmentConfigError,
+    ModelNotRecognisedError,
+    UnsupportedFeatureError,
+)
+from lightning_tp.parallel.ownership import configure_model_required, has_parameters, no_plan_found, reject_fsdp1
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "MAX_CPU_PROCESSES_ENV",
+    "LaunchedStrategy",
+    "check_devices",
+    "check_features",
+    "check_launch",
+    "check_model",
+    "check_port",
+    "cpu_process_limit",
+]
+
+
+
+class LaunchedStrategy(Protocol):
+    """What the launch package needs of the strategy it starts (``TensorParallelStrategy``): the launch
+    package sits below the strategy and never imports it."""
+
+    plan: Any
+    cluster_environment: Any
+    num_processes: int
+    root_device: torch.device
+    global_rank: int
+
+    def resolve(self, module: nn.Module) -> Any:
+        """The plan for ``module``, its shapes checked (raises the plan's typed error)."""
+
 
 MAX_CPU_PROCESSES_ENV = "LIGHTNING_TP_MAX_CPU_PROCESSES"
 """Environment variable that raises (or lowers) :func:`cpu_process_limit`."""
@@ -142,3 +186,57 @@ def check_launch(strategy: Any) -> None:
         _check_cpu_processes(strategy.num_processes, "devices")
     if env.node_rank() == 0:
         check_port(env.main_port, "MASTER_PORT" if "MASTER_PORT" in os.environ else "the rendezvous port")
+
+
+def check_features(config: ParallelConfig, device: torch.device, tp: int) -> None:
+    """Refuse opt-in features (async TP, float8) that ``device`` and this installation cannot run."""
+    if config.async_tp:
+        if device.type != "cuda":
+            raise UnsupportedFeatureError(
+                f"async_tp=True needs CUDA devices (symmetric memory), but this run uses {device.type!r}."
+                " Fix: set async_tp=False on this machine.")
+        if tp == 1:
+            raise UnsupportedFeatureError("async_tp=True overlaps tensor-parallel collectives, but"
+                                          " tensor_parallel_size=1 has none. Fix: set async_tp=False.")
+        if not _compat.has_symmetric_memory():
+            raise UnsupportedFeatureError(f"async_tp=True needs torch.distributed._symmetric_memory, missing"
+                                          f" in torch {torch.__version__}. Fix: set async_tp=False.")
+    if config.float8:
+        if device.type != "cuda":
+            raise UnsupportedFeatureError(
+                f"float8=True needs a CUDA device of compute capability 8.9 or newer, but this run uses"
+                f" {device.type!r}. Fix: set float8=False on this machine.")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise UnsupportedFeatureError(
+                f"float8=True needs compute capability 8.9 or newer (H100, L40, RTX 4090); this device has"
+                f" {capability[0]}.{capability[1]}. Fix: set float8=False.")
+        if importlib.util.find_spec("torchao") is None:
+            raise UnsupportedFeatureError("float8=True trains with torchao's float8 linear layers, and torchao is"
+                                          " not installed. Fix: `pip install torchao`, or set float8=False.")
+        if tp != 1:
+            raise UnsupportedFeatureError(
+                f"float8=True is supported with tensor_parallel_size=1 (float8 linears + FSDP2), got"
+                f" tensor_parallel_size={tp}. Fix: set tensor_parallel_size=1, or float8=False.")
+
+
+def check_model(strategy: LaunchedStrategy, module: pl.LightningModule) -> None:
+    """In the launching process: check the plan and model shapes if the model already exists (built in
+    ``__init__``), and that a model no plan applies to is parallelized in ``configure_model()``."""
+    owner = type(strategy).__name__
+    reject_fsdp1(module, owner)
+    user_hook = is_overridden("configure_model", module)
+    if strategy.plan is None:
+        if not user_hook:
+            raise ConfigureModelRequiredError(configure_model_required(owner))
+        return
+    if not has_parameters(module):
+        if not user_hook:
+            raise ConfigureModelRequiredError(no_plan_found(owner, module, strategy.plan, user_hook))
+        return  # built in configure_model: checked in setup, identically on every rank
+    try:
+        strategy.resolve(module)
+    except ModelNotRecognisedError as error:
+        if user_hook:
+            return  # configure_model() may parallelize it: decided in setup, after the hook ran
+        raise ConfigureModelRequiredError(no_plan_found(owner, module, strategy.plan, user_hook)) from error

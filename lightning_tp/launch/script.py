@@ -18,25 +18,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
+
+from lightning_tp._compat import ChildProcessObserver, SubprocessScriptLauncher, set_num_threads_if_needed
+from lightning_tp.launch.preflight import LaunchedStrategy, check_launch, check_model
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lightning_tp.strategy import TensorParallelStrategy
 
 __all__ = ["EXIT_WAIT_S", "FAILURES_ENV", "ScriptLauncher", "preflight", "record_failure"]
 
 
-def preflight(strategy: TensorParallelStrategy, trainer: Optional[pl.Trainer]) -> None:
-    from lightning_tp.launch.preflight import check_launch
-
+def preflight(strategy: LaunchedStrategy, trainer: Optional[pl.Trainer]) -> None:
     check_launch(strategy)  # CPU process count, rendezvous port: before any rank exists to wait on them
     if trainer is not None and trainer.lightning_module is not None:
-        strategy.preflight(trainer.lightning_module)
+        check_model(strategy, trainer.lightning_module)
 
 
 EXIT_WAIT_S = 1.0
@@ -45,7 +42,7 @@ FAILURES_ENV = "LIGHTNING_TP_FAILURE_DIR"
 """Set by the launching process for the ranks it starts: where a failing rank records its error."""
 
 
-class _Observer(_ChildProcessObserver):
+class _Observer(ChildProcessObserver):
     """Lightning's observer (every 5 s: a child that died makes it SIGKILL every rank), which can be stood down
     once the launching process is handling a failure itself, so that it does not kill that process mid-report."""
 
@@ -58,7 +55,7 @@ class _Observer(_ChildProcessObserver):
         return self.stood_down.is_set() or super()._run()
 
 
-class ScriptLauncher(_SubprocessScriptLauncher):
+class ScriptLauncher(SubprocessScriptLauncher):
     """Lightning's script launcher (re-runs ``sys.argv`` for ranks 1..N-1), with the preflight checks first.
 
     When a rank fails, no rank outlives the job. A rank started here that fails exits (and records its error
@@ -70,7 +67,7 @@ class ScriptLauncher(_SubprocessScriptLauncher):
     a rank 0 that is blocked rather than failing.
     """
 
-    def __init__(self, strategy: TensorParallelStrategy, *args: Any) -> None:
+    def __init__(self, strategy: LaunchedStrategy, *args: Any) -> None:
         super().__init__(*args)
         self._strategy = strategy
 
@@ -95,7 +92,7 @@ class ScriptLauncher(_SubprocessScriptLauncher):
                     os.environ[FAILURES_ENV] = previous
             observer = _Observer(self.procs)
             observer.start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
+        set_num_threads_if_needed(num_processes=self.num_processes)
         try:
             return function(*args, **kwargs)
         except Exception as error:

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_tp.config import AC_MODES
 from lightning_tp.parallel.plans import ResolvedPlan
 
-__all__ = ["AC_MODES", "apply_activation_checkpointing", "compile_blocks", "selective_policy"]
+__all__ = ["apply_activation_checkpointing", "compile_blocks", "selective_policy"]
 
-AC_MODES = ("none", "full", "selective")
-ActivationCheckpointing = Literal["none", "full", "selective"]
 _MARK = "_lightning_tp_wrapped"
 
 

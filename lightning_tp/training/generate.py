@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tp.data.tokenizers import Tokenizer
+from lightning_tp.parallel.dtensor import full
 
 __all__ = ["check_sampling", "generate", "sample_token"]
 
@@ -71,7 +72,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens
             context = ids[-max_context:] if max_context else ids
             padded = context + [tokenizer.pad_id] * (-len(context) % pad_to_multiple_of)
             logits = model(torch.tensor([padded], device=device))
-            last = _full(logits[0, len(context) - 1])[: tokenizer.vocab_size].float().clone()  # (vocab,)
+            last = full(logits[0, len(context) - 1])[: tokenizer.vocab_size].float().clone()  # (vocab,)
             last[never] = float("-inf")
             token = _same_on_every_rank(sample_token(last, temperature, top_k, generator), last.device)
             if token == tokenizer.eos_id:
@@ -81,12 +82,6 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens
     finally:
         model.train(was_training)
     return tokenizer.decode(new)
-
-
-def _full(t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _same_on_every_rank(token: int, device: torch.device) -> int:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_tp.models import Llama, LlamaConfig, get_config
+from lightning_tp.parallel.dtensor import full
 
 __all__ = ["CausalLMModule", "TokenMeanLoss", "split_batch", "warmup_cosine_factor", "weight_decay_groups"]
 
@@ -84,15 +85,6 @@ def _foreach_is_safe(params: Iterable[Tensor]) -> bool:
         if len(kinds) > 1:
             return False
     return True
-
-
-def _to_local(tensor: Tensor) -> Tensor:
-    """A plain tensor from a (possibly replicated) DTensor, e.g. the loss computed under loss parallel."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def split_batch(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -289,7 +281,7 @@ class CausalLMModule(L.LightningModule):
         """
         loss, num_tokens = self.compute_loss(batch)
         metric = self._loss_metric("train_loss", num_tokens.device, sync_on_step=True)
-        stats = metric(_to_local(loss.detach()), num_tokens)  # this micro-batch, synced over data parallel
+        stats = metric(full(loss.detach()), num_tokens)  # this micro-batch, synced over data parallel
         # A device tensor, so that counting does not force a host sync every step.
         self._tokens_seen = stats["tokens"] + self._tokens_seen
         batch_size = split_batch(batch)[0].shape[0]
@@ -304,7 +296,7 @@ class CausalLMModule(L.LightningModule):
         """Mean cross-entropy of the batch; accumulated token-weighted into the epoch's ``val/loss``."""
         loss, num_tokens = self.compute_loss(batch)
         metric = self._loss_metric("val_loss", num_tokens.device, sync_on_step=False)
-        metric.update(_to_local(loss.detach()), num_tokens)
+        metric.update(full(loss.detach()), num_tokens)
         return loss
 
     def on_validation_epoch_end(self) -> None:

@@ -33,7 +33,7 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_tp.checkpoint.hf import llama_from_hf, load_hf_checkpoint
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])

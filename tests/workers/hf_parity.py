@@ -112,7 +112,7 @@ def trainer_run(world: int) -> dict[str, Any]:
 
 
 def parallelize(model: torch.nn.Module, mesh: Any, sp: bool, lp: bool) -> torch.nn.Module:
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     apply_tensor_parallel(model, resolve_plan(model, "auto", sequence_parallel=sp, loss_parallel=lp), mesh)

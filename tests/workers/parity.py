@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tp import Llama, TensorParallelStrategy, get_config
-from lightning_tp.parallel.apply import total_grad_norm
+from lightning_tp.parallel.grad_norm import total_grad_norm
 
 CONFIG = get_config("debug")  # 2 layers, h=64, 8 heads, 4 kv heads, vocab 512
 SEQ, MICRO_BATCH, STEPS, LR, WEIGHT_DECAY, CLIP = 16, 2, 5, 1e-3, 0.1, 0.5

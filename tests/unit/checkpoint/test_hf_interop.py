@@ -430,7 +430,8 @@ def test_load_into_dtensor_parameters(one_rank, tied: bool, fsdp: bool, tmp_path
     from torch.distributed.tensor import _utils as dtensor_utils
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from lightning_tp.parallel.apply import apply_fsdp, apply_tensor_parallel
+    from lightning_tp.parallel.fsdp import apply_fsdp
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     config = TINY.replace(tie_word_embeddings=tied)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_tp.parallel.apply import clip_grad_norm_, total_grad_norm
+from lightning_tp.parallel.grad_norm import clip_grad_norm_, total_grad_norm
 
 
 @pytest.fixture

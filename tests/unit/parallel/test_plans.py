@@ -1,5 +1,5 @@
 """Single-process tests of plan resolution (:mod:`lightning_tp.parallel.plans`) and the shape checks run before
-sharding (:func:`lightning_tp.parallel.apply.check_model_shapes`). Nothing here needs a process group."""
+sharding (:func:`lightning_tp.parallel.shapes.check_model_shapes`). Nothing here needs a process group."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import (
 
 from lightning_tp.errors import ModelShapeError, PlanError
 from lightning_tp.models import Llama, get_config
-from lightning_tp.parallel.apply import check_model_shapes
+from lightning_tp.parallel.shapes import check_model_shapes
 from lightning_tp.parallel.plans import (
     PLANS,
     ReplicateParallel,

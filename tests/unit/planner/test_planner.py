@@ -70,7 +70,8 @@ def test_shard_shapes_equal_a_model_sharded_under_a_fake_process_group(tp, dp):
     dp=3 makes FSDP2 chunks uneven (64 rows → 22, 22, 20) so padding is exercised."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_tp.parallel.apply import apply_fsdp, apply_tensor_parallel
+    from lightning_tp.parallel.fsdp import apply_fsdp
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     config = get_config("debug").replace(tie_word_embeddings=True)  # a tied weight is counted once
@@ -105,7 +106,7 @@ def test_activation_formula_equals_saved_tensors(tp, sp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from lightning_tp.parallel.apply import apply_tensor_parallel
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
     from lightning_tp.parallel.plans import resolve_plan
 
     config = get_config("debug").replace(num_hidden_layers=1)

@@ -1,0 +1,66 @@
+"""What the Llama plan requires of a model's shapes: every sharded dimension divisible by the TP degree, and
+under sequence parallelism a sequence length the TP ranks can split. Checked before anything is sharded."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_tp.errors import ModelShapeError, SequenceLengthError
+from lightning_tp.parallel.plans import ResolvedPlan
+
+__all__ = ["check_model_shapes", "install_sequence_check", "shape_problems"]
+
+# (config attribute, what it sizes) for every dimension the Llama plan shards over tp.
+_SHARDED_DIMS = (
+    ("num_attention_heads", "query heads (q_proj/o_proj are split by head)"),
+    ("num_key_value_heads", "key/value heads (k_proj/v_proj are split by head)"),
+    ("intermediate_size", "MLP width (gate/up/down are split along it)"),
+    ("vocab_size", "vocabulary (embed_tokens/lm_head are split along it)"),
+)
+
+
+def shape_problems(config: Any, tp: int) -> list[str]:
+    """One message per dimension of a model ``config`` that the Llama plan cannot split over ``tp``."""
+    problems = []
+    for attr, what in _SHARDED_DIMS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value % tp != 0:
+            fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
+                   else f"choose a tensor_parallel_size that divides {value}")
+            problems.append(f"{attr}={value} ({what}) is not divisible by"
+                            f" tensor_parallel_size={tp}: {fix}")
+    return problems
+
+
+def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
+    """Raise one :class:`ModelShapeError` listing every dimension of every model root not
+    divisible by ``tp``."""
+    if tp == 1:
+        return
+    problems = []
+    for root in plan.roots:
+        config = getattr(module.get_submodule(root), "config", None)
+        if config is not None:
+            problems += shape_problems(config, tp)
+    if problems:
+        raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
+
+
+def install_sequence_check(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
+    """Under sequence parallelism, reject at each model root's input a sequence length the ``tp``
+    ranks cannot split (on every rank, before any collective could hang on it)."""
+
+    def check(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[1] % tp != 0:
+            raise SequenceLengthError(
+                f"Sequence length {ids.shape[1]} is not divisible by tensor_parallel_size={tp},"
+                f" which sequence parallelism requires. Fix: pad or pack sequences to a multiple of"
+                f" {tp}, or pass sequence_parallel=False."
+            )
+
+    for path in plan.roots:
+        module.get_submodule(path).register_forward_pre_hook(check, with_kwargs=True, prepend=True)

@@ -1,8 +1,9 @@
 """lightning-tp: Megatron-style tensor parallelism for PyTorch Lightning as a one-line change.
 
-Importing this package registers the strategy names ``"tensor_parallel"``, ``"tensor_parallel_no_sp"``,
-``"tensor_parallel_no_loss_parallel"`` and ``"tensor_parallel_tp_only"`` with Lightning, so
-``Trainer(strategy="tensor_parallel")`` works once ``import lightning_tp`` has run.
+Importing this package registers the strategy names ``"tensor_parallel"``,
+``"tensor_parallel_no_sp"``, ``"tensor_parallel_no_loss_parallel"`` and
+``"tensor_parallel_tp_only"`` with Lightning, so ``Trainer(strategy="tensor_parallel")`` works once
+``import lightning_tp`` has run.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry

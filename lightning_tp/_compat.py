@@ -1,8 +1,9 @@
 """Every private Lightning and torch symbol lightning-tp uses, in one place, with what it is for.
 
-Private APIs change without deprecation, so no other module imports one: a release that moves or renames a
-symbol breaks this file alone, at import, with the name that moved. Each was checked against the versions the
-test suite runs (:data:`TESTED`); ``pyproject.toml`` admits only those minor releases.
+Private APIs change without deprecation, so no other module imports one: a release that moves or
+renames a symbol breaks this file alone, at import, with the name that moved. Each was checked
+against the versions the test suite runs (:data:`TESTED`); ``pyproject.toml`` admits only those
+minor releases.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from lightning.fabric.strategies.launchers.subprocess_script import _ChildProces
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities import imports as _lightning_imports
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _MultiProcessingLauncher,
+    _WorkerOutput,
+)
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 # torch.distributed.checkpoint: reading a sharded checkpoint without a process group.
@@ -54,17 +58,21 @@ ChildProcessObserver = _ChildProcessObserver
 SubprocessScriptLauncher = _SubprocessScriptLauncher
 MultiProcessingLauncher = _MultiProcessingLauncher
 WorkerOutput = _WorkerOutput
-"""The named tuple the fork launcher's rank 0 returns to the launching process (fields by name, not position)."""
+"""The named tuple the fork launcher's rank 0 returns to the launching process (fields by name, not
+position)."""
 set_num_threads_if_needed = _set_num_threads_if_needed
 optimizers_to_device = _optimizers_to_device
 distributed_checkpoint_save = _distributed_checkpoint_save
-"""Lightning's DCP save of a state dict into a directory (what ``ModelParallelStrategy.save_checkpoint`` calls)."""
+"""Lightning's DCP save of a state dict into a directory (what
+``ModelParallelStrategy.save_checkpoint`` calls)."""
 EmptyStateDictLoadPlanner = _EmptyStateDictLoadPlanner
-"""DCP's planner that builds the state dict from the checkpoint's metadata (consolidation without a model)."""
+"""DCP's planner that builds the state dict from the checkpoint's metadata (consolidation without a
+model)."""
 load_state_dict_no_process_group = _load_state_dict
 """DCP's loader with ``no_dist=True``: one process reads every shard."""
 get_fqns = _get_fqns
-"""The fully qualified parameter names DCP stores for a module attribute path (wrappers stripped)."""
+"""The fully qualified parameter names DCP stores for a module attribute path (wrappers
+stripped)."""
 
 
 def is_interactive() -> bool:
@@ -79,7 +87,8 @@ def has_symmetric_memory() -> bool:
 
 
 def enable_async_tp(tp_group_name: str) -> None:
-    """Let the compiler fuse TP all-gathers/reduce-scatters with the neighbouring matmuls (CUDA only)."""
+    """Let the compiler fuse TP all-gathers/reduce-scatters with the neighbouring matmuls (CUDA
+    only)."""
     from torch._inductor import config as inductor_config
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 

@@ -1,8 +1,9 @@
-"""The parallel configuration: every size and mode of the strategy, its validation and "auto" resolution, once.
+"""The parallel configuration: every size and mode of the strategy, its validation and "auto"
+resolution, once.
 
-:class:`TensorParallelStrategy <lightning_tp.strategy.TensorParallelStrategy>` builds one from its arguments,
-the recipes' Hydra schema is generated from the strategy's signature, and the dry-run planner evaluates one, so
-a rule about sizes or modes lives here and nowhere else.
+:class:`TensorParallelStrategy <lightning_tp.strategy.TensorParallelStrategy>` builds one from its
+arguments, the recipes' Hydra schema is generated from the strategy's signature, and the dry-run
+planner evaluates one, so a rule about sizes or modes lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ Precision = Literal["32-true", "bf16-mixed", "bf16-true", "16-true"]
 AC_MODES: tuple[str, ...] = get_args(ActivationCheckpointing)
 LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-"""``Trainer(precision=...)`` values the strategy trains with; ``bf16-mixed`` computes in bf16 and reduces
-gradients in fp32 (FSDP2's mixed-precision policy)."""
+"""``Trainer(precision=...)`` values the strategy trains with; ``bf16-mixed`` computes in bf16 and
+reduces gradients in fp32 (FSDP2's mixed-precision policy)."""
 
-_FLAGS = ("sequence_parallel", "loss_parallel", "fsdp", "reshard_after_forward", "compile", "async_tp", "float8")
+_FLAGS = ("sequence_parallel", "loss_parallel", "fsdp", "reshard_after_forward", "compile",
+          "async_tp", "float8")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is parallelized: the mesh sizes and the modes applied to it (see the strategy's arguments)."""
+    """How the model is parallelized: the mesh sizes and the modes applied to it (see the strategy's
+    arguments)."""
 
     tensor_parallel_size: Size = "auto"
     data_parallel_size: Size = "auto"
@@ -55,30 +58,33 @@ class ParallelConfig:
     float8: bool = False
 
     def __post_init__(self) -> None:
-        problems = self.problems(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        problems = self.problems(**{f.name: getattr(self, f.name)
+                                    for f in dataclasses.fields(self)})
         if problems:
             raise MeshConfigError("Invalid ParallelConfig: " + "; ".join(problems) + ".")
 
     @staticmethod
     def problems(**fields: object) -> list[str]:
-        """One message per invalid field value (each naming the value and the fix); empty when all are valid."""
+        """One message per invalid field value (each naming the value and the fix); empty when all
+        are valid."""
         problems = []
         for name in ("tensor_parallel_size", "data_parallel_size"):
             value = fields.get(name, "auto")
-            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r} (fix: pass e.g. 2, or"
-                                " 'auto')")
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool)
+                                    or value < 1):
+                problems.append(f"`{name}` must be 'auto' or a positive int, got {value!r} (fix:"
+                                " pass e.g. 2, or 'auto')")
         for name in _FLAGS:
             value = fields.get(name, False)
             if not isinstance(value, bool):
                 problems.append(f"`{name}` must be a bool, got {value!r} (fix: pass True or False)")
         mode = fields.get("activation_checkpointing", "none")
         if mode not in AC_MODES:
-            problems.append(f"`activation_checkpointing` must be one of {', '.join(map(repr, AC_MODES))}, got"
-                            f" {mode!r}")
+            problems.append("`activation_checkpointing` must be one of"
+                            f" {', '.join(map(repr, AC_MODES))}, got {mode!r}")
         if fields.get("async_tp") is True and fields.get("compile") is False:
-            problems.append("`async_tp=True` needs `compile=True`: the collective/matmul overlap is done by the"
-                            " compiler; set compile=True or async_tp=False")
+            problems.append("`async_tp=True` needs `compile=True`: the collective/matmul overlap is"
+                            " done by the compiler; set compile=True or async_tp=False")
         dp = fields.get("data_parallel_size", "auto")
         if fields.get("fsdp") is False and isinstance(dp, int) and dp > 1:
             problems.append(f"`fsdp=False` needs `data_parallel_size=1` (got {dp}): gradients of"
@@ -86,10 +92,12 @@ class ParallelConfig:
         return problems
 
     def resolve(self, world_size: int, num_nodes: int = 1) -> tuple[int, int]:
-        """``(data_parallel_size, tensor_parallel_size)`` on ``world_size`` devices over ``num_nodes`` nodes.
+        """``(data_parallel_size, tensor_parallel_size)`` on ``world_size`` devices over
+        ``num_nodes`` nodes.
 
-        ``"auto"`` for both: TP over the devices of one node, data parallel across nodes. One ``"auto"``: the
-        world size divided by the other. Raises :class:`MeshConfigError` when the product is not the world size.
+        ``"auto"`` for both: TP over the devices of one node, data parallel across nodes. One
+        ``"auto"``: the world size divided by the other. Raises :class:`MeshConfigError` when the
+        product is not the world size.
         """
         per_node = world_size // num_nodes
         dp, tp = self.data_parallel_size, self.tensor_parallel_size
@@ -102,13 +110,14 @@ class ParallelConfig:
         if not dp or not tp or dp * tp != world_size:
             raise MeshConfigError(
                 f"data_parallel_size ({self.data_parallel_size}) and tensor_parallel_size"
-                f" ({self.tensor_parallel_size}) multiplied should equal the world size {world_size}"
-                f" (num_nodes={num_nodes} × devices={per_node}). Fix: choose sizes whose product is {world_size},"
-                " or leave one of them 'auto'."
+                f" ({self.tensor_parallel_size}) multiplied should equal the world size"
+                f" {world_size} (num_nodes={num_nodes} × devices={per_node}). Fix: choose sizes"
+                f" whose product is {world_size}, or leave one of them 'auto'."
             )
         if not self.fsdp and dp > 1:
-            raise MeshConfigError(f"`fsdp=False` needs data_parallel_size=1, but {world_size} devices give {dp}; set"
-                                  " fsdp=True or tensor_parallel_size to the world size.")
+            raise MeshConfigError(f"`fsdp=False` needs data_parallel_size=1, but {world_size}"
+                                  f" devices give {dp}; set fsdp=True or tensor_parallel_size to"
+                                  " the world size.")
         return int(dp), int(tp)
 
 
@@ -116,6 +125,7 @@ def check_precision(precision: str, owner: str = "TensorParallelStrategy") -> No
     """Raise :class:`PrecisionConfigError` unless ``precision`` is one of :data:`PRECISIONS`."""
     if precision not in PRECISIONS:
         raise PrecisionConfigError(
-            f"{owner} does not support `Trainer(precision={precision!r})`. Choose one of {', '.join(PRECISIONS)};"
-            " 'bf16-mixed' computes in bf16 and reduces gradients in fp32."
+            f"{owner} does not support `Trainer(precision={precision!r})`. Choose one of"
+            f" {', '.join(PRECISIONS)}; 'bf16-mixed' computes in bf16 and reduces gradients in"
+            " fp32."
         )

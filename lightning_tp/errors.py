@@ -1,8 +1,9 @@
 """Typed errors raised for user mistakes. Each message names the parameter, the value and the fix.
 
-Every error is a :class:`LightningTPError` (a ``ValueError``) and also derives from the exception Lightning's
-``ModelParallelStrategy`` raises for the same condition, so ``except RuntimeError`` around a wrong mesh (or
-``except TypeError`` around an FSDP1 model) keeps working when the strategy class is swapped.
+Every error is a :class:`LightningTPError` (a ``ValueError``) and also derives from the exception
+Lightning's ``ModelParallelStrategy`` raises for the same condition, so ``except RuntimeError``
+around a wrong mesh (or ``except TypeError`` around an FSDP1 model) keeps working when the strategy
+class is swapped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class LightningTPError(ValueError):
 
 
 class MeshConfigError(LightningTPError, RuntimeError):
-    """``tensor_parallel_size`` × ``data_parallel_size`` does not fit the devices (the parent: ``RuntimeError``)."""
+    """``tensor_parallel_size`` × ``data_parallel_size`` does not fit the devices (the parent:
+    ``RuntimeError``)."""
 
 
 class ModelShapeError(LightningTPError):
@@ -46,12 +48,13 @@ class ModelNotRecognisedError(PlanError):
 
 
 class ConfigureModelRequiredError(ModelNotRecognisedError, TypeError):
-    """No plan applies to the model (``plan=None``, or ``"auto"`` recognises none) and ``configure_model()`` is not
-    overridden to parallelize it (the parent: ``TypeError``)."""
+    """No plan applies to the model (``plan=None``, or ``"auto"`` recognises none) and
+    ``configure_model()`` is not overridden to parallelize it (the parent: ``TypeError``)."""
 
 
 class UnsupportedModuleError(LightningTPError, TypeError):
-    """The model holds modules the strategy cannot shard, e.g. FSDP1 wrappers (the parent: ``TypeError``)."""
+    """The model holds modules the strategy cannot shard, e.g. FSDP1 wrappers (the parent:
+    ``TypeError``)."""
 
 
 class PrecisionConfigError(LightningTPError):
@@ -59,11 +62,13 @@ class PrecisionConfigError(LightningTPError):
 
 
 class SequenceLengthError(LightningTPError):
-    """The sequence length cannot be split over the tensor-parallel ranks under sequence parallelism."""
+    """The sequence length cannot be split over the tensor-parallel ranks under sequence
+    parallelism."""
 
 
 class EnvironmentConfigError(LightningTPError):
-    """The machine cannot run the job as asked: too many devices or processes, or the rendezvous port is taken."""
+    """The machine cannot run the job as asked: too many devices or processes, or the rendezvous
+    port is taken."""
 
 
 class UnsupportedFeatureError(LightningTPError):
@@ -75,8 +80,9 @@ class CheckpointError(LightningTPError):
 
 
 class CheckpointPathError(CheckpointError, FileExistsError):
-    """A save would replace a file or directory the strategy did not write; nothing is touched. Also a
-    ``FileExistsError`` (the parent raises ``IsADirectoryError``, an ``OSError`` too, for one of these cases)."""
+    """A save would replace a file or directory the strategy did not write; nothing is touched. Also
+    a ``FileExistsError`` (the parent raises ``IsADirectoryError``, an ``OSError`` too, for one of
+    these cases)."""
 
 
 class DataError(LightningTPError):

@@ -32,7 +32,8 @@ class LlamaConfig:
     head_dim: int | None = None
     """Per-head width; ``None`` means ``hidden_size // num_attention_heads``."""
     max_position_embeddings: int = 256
-    """Longest sequence the RoPE tables are meant for (informational; tables are computed per call)."""
+    """Longest sequence the RoPE tables are meant for (informational; tables are computed per
+    call)."""
     rms_norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     rope_theta: float = 10000.0
@@ -57,7 +58,8 @@ class LlamaConfig:
                 f"`num_attention_heads`={self.num_attention_heads} must be a multiple of"
                 f" `num_key_value_heads`={self.num_key_value_heads} for grouped-query attention"
             )
-        if not problems and self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+        if (not problems and self.head_dim is None
+                and self.hidden_size % self.num_attention_heads != 0):
             problems.append(
                 f"`hidden_size`={self.hidden_size} is not divisible by `num_attention_heads`="
                 f"{self.num_attention_heads}; set `head_dim` explicitly or change one of them"
@@ -65,11 +67,13 @@ class LlamaConfig:
         if not problems and self.resolved_head_dim % 2 != 0:
             problems.append(f"head dim {self.resolved_head_dim} must be even for RoPE")
         if self.rope_scaling is not None:
-            missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            missing = {"factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings"}
             missing -= set(self.rope_scaling)
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
             if kind != "llama3":
-                problems.append(f"`rope_scaling.rope_type`={kind!r} is not supported; only 'llama3' is")
+                problems.append(f"`rope_scaling.rope_type`={kind!r} is not supported;"
+                                " only 'llama3' is")
             elif missing:
                 problems.append(f"`rope_scaling` lacks {sorted(missing)}")
         if problems:
@@ -77,7 +81,8 @@ class LlamaConfig:
 
     @property
     def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return (self.head_dim if self.head_dim is not None
+                else self.hidden_size // self.num_attention_heads)
 
     def replace(self, **changes: Any) -> LlamaConfig:
         """A copy with some fields changed, validated like a new config."""
@@ -95,14 +100,16 @@ class LlamaConfig:
         return embed + head + self.num_hidden_layers * per_layer + h
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6·(N − N_embedding) for the matmuls plus 12·L·h·s for attention."""
+        """Training FLOPs per token: 6·(N − N_embedding) for the matmuls plus 12·L·h·s for
+        attention."""
         non_embedding = self.num_params - self.vocab_size * self.hidden_size
-        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.resolved_head_dim * seq_len
+        attention = (12 * self.num_hidden_layers * self.num_attention_heads * self.resolved_head_dim
+                     * seq_len)
         return 6 * non_embedding + attention
 
 
-_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}
+_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LLAMA32_SCALING = {**_LLAMA31_SCALING, "factor": 32.0}
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
                rope_scaling=_LLAMA31_SCALING)
@@ -111,22 +118,25 @@ PRESETS: dict[str, LlamaConfig] = {
     # Tiny, for tests: every dimension divides tp in {1, 2, 4}, kv heads < heads (GQA).
     "debug": LlamaConfig(),
     # Small enough to train on two CPU cores in minutes, large enough to learn text.
-    "small": LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
-    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "small": LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=1024),
+    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=4096),
     "llama3_1b": LlamaConfig(**{**_LLAMA3, "rope_scaling": _LLAMA32_SCALING}, hidden_size=2048,
                              intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                              num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "llama3_3b": LlamaConfig(**{**_LLAMA3, "rope_scaling": _LLAMA32_SCALING}, hidden_size=3072,
                              intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                              num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "llama3_8b": LlamaConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8),
-    "llama3_70b": LlamaConfig(**_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                              num_attention_heads=64, num_key_value_heads=8),
-    "llama3_405b": LlamaConfig(**_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-                               num_attention_heads=128, num_key_value_heads=8),
+    "llama3_8b": LlamaConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama3_70b": LlamaConfig(**_LLAMA3, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "llama3_405b": LlamaConfig(**_LLAMA3, hidden_size=16384, intermediate_size=53248,
+                               num_hidden_layers=126, num_attention_heads=128,
+                               num_key_value_heads=8),
 }
 
 

@@ -31,9 +31,10 @@ __all__ = ["Llama", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaM
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm normalising in fp32 whatever the activation dtype, as the reference implementation does, but keeping
-    for backward only the input (in its own dtype) and one fp32 scale per token. Autograd through the fp32 ops
-    would keep an fp32 copy of the input and the normalised output too: 3x the bytes in bf16."""
+    """RMSNorm normalising in fp32 whatever the activation dtype, as the reference implementation
+    does, but keeping for backward only the input (in its own dtype) and one fp32 scale per token.
+    Autograd through the fp32 ops would keep an fp32 copy of the input and the normalised output
+    too: 3x the bytes in bf16."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -51,7 +52,8 @@ class _RMSNormFunction(torch.autograd.Function):
             reduce = tuple(range(grad.ndim - 1))
             grad_weight = (grad * normed.to(x.dtype)).sum(reduce).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            # d/dx of x·rstd(x): rstd · (g − x̂ · mean(g · x̂)), with g the gradient reaching the normalised value
+            # d/dx of x·rstd(x): rstd · (g − x̂ · mean(g · x̂)), with g the gradient reaching the
+            # normalised value
             g = (grad * weight).to(rstd.dtype)
             grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
         return grad_x, grad_weight, None
@@ -71,9 +73,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
-    """Inverse RoPE frequencies, shape ``(head_dim // 2,)``, with Llama 3.1 scaling if configured."""
+    """Inverse RoPE frequencies, shape ``(head_dim // 2,)``, with Llama 3.1 scaling if
+    configured."""
     dim = config.resolved_head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (config.rope_theta
+                      ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq.float()
@@ -115,13 +119,16 @@ class LlamaAttention(nn.Module):
         x = hidden_states
         bs, seqlen, _ = x.shape
         # -1 infers the local head count: n_heads / tp on a tensor-parallel rank.
-        q = self.q_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
-        k = self.k_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        # (bs, seqlen, n_local_heads, head_dim)
+        q = self.q_proj(x).view(bs, seqlen, -1, self.head_dim)
+        # (bs, seqlen, n_local_kv_heads, head_dim)
+        k = self.k_proj(x).view(bs, seqlen, -1, self.head_dim)
         v = self.v_proj(x).view(bs, seqlen, -1, self.head_dim)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, n_local_heads, seqlen, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=q.shape[1] != k.shape[1])
         out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
         return self.o_proj(out)
 
@@ -146,8 +153,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        # Keyword arguments, as in Hugging Face's decoder layer, so one plan prepares both models' inputs.
-        h = x + self.self_attn(hidden_states=self.input_layernorm(x), position_embeddings=position_embeddings)
+        # Keyword arguments, as in Hugging Face's decoder layer, so one plan prepares both models'
+        # inputs.
+        h = x + self.self_attn(hidden_states=self.input_layernorm(x),
+                               position_embeddings=position_embeddings)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -156,7 +165,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # A plain (never sharded) tensor, recomputed by init_weights after `to_empty`.
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -193,7 +203,8 @@ class Llama(nn.Module):
 
         Linear and embedding weights ~ N(0, initializer_range²), norms = 1, RoPE tables recomputed.
         """
-        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+        if (self.config.tie_word_embeddings
+                and self.lm_head.weight is not self.model.embed_tokens.weight):
             # `to_empty()` gives every module a new Parameter, which unties shared weights.
             self.lm_head.weight = self.model.embed_tokens.weight
         generator = None

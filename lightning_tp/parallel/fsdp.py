@@ -40,7 +40,8 @@ def apply_fsdp(module: nn.Module, plan: ResolvedPlan, dp_mesh: Any, mp_policy: A
         # avoids an all-gather that would be issued immediately after the reshard.
         last = path == plan.blocks[-1]
         units.append(fully_shard(module.get_submodule(path),
-                                 reshard_after_forward=reshard_after_forward and not last, **kwargs))
+                                 reshard_after_forward=reshard_after_forward and not last,
+                                 **kwargs))
     for path in plan.roots:
         units.append(fully_shard(module.get_submodule(path),
                                  reshard_after_forward=reshard_after_forward, **kwargs))

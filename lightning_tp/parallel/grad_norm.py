@@ -34,7 +34,8 @@ def total_grad_norm(parameters: Iterable[Tensor], norm_type: float = 2.0) -> Ten
     if not grads:
         return torch.tensor(0.0)
     if dist.is_initialized() and all(
-            isinstance(g, DTensor) and not any(p.is_partial() for p in g.placements) for g in grads):
+            isinstance(g, DTensor) and not any(p.is_partial() for p in g.placements)
+            for g in grads):
         return _world_norm(grads, norm_type)
     groups: dict[Any, list[Tensor]] = {}
     for g in grads:
@@ -68,7 +69,8 @@ def _world_norm(grads: list[Any], norm_type: float) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float,
+                    norm_type: float = 2.0) -> Tensor:
     """Scale every gradient in place so that :func:`total_grad_norm` is at most ``max_norm``;
     returns the norm before clipping."""
     parameters = list(parameters)

@@ -67,9 +67,9 @@ def no_plan_found(owner: str, module: nn.Module, plan: Any, user_hook: bool) -> 
             " lightning_tp.models.Llama or transformers' LlamaForCausalLM), and configure_model()"
             " did not parallelize it (no DTensor parameters, no FSDP2 modules).")
     if user_hook:
-        return (f"{what} Fix: pass plan=None to keep ModelParallelStrategy's behaviour (the model is"
-                " trained as configure_model() left it), parallelize it in configure_model() with"
-                " `self.device_mesh`, or pass `plan=` a dict {module glob: ParallelStyle} or a"
+        return (f"{what} Fix: pass plan=None to keep ModelParallelStrategy's behaviour (the model"
+                " is trained as configure_model() left it), parallelize it in configure_model()"
+                " with `self.device_mesh`, or pass `plan=` a dict {module glob: ParallelStyle} or a"
                 " callable.")
     return (f"{what} Fix: pass `plan=` a dict {{module glob: ParallelStyle}} or a callable, or pass"
             " plan=None: then, as with ModelParallelStrategy, you are required to override the"

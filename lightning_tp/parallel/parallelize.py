@@ -33,8 +33,9 @@ __all__ = ["apply_tensor_parallel", "convert_to_float8", "materialize", "paralle
 def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, mesh: Any,
                 device: torch.device, *, mp_policy: Any = None, seed: Optional[int] = None,
                 convert_dtype: Optional[Callable[[nn.Module], Any]] = None) -> None:
-    """Shard ``module`` in place on the 2D ``mesh`` (dims ``"data_parallel"``, ``"tensor_parallel"``)
-    as ``config`` says (its sizes resolved to ints), with FSDP2's ``mp_policy``.
+    """Shard ``module`` in place on the 2D ``mesh`` (dims ``"data_parallel"``,
+    ``"tensor_parallel"``) as ``config`` says (its sizes resolved to ints), with FSDP2's
+    ``mp_policy``.
 
     ``convert_dtype`` casts the module to a true-precision dtype before sharding, so that FSDP2
     shards the final dtype. ``seed`` is passed to the model roots' ``init_weights``.
@@ -66,11 +67,12 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
 
 
 def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -> None:
-    """Shard ``module`` in place with ``plan.styles`` over the 1D ``tp_mesh``; keeps tied weights tied."""
+    """Shard ``module`` in place with ``plan.styles`` over the 1D ``tp_mesh``; keeps tied weights
+    tied."""
     tied = _tied_parameters(module)
     parallelize_module(module, tp_mesh, plan.styles)
-    # Each style creates its own DTensor parameter, which unties shared weights (Llama's tied embedding and
-    # lm_head are both sharded on dim 0, so one sharded tensor can serve both).
+    # Each style creates its own DTensor parameter, which unties shared weights (Llama's tied
+    # embedding and lm_head are both sharded on dim 0, so one sharded tensor can serve both).
     for owner_path, others in tied.items():
         owner_mod, owner_attr = _split(module, owner_path)
         shared = getattr(owner_mod, owner_attr)
@@ -79,8 +81,8 @@ def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -
             if getattr(mod, attr).placements != shared.placements:
                 raise ModelShapeError(
                     f"Tied parameters {owner_path} and {other} were sharded differently by the plan"
-                    f" ({shared.placements} vs {getattr(mod, attr).placements}); give both the same sharding"
-                    " or untie them (tie_word_embeddings=False)."
+                    f" ({shared.placements} vs {getattr(mod, attr).placements}); give both the same"
+                    " sharding or untie them (tie_word_embeddings=False)."
                 )
             setattr(mod, attr, shared)
 
@@ -101,17 +103,20 @@ def _split(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(owner) if owner else module), attr
 
 
-def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device, seed: int | None = None) -> None:
+def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device,
+                seed: int | None = None) -> None:
     """Give meta-device parameters storage on ``device`` and initialise them explicitly.
 
-    Model roots with ``init_weights()`` initialise themselves (with ``seed`` if their ``init_weights`` takes
-    one); any other module that had meta tensors must provide ``reset_parameters()``. Tied parameters stay
-    tied (``to_empty`` alone would untie plain tensors).
+    Model roots with ``init_weights()`` initialise themselves (with ``seed`` if their
+    ``init_weights`` takes one); any other module that had meta tensors must provide
+    ``reset_parameters()``. Tied parameters stay tied (``to_empty`` alone would untie plain
+    tensors).
     """
     if not any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         return
     meta_modules = [m for m in module.modules()
-                    if any(t.is_meta for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))]
+                    if any(t.is_meta for t in itertools.chain(m.parameters(recurse=False),
+                                                              m.buffers(recurse=False)))]
     tied = _tied_parameters(module)
     module.to_empty(device=device)
     for owner, others in tied.items():
@@ -139,8 +144,9 @@ def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device, see
             missing.append(type(m).__name__)
     if missing:
         raise TypeError(
-            f"Modules {sorted(set(missing))} were built on the meta device but define neither `init_weights()` on"
-            " their model root nor `reset_parameters()`; their weights would be uninitialised memory."
+            f"Modules {sorted(set(missing))} were built on the meta device but define neither"
+            " `init_weights()` on their model root nor `reset_parameters()`; their weights would be"
+            " uninitialised memory."
         )
 
 

@@ -1,5 +1,6 @@
-"""What the Llama plan requires of a model's shapes: every sharded dimension divisible by the TP degree, and
-under sequence parallelism a sequence length the TP ranks can split. Checked before anything is sharded."""
+"""What the Llama plan requires of a model's shapes: every sharded dimension divisible by the TP
+degree, and under sequence parallelism a sequence length the TP ranks can split. Checked before
+anything is sharded."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ _SHARDED_DIMS = (
 
 
 def shape_problems(config: Any, tp: int) -> list[str]:
-    """One message per dimension of a model ``config`` that the Llama plan cannot split over ``tp``."""
+    """One message per dimension of a model ``config`` that the Llama plan cannot split over
+    ``tp``."""
     problems = []
     for attr, what in _SHARDED_DIMS:
         value = getattr(config, attr, None)

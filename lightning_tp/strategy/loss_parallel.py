@@ -34,7 +34,8 @@ class VocabParallelCrossEntropy(TorchFunctionMode):
     """``with VocabParallelCrossEntropy(): ...`` routes ``F.cross_entropy`` on DTensor logits
     through ``loss_parallel()``; the loss comes back as a plain (replicated) tensor."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.cross_entropy and args and isinstance(args[0], DTensor):
             with loss_parallel():

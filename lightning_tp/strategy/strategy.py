@@ -27,7 +27,14 @@ from torch.distributed.tensor.parallel import loss_parallel
 from typing_extensions import override
 
 from lightning_tp import _compat
-from lightning_tp.config import LAUNCHERS, ActivationCheckpointing, Launcher, ParallelConfig, Size, check_precision
+from lightning_tp.config import (
+    LAUNCHERS,
+    ActivationCheckpointing,
+    Launcher,
+    ParallelConfig,
+    Size,
+    check_precision,
+)
 from lightning_tp.errors import (
     ConfigureModelRequiredError,
     MeshConfigError,
@@ -63,43 +70,48 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
 
     Args:
         tensor_parallel_size: Devices per tensor-parallel group. ``"auto"``: the devices of one node
-            (or ``world_size // data_parallel_size`` when that is given), so TP stays on the fast link.
-        data_parallel_size: Number of data-parallel (FSDP2) replicas. ``"auto"``: the number of nodes
-            (or ``world_size // tensor_parallel_size`` when that is given).
+            (or ``world_size // data_parallel_size`` when that is given), so TP stays on the fast
+            link.
+        data_parallel_size: Number of data-parallel (FSDP2) replicas. ``"auto"``: the number of
+            nodes (or ``world_size // tensor_parallel_size`` when that is given).
         plan: ``"auto"`` (recognise a Llama-family model inside the LightningModule; a model that
-            ``configure_model()`` already parallelized, with DTensor parameters or FSDP2 modules, is left as it
-            is), a registered plan name (see :data:`lightning_tp.parallel.plans.PLANS`), a dict
-            ``{module glob: ParallelStyle}`` relative to the LightningModule, a callable
-            ``(*, sequence_parallel, loss_parallel) -> dict``, or ``None``: no plan, you parallelize in
-            ``configure_model()`` exactly as with ``ModelParallelStrategy`` (its errors included), keeping this
-            strategy's mesh-aware clipping, loss-parallel scoping, accumulation without FSDP2 syncs, safe
-            checkpoints, launchers and failure reports.
-        sequence_parallel: Shard norms and residual activations over the sequence between TP regions:
-            same bytes moved as TP alone, activation memory divided by ``tp``.
-        loss_parallel: Keep logits vocab-sharded and compute ``F.cross_entropy`` on the shards; the full
-            logits are never gathered. User code still calls ``F.cross_entropy`` as usual.
+            ``configure_model()`` already parallelized, with DTensor parameters or FSDP2 modules, is
+            left as it is), a registered plan name (see :data:`lightning_tp.parallel.plans.PLANS`),
+            a dict ``{module glob: ParallelStyle}`` relative to the LightningModule, a callable
+            ``(*, sequence_parallel, loss_parallel) -> dict``, or ``None``: no plan, you parallelize
+            in ``configure_model()`` exactly as with ``ModelParallelStrategy`` (its errors
+            included), keeping this strategy's mesh-aware clipping, loss-parallel scoping,
+            accumulation without FSDP2 syncs, safe checkpoints, launchers and failure reports.
+        sequence_parallel: Shard norms and residual activations over the sequence between TP
+            regions: same bytes moved as TP alone, activation memory divided by ``tp``.
+        loss_parallel: Keep logits vocab-sharded and compute ``F.cross_entropy`` on the shards; the
+            full logits are never gathered. User code still calls ``F.cross_entropy`` as usual.
         fsdp: Shard parameters, gradients and optimizer state over the data-parallel mesh with FSDP2
-            (per decoder block, then the rest). Also at ``data_parallel_size=1``, where it applies the
-            Trainer's mixed precision (``bf16-mixed`` → bf16 compute, fp32 gradient reduction).
+            (per decoder block, then the rest). Also at ``data_parallel_size=1``, where it applies
+            the Trainer's mixed precision (``bf16-mixed`` → bf16 compute, fp32 gradient reduction).
             ``False`` is allowed only with ``data_parallel_size=1``.
         reshard_after_forward: FSDP2 frees gathered parameters after forward (less memory, one more
             all-gather in backward).
         save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
-        timeout: How long a collective waits for the other ranks before it fails (a ``timedelta`` or seconds;
-            default 10 minutes, PyTorch's NCCL default). It bounds how long the job hangs when one rank stops
-            without exiting; it also bounds start-up (waiting for every rank to join) and each checkpoint save.
-        activation_checkpointing: ``"none"``; ``"full"`` keeps only each decoder block's input and recomputes the
-            block in backward; ``"selective"`` keeps sharded matmul and attention outputs and recomputes norms,
-            RoPE, element-wise ops and all-gathers (see :mod:`lightning_tp.parallel.recompute`). Parameter
-            names and checkpoints are the same in every mode.
+        timeout: How long a collective waits for the other ranks before it fails (a ``timedelta`` or
+            seconds; default 10 minutes, PyTorch's NCCL default). It bounds how long the job hangs
+            when one rank stops without exiting; it also bounds start-up (waiting for every rank to
+            join) and each checkpoint save.
+        activation_checkpointing: ``"none"``; ``"full"`` keeps only each decoder block's input and
+            recomputes the block in backward; ``"selective"`` keeps sharded matmul and attention
+            outputs and recomputes norms, RoPE, element-wise ops and all-gathers (see
+            :mod:`lightning_tp.parallel.recompute`). Parameter names and checkpoints are the same in
+            every mode.
         compile: ``torch.compile`` each decoder block's forward (after checkpointing, before FSDP2).
-        async_tp: overlap TP collectives with matmuls (symmetric-memory micro-pipelining); needs CUDA,
-            ``compile=True`` and ``tensor_parallel_size > 1``. Refused elsewhere.
-        float8: train the decoder blocks' linear layers in float8 with torchao; needs torchao, a CUDA device
-            of compute capability 8.9 or newer, and ``tensor_parallel_size=1``. Refused elsewhere.
-        launcher: ``"subprocess"`` re-runs the script for the other ranks; ``"fork"`` forks them from this process
-            and brings the trained weights back as full tensors (Jupyter, Lightning Studio notebooks);
-            ``"auto"``: fork in an interactive session, subprocess otherwise.
+        async_tp: overlap TP collectives with matmuls (symmetric-memory micro-pipelining); needs
+            CUDA, ``compile=True`` and ``tensor_parallel_size > 1``. Refused elsewhere.
+        float8: train the decoder blocks' linear layers in float8 with torchao; needs torchao, a
+            CUDA device of compute capability 8.9 or newer, and ``tensor_parallel_size=1``. Refused
+            elsewhere.
+        launcher: ``"subprocess"`` re-runs the script for the other ranks; ``"fork"`` forks them
+            from this process and brings the trained weights back as full tensors (Jupyter,
+            Lightning Studio notebooks); ``"auto"``: fork in an interactive session, subprocess
+            otherwise.
     """
 
     strategy_name = "tensor_parallel"
@@ -144,9 +156,11 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             raise MeshConfigError(f"Invalid {type(self).__name__} arguments: "
                                   + "; ".join(problems) + ".")
         self.parallel = ParallelConfig(**fields)
-        """The sizes (``"auto"`` until the devices are known) and modes; see :mod:`lightning_tp.config`."""
+        """The sizes (``"auto"`` until the devices are known) and modes; see
+        :mod:`lightning_tp.config`."""
         if plan is None:
-            refuse_plan_features(self.parallel, "`plan=None` (you parallelize in `configure_model()`)")
+            refuse_plan_features(self.parallel,
+                                 "`plan=None` (you parallelize in `configure_model()`)")
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -189,7 +203,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         assert self.cluster_environment is not None
         if self.cluster_environment.creates_processes_externally:
             return
-        if self.launcher_kind == "fork" or (self.launcher_kind == "auto" and _compat.is_interactive()):
+        if (self.launcher_kind == "fork"
+                or (self.launcher_kind == "auto" and _compat.is_interactive())):
             self._launcher = ForkLauncher(self)
         else:
             self._launcher = ScriptLauncher(self, self.cluster_environment, self.num_processes,
@@ -360,7 +375,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     @contextlib.contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """Skip FSDP2 gradient reduce-scatter on non-final micro-batches of gradient accumulation."""
+        """Skip FSDP2 gradient reduce-scatter on non-final micro-batches of gradient
+        accumulation."""
         units = ([m for m in self.model.modules() if isinstance(m, FSDPModule)]
                  if self.model is not None else [])
         for unit in units:
@@ -375,14 +391,18 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         variants = {
-            "tensor_parallel": ({}, "TP + sequence parallel + loss parallel, FSDP2 across data-parallel replicas"),
-            "tensor_parallel_no_sp": ({"sequence_parallel": False}, "TP + loss parallel, no sequence parallel"),
-            "tensor_parallel_no_loss_parallel": ({"loss_parallel": False}, "TP + SP, full logits gathered"),
-            "tensor_parallel_tp_only": ({"sequence_parallel": False, "loss_parallel": False}, "plain Megatron TP"),
+            "tensor_parallel": ({}, "TP + sequence parallel + loss parallel, FSDP2 across"
+                                    " data-parallel replicas"),
+            "tensor_parallel_no_sp": ({"sequence_parallel": False},
+                                      "TP + loss parallel, no sequence parallel"),
+            "tensor_parallel_no_loss_parallel": ({"loss_parallel": False},
+                                                 "TP + SP, full logits gathered"),
+            "tensor_parallel_tp_only": ({"sequence_parallel": False, "loss_parallel": False},
+                                        "plain Megatron TP"),
         }
         for name, (flags, description) in variants.items():
-            strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}", override=True,
-                                       **flags)
+            strategy_registry.register(name, cls, description=f"{cls.__name__}: {description}",
+                                       override=True, **flags)
 
 
 def _ignore_lightning_leafspec_warning() -> None:

@@ -1,7 +1,8 @@
-"""The default launcher: re-run the script for ranks 1..N-1, after the preflight checks; no rank outlives a failure.
+"""The default launcher: re-run the script for ranks 1..N-1, after the preflight checks; no rank
+outlives a failure.
 
-Failing ranks record their error (:func:`record_failure`) for the launching process, whose error then names the
-rank that failed first.
+Failing ranks record their error (:func:`record_failure`) for the launching process, whose error
+then names the rank that failed first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from typing_extensions import override
 
-from lightning_tp._compat import ChildProcessObserver, SubprocessScriptLauncher, set_num_threads_if_needed
+from lightning_tp._compat import (
+    ChildProcessObserver,
+    SubprocessScriptLauncher,
+    set_num_threads_if_needed,
+)
 from lightning_tp.launch.preflight import LaunchedStrategy, check_launch, check_model
 
 if TYPE_CHECKING:
@@ -31,20 +36,23 @@ __all__ = ["EXIT_WAIT_S", "FAILURES_ENV", "ScriptLauncher", "preflight", "record
 
 
 def preflight(strategy: LaunchedStrategy, trainer: Optional[pl.Trainer]) -> None:
-    check_launch(strategy)  # CPU process count, rendezvous port: before any rank exists to wait on them
+    # CPU process count, rendezvous port: before any rank exists to wait on them
+    check_launch(strategy)
     if trainer is not None and trainer.lightning_module is not None:
         check_model(strategy, trainer.lightning_module)
 
 
 EXIT_WAIT_S = 1.0
-"""How long rank 0, failing, waits for the ranks it started to exit on their own before it kills them."""
+"""How long rank 0, failing, waits for the ranks it started to exit on their own before it kills
+them."""
 FAILURES_ENV = "LIGHTNING_TP_FAILURE_DIR"
 """Set by the launching process for the ranks it starts: where a failing rank records its error."""
 
 
 class _Observer(ChildProcessObserver):
-    """Lightning's observer (every 5 s: a child that died makes it SIGKILL every rank), which can be stood down
-    once the launching process is handling a failure itself, so that it does not kill that process mid-report."""
+    """Lightning's observer (every 5 s: a child that died makes it SIGKILL every rank), which can be
+    stood down once the launching process is handling a failure itself, so that it does not kill
+    that process mid-report."""
 
     def __init__(self, child_processes: list[Any]) -> None:
         super().__init__(main_pid=os.getpid(), child_processes=child_processes)
@@ -56,15 +64,17 @@ class _Observer(ChildProcessObserver):
 
 
 class ScriptLauncher(SubprocessScriptLauncher):
-    """Lightning's script launcher (re-runs ``sys.argv`` for ranks 1..N-1), with the preflight checks first.
+    """Lightning's script launcher (re-runs ``sys.argv`` for ranks 1..N-1), with the preflight
+    checks first.
 
-    When a rank fails, no rank outlives the job. A rank started here that fails exits (and records its error
-    with :func:`record_failure` when the strategy reports it); when the launching process (rank 0) then fails
-    too (typically a collective that lost its peer, or the strategy's ``timeout`` for a rank that hangs), it
-    kills the ranks still running and adds the first failure (another rank's recorded error, exit code or
-    death by a signal) to its own error as a note, so the last lines the user reads point at the original.
-    Lightning's observer (which SIGKILLs every rank, rank 0 included, within 5 s of a rank dying) still covers
-    a rank 0 that is blocked rather than failing.
+    When a rank fails, no rank outlives the job. A rank started here that fails exits (and records
+    its error with :func:`record_failure` when the strategy reports it); when the launching process
+    (rank 0) then fails too (typically a collective that lost its peer, or the strategy's
+    ``timeout`` for a rank that hangs), it kills the ranks still running and adds the first failure
+    (another rank's recorded error, exit code or death by a signal) to its own error as a note, so
+    the last lines the user reads point at the original. Lightning's observer (which SIGKILLs every
+    rank, rank 0 included, within 5 s of a rank dying) still covers a rank 0 that is blocked rather
+    than failing.
     """
 
     def __init__(self, strategy: LaunchedStrategy, *args: Any) -> None:
@@ -72,15 +82,20 @@ class ScriptLauncher(SubprocessScriptLauncher):
         self._strategy = strategy
 
     @override
-    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
+    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None,
+               **kwargs: Any) -> Any:
         preflight(self._strategy, trainer)
-        # Lightning's launch, holding on to the observer and a folder for the ranks' failure records.
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        # Lightning's launch, holding on to the observer and a folder for the ranks' failure
+        # records.
+        self.cluster_environment.validate_settings(num_devices=self.num_processes,
+                                                   num_nodes=self.num_nodes)
         observer, folder = None, None
         if not self.cluster_environment.creates_processes_externally:
             folder = tempfile.mkdtemp(prefix="lightning_tp-failures-")
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)  # ranks run later fits in this folder too
-            # Only the ranks started here need the folder: it is in the environment they copy, not left in ours.
+            # ranks run later fits in this folder too
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            # Only the ranks started here need the folder: it is in the environment they copy, not
+            # left in ours.
             previous = os.environ.get(FAILURES_ENV)
             os.environ[FAILURES_ENV] = folder
             try:
@@ -102,10 +117,12 @@ class ScriptLauncher(SubprocessScriptLauncher):
             raise
 
     def _stop_children(self, error: BaseException, folder: Path) -> None:
-        """Kill the ranks still running; note the failure that came first if it was not this rank's."""
+        """Kill the ranks still running; note the failure that came first if it was not this
+        rank's."""
         failed_at = time.time()
-        # A rank whose sockets closed (what made this rank's collective fail) may not be reaped yet: a moment to
-        # exit. The ranks blocked on this one would not exit in it: this process still holds its connections.
+        # A rank whose sockets closed (what made this rank's collective fail) may not be reaped yet:
+        # a moment to exit. The ranks blocked on this one would not exit in it: this process still
+        # holds its connections.
         deadline = time.monotonic() + EXIT_WAIT_S
         for proc in self.procs:
             try:
@@ -120,33 +137,41 @@ class ScriptLauncher(SubprocessScriptLauncher):
             proc.wait()
         first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
         ended = [f"rank {first_rank + i} (pid {self.procs[i].pid}) "
-                 + (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+                 + (f"was killed by {signal.Signals(-code).name}" if code < 0
+                    else f"exited with code {code}")
                  for i, code in enumerate(exited) if code]
         ended_note = None
         if ended:
-            ended_note = (f"lightning-tp: {', '.join(ended)} before this rank failed; this rank's error is likely a"
-                          " consequence.")
+            ended_note = (f"lightning-tp: {', '.join(ended)} before this rank failed; this rank's"
+                          " error is likely a consequence.")
             if any(code and code > 0 for code in exited):
-                ended_note += " The first error is printed above, its lines prefixed with that rank."
-        # A rank killed by a signal could not record its error, and the errors the others recorded (lost peers) are
-        # consequences of its death: then the exits are the story. Otherwise the earliest recorded error is.
+                ended_note += (" The first error is printed above, its lines prefixed with that"
+                               " rank.")
+        # A rank killed by a signal could not record its error, and the errors the others recorded
+        # (lost peers) are consequences of its death: then the exits are the story. Otherwise the
+        # earliest recorded error is.
         if any(code is not None and code < 0 for code in exited):
             note = ended_note
         else:
-            note = _first_failure(folder, failed_at, f"{type(error).__name__}: {error}") or ended_note
-        if note is None and any(code is None for code in exited):  # e.g. after a timeout: ranks that never answered
-            running = [f"rank {first_rank + i} (pid {proc.pid})" for i, proc in enumerate(self.procs)
-                       if exited[i] is None]
-            note = f"lightning-tp: killed the ranks still running when this rank failed: {', '.join(running)}."
+            note = (_first_failure(folder, failed_at, f"{type(error).__name__}: {error}")
+                    or ended_note)
+        # e.g. after a timeout: ranks that never answered
+        if note is None and any(code is None for code in exited):
+            running = [f"rank {first_rank + i} (pid {proc.pid})"
+                       for i, proc in enumerate(self.procs) if exited[i] is None]
+            note = ("lightning-tp: killed the ranks still running when this rank failed:"
+                    f" {', '.join(running)}.")
         if note is not None:
-            if hasattr(error, "add_note"):  # Python >= 3.11: printed under the traceback's last line
+            # Python >= 3.11: printed under the traceback's last line
+            if hasattr(error, "add_note"):
                 error.add_note(note)
             elif error.args and isinstance(error.args[0], str):
                 error.args = (f"{error.args[0]}\n{note}", *error.args[1:])
 
 
 def _first_failure(folder: Path, before: float, own: str) -> Optional[str]:
-    """The earliest failure another rank recorded with :func:`record_failure` before ``before``, as a note."""
+    """The earliest failure another rank recorded with :func:`record_failure` before ``before``, as
+    a note."""
     records = []
     for file in folder.glob("rank*.json"):
         try:
@@ -157,12 +182,14 @@ def _first_failure(folder: Path, before: float, own: str) -> Optional[str]:
     if not records:
         return None
     first = min(records, key=lambda r: r["time"])
-    return f"lightning-tp: rank {first['rank']} failed first, {before - first['time']:.1f} s earlier: {first['error']}"
+    return (f"lightning-tp: rank {first['rank']} failed first, {before - first['time']:.1f} s"
+            f" earlier: {first['error']}")
 
 
 def record_failure(rank: int, error: BaseException) -> None:
-    """On a rank started by :class:`ScriptLauncher`, write ``{"rank", "time", "error"}`` for the launching process
-    (a no-op elsewhere). Meant for ``Strategy.on_exception``, which Lightning calls on every rank that fails."""
+    """On a rank started by :class:`ScriptLauncher`, write ``{"rank", "time", "error"}`` for the
+    launching process (a no-op elsewhere). Meant for ``Strategy.on_exception``, which Lightning
+    calls on every rank that fails."""
     folder = os.environ.get(FAILURES_ENV)
     if not folder:
         return

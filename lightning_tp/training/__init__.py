@@ -1,2 +1,2 @@
-"""What a user trains with: the LightningModule (:mod:`.module`), the throughput callback (:mod:`.callbacks`) and
-sampling (:mod:`.generate`)."""
+"""What a user trains with: the LightningModule (:mod:`.module`), the throughput callback
+(:mod:`.callbacks`) and sampling (:mod:`.generate`)."""

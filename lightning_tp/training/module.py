@@ -1,16 +1,18 @@
 """A causal language-modelling :class:`~lightning.pytorch.LightningModule` around :class:`Llama`.
 
-The module is written for :class:`lightning_tp.strategy.TensorParallelStrategy` but also runs under any
-plain single-device or DDP strategy:
+The module is written for :class:`lightning_tp.strategy.TensorParallelStrategy` but also runs under
+any plain single-device or DDP strategy:
 
 * Under a model-parallel strategy (one that sets :attr:`LightningModule.device_mesh`),
-  :meth:`CausalLMModule.configure_model` builds the network on the **meta** device; the strategy shards,
-  materialises and calls :meth:`Llama.init_weights`. Without a device mesh nobody would materialise a meta
-  model, so the network is built directly on the current device and initialised here with ``init_seed``.
+  :meth:`CausalLMModule.configure_model` builds the network on the **meta** device; the strategy
+  shards, materialises and calls :meth:`Llama.init_weights`. Without a device mesh nobody would
+  materialise a meta model, so the network is built directly on the current device and initialised
+  here with ``init_seed``.
 * Under loss parallel the logits are a vocab-sharded ``DTensor`` and the strategy wraps the steps in
-  ``loss_parallel()``; the steps therefore touch the logits only through :func:`torch.nn.functional.cross_entropy`.
-* Logged metrics are reduced over the **data-parallel** ranks only (tensor-parallel ranks hold replicas of the
-  same loss and must not be counted twice).
+  ``loss_parallel()``; the steps therefore touch the logits only through
+  :func:`torch.nn.functional.cross_entropy`.
+* Logged metrics are reduced over the **data-parallel** ranks only (tensor-parallel ranks hold
+  replicas of the same loss and must not be counted twice).
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ from torchmetrics import Metric
 from lightning_tp.models import Llama, LlamaConfig, get_config
 from lightning_tp.parallel.dtensor import full
 
-__all__ = ["CausalLMModule", "TokenMeanLoss", "split_batch", "warmup_cosine_factor", "weight_decay_groups"]
+__all__ = ["CausalLMModule", "TokenMeanLoss", "split_batch", "warmup_cosine_factor",
+           "weight_decay_groups"]
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int,
+                         min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate after ``step`` scheduler steps.
 
-    Linear warm-up ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps`` (so the very first optimizer
-    step already has a non-zero learning rate), exactly ``1`` at ``step == warmup_steps``, then a half cosine
-    down to ``min_lr_ratio`` at ``step == max_steps``, and ``min_lr_ratio`` afterwards.
+    Linear warm-up ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps`` (so the very
+    first optimizer step already has a non-zero learning rate), exactly ``1`` at
+    ``step == warmup_steps``, then a half cosine down to ``min_lr_ratio`` at ``step == max_steps``,
+    and ``min_lr_ratio`` afterwards.
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
@@ -52,7 +57,8 @@ def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ra
 def weight_decay_groups(
     named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float
 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups: matrices (embeddings, projections) decay, 1-D tensors (norm weights) do not.
+    """AdamW parameter groups: matrices (embeddings, projections) decay, 1-D tensors (norm weights)
+    do not.
 
     Parameters that do not require gradients are dropped; shared (tied) parameters appear once.
     """
@@ -64,16 +70,18 @@ def weight_decay_groups(
             continue
         seen.add(id(param))
         (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
 
 def _foreach_is_safe(params: Iterable[Tensor]) -> bool:
     """Whether the multi-tensor (``foreach``) optimizer kernels can take these parameters together.
 
-    ``torch._foreach_*`` ops reject a mix of plain tensors and DTensors, and DTensors that live on different
-    device meshes (e.g. tensor-parallel-only parameters next to FSDP+TP ones). For such mixes the optimizer
-    must fall back to the per-parameter loop (``foreach=False``). Only exercised single-process in the tests.
+    ``torch._foreach_*`` ops reject a mix of plain tensors and DTensors, and DTensors that live on
+    different device meshes (e.g. tensor-parallel-only parameters next to FSDP+TP ones). For such
+    mixes the optimizer must fall back to the per-parameter loop (``foreach=False``). Only exercised
+    single-process in the tests.
     """
     try:
         from torch.distributed.tensor import DTensor
@@ -88,11 +96,13 @@ def _foreach_is_safe(params: Iterable[Tensor]) -> bool:
 
 
 def split_batch(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(input_ids, labels)`` from a ``{"input_ids", "labels"}`` mapping or an ``(input_ids, labels)`` pair."""
+    """``(input_ids, labels)`` from a ``{"input_ids", "labels"}`` mapping or an
+    ``(input_ids, labels)`` pair."""
     if isinstance(batch, Mapping):
         missing = {"input_ids", "labels"} - set(batch)
         if missing:
-            raise KeyError(f"The batch must contain 'input_ids' and 'labels' (already shifted); missing {missing}")
+            raise KeyError("The batch must contain 'input_ids' and 'labels' (already shifted);"
+                           f" missing {missing}")
         return batch["input_ids"], batch["labels"]
     if isinstance(batch, Sequence) and len(batch) == 2:
         return batch[0], batch[1]
@@ -105,10 +115,11 @@ def split_batch(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor,
 class TokenMeanLoss(Metric):
     """Token-weighted mean of per-micro-batch mean losses, with the token count.
 
-    ``update(loss, num_tokens)`` adds ``loss * num_tokens`` and ``num_tokens``; ``compute()`` returns
-    ``{"loss": Σ loss·n / Σ n, "tokens": Σ n}``. Both sums sit in one float64 state so a distributed sync is a
-    single gather; pass ``process_group=`` to restrict the sync to the data-parallel ranks.
-    (torchmetrics' ``Perplexity`` needs the full logits, which loss parallel never materialises.)
+    ``update(loss, num_tokens)`` adds ``loss * num_tokens`` and ``num_tokens``; ``compute()``
+    returns ``{"loss": Σ loss·n / Σ n, "tokens": Σ n}``. Both sums sit in one float64 state so a
+    distributed sync is a single gather; pass ``process_group=`` to restrict the sync to the
+    data-parallel ranks. (torchmetrics' ``Perplexity`` needs the full logits, which loss parallel
+    never materialises.)
     """
 
     full_state_update = False
@@ -137,7 +148,8 @@ def _resolve_config(model: str | LlamaConfig | Mapping[str, Any]) -> LlamaConfig
         return get_config(model)
     if isinstance(model, Mapping):
         return LlamaConfig(**model)
-    raise TypeError(f"`model` must be a preset name, a LlamaConfig or a dict of its fields, got {type(model)}")
+    raise TypeError("`model` must be a preset name, a LlamaConfig or a dict of its fields, got"
+                    f" {type(model)}")
 
 
 class CausalLMModule(L.LightningModule):
@@ -154,13 +166,13 @@ class CausalLMModule(L.LightningModule):
             ``trainer.max_steps`` if positive, else ``trainer.estimated_stepping_batches``.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         ignore_index: label value excluded from the loss and the token count.
-        init_seed: seed for :meth:`Llama.init_weights`; read by the strategy when it materialises the model,
-            and used here when the model is built without a device mesh.
-        llama: an already-built (and initialised) network to train instead of building one; its config wins
-            over ``model``. It is not saved as a hyper-parameter; its config is.
+        init_seed: seed for :meth:`Llama.init_weights`; read by the strategy when it materialises
+            the model, and used here when the model is built without a device mesh.
+        llama: an already-built (and initialised) network to train instead of building one; its
+            config wins over ``model``. It is not saved as a hyper-parameter; its config is.
 
-    Batches are ``{"input_ids": (bs, seqlen), "labels": (bs, seqlen)}`` or ``(input_ids, labels)``, with labels
-    already shifted (``labels[:, t]`` is the target of position ``t``).
+    Batches are ``{"input_ids": (bs, seqlen), "labels": (bs, seqlen)}`` or ``(input_ids, labels)``,
+    with labels already shifted (``labels[:, t]`` is the target of position ``t``).
     """
 
     def __init__(
@@ -182,9 +194,10 @@ class CausalLMModule(L.LightningModule):
             self.config: LlamaConfig = llama.config
         else:
             self.config = _resolve_config(model)
-        # Hyper-parameters must be plain data (YAML, checkpoints); a config object is stored as a dict, which
-        # `_resolve_config` accepts back in `load_from_checkpoint`.
-        model_hparam = model if isinstance(model, str) and llama is None else dataclasses.asdict(self.config)
+        # Hyper-parameters must be plain data (YAML, checkpoints); a config object is stored as a
+        # dict, which `_resolve_config` accepts back in `load_from_checkpoint`.
+        model_hparam = (model if isinstance(model, str) and llama is None
+                        else dataclasses.asdict(self.config))
         self.save_hyperparameters(
             {
                 "model": model_hparam,
@@ -201,24 +214,28 @@ class CausalLMModule(L.LightningModule):
         self.init_seed = init_seed
         self.ignore_index = ignore_index
         if llama is None:
-            # Built on the meta device: no memory, but the strategy can check the plan and shapes in the
-            # launching process before any rank is spawned. Weights get storage and values later, once.
+            # Built on the meta device: no memory, but the strategy can check the plan and shapes in
+            # the launching process before any rank is spawned. Weights get storage and values
+            # later, once.
             with torch.device("meta"):
                 llama = Llama(self.config)
         self.model: nn.Module = llama
-        # Metrics are created lazily on first use, i.e. after the strategy has materialised the module:
-        # `Module.to_empty()` would otherwise overwrite their states *and* defaults with uninitialised memory,
-        # and a precision plugin's `.to(dtype)` would downcast their float64 sums.
+        # Metrics are created lazily on first use, i.e. after the strategy has materialised the
+        # module: `Module.to_empty()` would otherwise overwrite their states *and* defaults with
+        # uninitialised memory, and a precision plugin's `.to(dtype)` would downcast their float64
+        # sums.
         self.loss_metrics = nn.ModuleDict()
-        self._tokens_seen: Tensor | int = 0  # unmasked training tokens of all data-parallel replicas
+        # unmasked training tokens of all data-parallel replicas
+        self._tokens_seen: Tensor | int = 0
 
     # ------------------------------------------------------------------ model
 
     def configure_model(self) -> None:
         """Materialise a meta-device model when no model-parallel strategy will.
 
-        With a device mesh (:class:`~lightning_tp.TensorParallelStrategy`) the strategy shards, materialises and
-        calls ``init_weights(init_seed)``; without one the model gets storage on this module's device here.
+        With a device mesh (:class:`~lightning_tp.TensorParallelStrategy`) the strategy shards,
+        materialises and calls ``init_weights(init_seed)``; without one the model gets storage on
+        this module's device here.
         """
         if self._mesh() is None and any(p.is_meta for p in self.model.parameters()):
             self.model.to_empty(device=self.device)
@@ -229,11 +246,13 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids)
 
     def compute_loss(self, batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(loss, num_tokens)``: mean cross-entropy over the unmasked tokens of the batch and their count."""
+        """``(loss, num_tokens)``: mean cross-entropy over the unmasked tokens of the batch and
+        their count."""
         input_ids, labels = split_batch(batch)
         logits = self(input_ids)
         loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=self.ignore_index, reduction="mean"
+            logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=self.ignore_index,
+            reduction="mean"
         )
         num_tokens = (labels != self.ignore_index).sum()
         return loss, num_tokens
@@ -272,16 +291,19 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def training_step(self, batch: Mapping[str, Tensor] | Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Mean cross-entropy of the micro-batch; logs ``train/loss``, ``train/ppl``, ``train/tokens``.
+    def training_step(self, batch: Mapping[str, Tensor] | Sequence[Tensor],
+                      batch_idx: int) -> Tensor:
+        """Mean cross-entropy of the micro-batch; logs ``train/loss``, ``train/ppl``,
+        ``train/tokens``.
 
-        The logged values are token-weighted over the data-parallel replicas of this micro-batch (one gather
-        per step); ``train/tokens`` counts the unmasked target tokens of all data-parallel replicas and
-        ``train/tokens_seen`` their running total.
+        The logged values are token-weighted over the data-parallel replicas of this micro-batch
+        (one gather per step); ``train/tokens`` counts the unmasked target tokens of all
+        data-parallel replicas and ``train/tokens_seen`` their running total.
         """
         loss, num_tokens = self.compute_loss(batch)
         metric = self._loss_metric("train_loss", num_tokens.device, sync_on_step=True)
-        stats = metric(full(loss.detach()), num_tokens)  # this micro-batch, synced over data parallel
+        # this micro-batch, synced over data parallel
+        stats = metric(full(loss.detach()), num_tokens)
         # A device tensor, so that counting does not force a host sync every step.
         self._tokens_seen = stats["tokens"] + self._tokens_seen
         batch_size = split_batch(batch)[0].shape[0]
@@ -292,21 +314,25 @@ class CausalLMModule(L.LightningModule):
         self.log("train/tokens_seen", self._tokens_seen, **step)
         return loss
 
-    def validation_step(self, batch: Mapping[str, Tensor] | Sequence[Tensor], batch_idx: int) -> Tensor:
-        """Mean cross-entropy of the batch; accumulated token-weighted into the epoch's ``val/loss``."""
+    def validation_step(self, batch: Mapping[str, Tensor] | Sequence[Tensor],
+                        batch_idx: int) -> Tensor:
+        """Mean cross-entropy of the batch; accumulated token-weighted into the epoch's
+        ``val/loss``."""
         loss, num_tokens = self.compute_loss(batch)
         metric = self._loss_metric("val_loss", num_tokens.device, sync_on_step=False)
         metric.update(full(loss.detach()), num_tokens)
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/loss`` (token-weighted over all batches and data-parallel ranks) and ``val/ppl``."""
+        """Log ``val/loss`` (token-weighted over all batches and data-parallel ranks) and
+        ``val/ppl``."""
         if "val_loss" not in self.loss_metrics or not self.loss_metrics["val_loss"].update_called:
             return
         metric = self.loss_metrics["val_loss"]
         stats = metric.compute()  # syncs over the data-parallel group
         metric.reset()
-        # Identical on every rank after the sync; sync_dist over the same group keeps Lightning from warning.
+        # Identical on every rank after the sync; sync_dist over the same group keeps Lightning from
+        # warning.
         self.log("val/loss", stats["loss"].float(), prog_bar=True, **self._log_kwargs())
         self.log("val/ppl", stats["loss"].exp().float(), **self._log_kwargs())
         self.log("val/tokens", stats["tokens"].float(), **self._log_kwargs())
@@ -325,7 +351,8 @@ class CausalLMModule(L.LightningModule):
         try:
             trainer = self.trainer
         except RuntimeError as err:
-            raise RuntimeError("Pass `max_steps=` or attach the module to a Trainer to size the LR schedule") from err
+            raise RuntimeError("Pass `max_steps=` or attach the module to a Trainer to size the LR"
+                               " schedule") from err
         if trainer.max_steps is not None and trainer.max_steps > 0:
             return int(trainer.max_steps)
         estimated = trainer.estimated_stepping_batches
@@ -334,14 +361,16 @@ class CausalLMModule(L.LightningModule):
         return int(estimated)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (no decay on 1-D parameters) with linear warm-up then cosine decay, stepped per optimizer step."""
+        """AdamW (no decay on 1-D parameters) with linear warm-up then cosine decay, stepped per
+        optimizer step."""
         hp = self.hparams
         groups = weight_decay_groups(self.named_parameters(), hp["weight_decay"])
         params = [p for group in groups for p in group["params"]]
-        # `foreach` kernels fail on plain tensors mixed with DTensors or on DTensors of different meshes;
-        # fall back to the per-parameter loop then, otherwise let torch choose (None).
+        # `foreach` kernels fail on plain tensors mixed with DTensors or on DTensors of different
+        # meshes; fall back to the per-parameter loop then, otherwise let torch choose (None).
         foreach = None if _foreach_is_safe(params) else False
-        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]), foreach=foreach)
+        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]),
+                                      foreach=foreach)
         schedule = functools.partial(
             warmup_cosine_factor,
             warmup_steps=int(hp["warmup_steps"]),
@@ -349,4 +378,5 @@ class CausalLMModule(L.LightningModule):
             min_lr_ratio=float(hp["min_lr_ratio"]),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

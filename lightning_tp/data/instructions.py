@@ -1,11 +1,12 @@
-"""Instruction prompts: named prompt templates, token-level rendering of examples, and the built-in data set.
+"""Instruction prompts: named prompt templates, token-level rendering of examples, and the built-in
+data set.
 
-* :data:`PROMPT_TEMPLATES` / :func:`get_template` / :func:`format_prompt`: the text put before an Alpaca record's
-  response (exactly as used in training, so generation can reuse it).
-* :func:`encode_instruction` / :func:`encode_chat`: ``(tokens, loss_mask)`` of a prompt and its response, or of a
-  conversation; only responses (assistant turns) and their EOS carry a label.
-* :func:`make_default_dataset`: a small instruction set generated deterministically in code, so examples run with
-  no files and no network.
+* :data:`PROMPT_TEMPLATES` / :func:`get_template` / :func:`format_prompt`: the text put before an
+  Alpaca record's response (exactly as used in training, so generation can reuse it).
+* :func:`encode_instruction` / :func:`encode_chat`: ``(tokens, loss_mask)`` of a prompt and its
+  response, or of a conversation; only responses (assistant turns) and their EOS carry a label.
+* :func:`make_default_dataset`: a small instruction set generated deterministically in code, so
+  examples run with no files and no network.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------- templates
+# -------------------------------------------------------------------------------- templates
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A prompt for Alpaca-style records: ``str.format`` patterns with ``{instruction}`` (and ``{input}``).
+    """A prompt for Alpaca-style records: ``str.format`` patterns with ``{instruction}`` (and
+    ``{input}``).
 
-    The rendered prompt is followed directly by the response; it should therefore end with the response header.
-    Literal braces in a pattern must be doubled (``{{``), as for :meth:`str.format`.
+    The rendered prompt is followed directly by the response; it should therefore end with the
+    response header. Literal braces in a pattern must be doubled (``{{``), as for
+    :meth:`str.format`.
     """
 
     name: str
@@ -55,13 +58,13 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
     "alpaca": PromptTemplate(
         name="alpaca",
         no_input=(
-            "Below is an instruction that describes a task. Write a response that appropriately completes the"
-            " request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+            "Below is an instruction that describes a task. Write a response that appropriately"
+            " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
         ),
         with_input=(
-            "Below is an instruction that describes a task, paired with an input that provides further context."
-            " Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-            "### Input:\n{input}\n\n### Response:\n"
+            "Below is an instruction that describes a task, paired with an input that provides"
+            " further context. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
         ),
     ),
     "plain": PromptTemplate(
@@ -72,28 +75,32 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 def get_template(name: str) -> PromptTemplate:
-    """The registered :class:`PromptTemplate` called ``name``; :class:`DataError` naming the choices otherwise."""
+    """The registered :class:`PromptTemplate` called ``name``; :class:`DataError` naming the choices
+    otherwise."""
     try:
         return PROMPT_TEMPLATES[name]
     except (KeyError, TypeError):
         raise DataError(
-            f"Unknown prompt template: template={name!r}. Fix: use one of {sorted(PROMPT_TEMPLATES)}, or add a"
-            " PromptTemplate to lightning_tp.data.finetune.PROMPT_TEMPLATES."
+            f"Unknown prompt template: template={name!r}. Fix: use one of"
+            f" {sorted(PROMPT_TEMPLATES)}, or add a PromptTemplate to"
+            " lightning_tp.data.finetune.PROMPT_TEMPLATES."
         ) from None
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
     """The prompt text for an instruction (and optional input), exactly as used in training.
 
-    Generating after this text (with a BOS token first, if the tokenizer has one) continues with a response.
+    Generating after this text (with a BOS token first, if the tokenizer has one) continues with a
+    response.
     """
     return get_template(template).render(instruction, input)
 
 
-# ---------------------------------------------------------------------------------------------------- encoding
+# -------------------------------------------------------------------------------- encoding
 
 
-def encode_instruction(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[bool]]:
+def encode_instruction(tokenizer: Tokenizer, prompt: str,
+                       response: str) -> tuple[list[int], list[bool]]:
     """``(tokens, loss_mask)`` of a prompt followed by its response: ``[BOS] prompt response EOS``.
 
     The prompt and the response are tokenized separately, so the boundary between them is exact;
@@ -109,9 +116,10 @@ def encode_chat(
 ) -> tuple[list[int], list[bool]]:
     """``(tokens, loss_mask)`` of a conversation given as ``(role, content)`` pairs.
 
-    A BOS (if any), then one ``<|role|>\\ncontent\\n`` turn per message, except that an assistant turn ends
-    with EOS in place of the newline. ``loss_mask`` is ``True`` on assistant contents and their EOS only.
-    With ``add_generation_prompt`` an ``<|assistant|>\\n`` header is appended (for generation).
+    A BOS (if any), then one ``<|role|>\\ncontent\\n`` turn per message, except that an assistant
+    turn ends with EOS in place of the newline. ``loss_mask`` is ``True`` on assistant contents and
+    their EOS only. With ``add_generation_prompt`` an ``<|assistant|>\\n`` header is appended (for
+    generation).
     """
     tokens: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     mask: list[bool] = [False] * len(tokens)
@@ -132,7 +140,7 @@ def encode_chat(
     return tokens, mask
 
 
-# ---------------------------------------------------------------------------------------------------- default set
+# -------------------------------------------------------------------------------- default set
 
 _WORDS = (
     "apple banana cherry grape lemon mango melon peach pear plum "
@@ -151,20 +159,24 @@ _WORDS = (
 
 
 def make_default_dataset(num_examples: int = 3000, seed: int = 1234) -> list[dict[str, str]]:
-    """A deterministic instruction set of simple string tasks with short answers (no files, no network).
+    """A deterministic instruction set of simple string tasks with short answers (no files, no
+    network).
 
-    Tasks: reverse a word, write a sentence in uppercase, count the letters of a word, sort a few small numbers,
-    add two numbers, repeat a word ``n`` times; built from a fixed word list with ``random.Random(seed)``.
-    Records are unique and have no ``input`` (everything is in the instruction, which keeps examples under 256
-    byte tokens with the ``"alpaca"`` template). At most ``num_examples`` records are returned.
+    Tasks: reverse a word, write a sentence in uppercase, count the letters of a word, sort a few
+    small numbers, add two numbers, repeat a word ``n`` times; built from a fixed word list with
+    ``random.Random(seed)``. Records are unique and have no ``input`` (everything is in the
+    instruction, which keeps examples under 256 byte tokens with the ``"alpaca"`` template). At most
+    ``num_examples`` records are returned.
     """
     rng = random.Random(seed)
     records: list[dict[str, str]] = []
     for word in _WORDS:
         records.append({"instruction": f"Reverse the word: {word}", "output": word[::-1]})
-        records.append({"instruction": f"How many letters are in the word '{word}'?", "output": str(len(word))})
+        records.append({"instruction": f"How many letters are in the word '{word}'?",
+                        "output": str(len(word))})
         for n in (2, 3, 4):
-            records.append({"instruction": f"Repeat the word '{word}' {n} times.", "output": " ".join([word] * n)})
+            records.append({"instruction": f"Repeat the word '{word}' {n} times.",
+                            "output": " ".join([word] * n)})
     seen = {r["instruction"] for r in records}
 
     def add(instruction: str, output: str) -> bool:
@@ -175,7 +187,8 @@ def make_default_dataset(num_examples: int = 3000, seed: int = 1234) -> list[dic
         return True
 
     remaining = max(0, num_examples - len(records))
-    targets = {"upper": remaining // 3, "sort": remaining // 3, "add": remaining - 2 * (remaining // 3)}
+    targets = {"upper": remaining // 3, "sort": remaining // 3,
+               "add": remaining - 2 * (remaining // 3)}
     for task, count in targets.items():
         made = attempts = 0
         while made < count and attempts < 50 * count:

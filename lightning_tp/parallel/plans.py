@@ -48,6 +48,7 @@ __all__ = [
     "per_projection_llama_plan",
     "register_plan",
     "resolve_plan",
+    "tp_shard_dim",
 ]
 
 PlanFn = Callable[..., dict[str, ParallelStyle]]
@@ -319,6 +320,21 @@ def resolve_plan(
     return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
 
 
+def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int) -> int | None:
+    """The dimension of a parameter that a tensor-parallel ``style`` shards, or None if replicated.
+
+    ``ColwiseParallel`` shards a Linear's weight and bias on dim 0 and an Embedding's weight on dim 1;
+    ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an Embedding's
+    weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`) replicates.
+    """
+    embedding = isinstance(module, nn.Embedding)
+    if isinstance(style, ColwiseParallel):
+        return 0 if param_ndim == 1 else (1 if embedding else 0)
+    if isinstance(style, RowwiseParallel):
+        return None if param_ndim == 1 else (0 if embedding else 1)
+    return None
+
+
 def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[str, Any]]:
     """One row per planned module: its path, style, layouts and each parameter's global and per-rank shape.
 
@@ -327,16 +343,11 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
     rows = []
     for path, style in plan.styles.items():
         target = module.get_submodule(path)
-        shard_dim = None
-        if isinstance(style, ColwiseParallel):
-            shard_dim = 1 if isinstance(target, nn.Embedding) else 0
-        elif isinstance(style, RowwiseParallel):
-            shard_dim = 0 if isinstance(target, nn.Embedding) else 1
         params = {}
         for name, param in target.named_parameters(recurse=False):
             local = list(param.shape)
-            if shard_dim is not None and not (name == "bias" and isinstance(style, RowwiseParallel)):
-                dim = 0 if param.ndim == 1 else shard_dim
+            dim = tp_shard_dim(style, target, param.ndim)
+            if dim is not None:
                 local[dim] = -(-local[dim] // tp)
             params[name] = (tuple(param.shape), tuple(local))
         layouts = {k: v for k, v in vars(style).items() if "layout" in k and v}

@@ -1,23 +1,30 @@
-"""Typed schemas behind the Hydra configs in ``conf/``.
+"""Typed schemas behind the Hydra configs in ``conf/``, and the one function that composes them.
 
-Each YAML file under ``conf/`` extends one of these dataclasses (its ``defaults`` list names the schema),
-so an unknown key or a value of the wrong type fails at start-up with Hydra's message naming the key.
-:func:`register_configs` puts them in Hydra's ``ConfigStore``; the recipes call it before composing.
+Each YAML file under ``conf/`` extends one of these dataclasses (its ``defaults`` list names the
+schema), so an unknown key or a value of the wrong type fails at start-up with Hydra's message
+naming the key. :func:`register_configs` puts them in Hydra's ``ConfigStore``;
+:func:`compose_config` is the one place that calls Hydra's compose API (the recipes through
+:func:`compose_recipe`, the planner through :func:`lightning_tp.planner.compose_inputs`).
+:class:`StrategyConfig` is generated from the signature of
+:class:`lightning_tp.TensorParallelStrategy`, so it has every argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from lightning_tp.errors import LightningTPError
+from lightning_tp.strategy import TensorParallelStrategy
 
 __all__ = [
     "CONF_DIR",
@@ -32,17 +39,19 @@ __all__ = [
     "SchedulerConfig",
     "StrategyConfig",
     "TrainerConfig",
+    "compose_config",
     "compose_recipe",
     "register_configs",
 ]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-"""The recipes' Hydra config directory, shipped in the package (``lightning_tp/conf``; a clone's top-level ``conf``
-links to it). Also importable by Hydra as the module ``lightning_tp.conf``."""
+"""The recipes' Hydra config directory, shipped in the package (``lightning_tp/conf``; a clone's
+top-level ``conf`` links to it). Also importable by Hydra as the module ``lightning_tp.conf``."""
 
 
 class RecipeConfigError(LightningTPError):
-    """A recipe override names a key the schema does not have, or gives a value of the wrong type."""
+    """A recipe override names a key the schema does not have, or gives a value of the wrong
+    type."""
 
 
 @dataclass
@@ -61,31 +70,56 @@ class ModelConfig:
     tie_word_embeddings: Optional[bool] = None
 
 
-@dataclass
-class StrategyConfig:
-    """Arguments of :class:`lightning_tp.TensorParallelStrategy`."""
+def _schema_type(annotation: Any) -> Any:
+    """The OmegaConf field type for one constructor annotation; None where a value of that type
+    cannot be written on a command line (a dict of styles, a callable).
 
-    _target_: str = "lightning_tp.TensorParallelStrategy"
-    tensor_parallel_size: Any = "auto"
-    """'auto' (devices per node) or an int."""
-    data_parallel_size: Any = "auto"
-    """'auto' (number of nodes) or an int."""
-    plan: str = "auto"
-    sequence_parallel: bool = True
-    loss_parallel: bool = True
-    fsdp: bool = True
-    reshard_after_forward: bool = True
-    save_distributed_checkpoint: bool = True
-    timeout: float = 600.0
-    """Seconds a collective waits for the other ranks before failing: how long one stuck rank can hold the job."""
-    activation_checkpointing: str = "none"
-    """'none', 'full' (keep each block's input only) or 'selective' (keep matmul/attention outputs)."""
-    compile: bool = False
-    """torch.compile each decoder block."""
-    async_tp: bool = False
-    """Overlap TP collectives with matmuls (CUDA, compile=true, tp > 1)."""
-    float8: bool = False
-    """float8 linear layers in the decoder blocks (torchao, CUDA capability >= 8.9, tp = 1)."""
+    ``bool``/``int``/``float``/``str`` stay; ``Literal["a", "b"]`` is ``str`` (the constructor
+    checks the choice); a ``timedelta`` is ``float`` seconds; a union of several writable types
+    (``"auto"`` or an int) is ``Any``; ``Optional[T]`` stays optional.
+    """
+    if annotation in (bool, int, float, str):
+        return annotation
+    if annotation is timedelta:
+        return float
+    if get_origin(annotation) is Literal and all(isinstance(a, str) for a in get_args(annotation)):
+        return str
+    if get_origin(annotation) is not Union:
+        return None
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    kinds = {_schema_type(a) for a in members} - {None}
+    kind = kinds.pop() if len(kinds) == 1 else Any
+    return Optional[kind] if len(members) < len(get_args(annotation)) and kind is not Any else kind
+
+
+def _schema_default(default: Any) -> Any:
+    return default.total_seconds() if isinstance(default, timedelta) else default
+
+
+def _strategy_schema() -> type:
+    """A dataclass with one field per argument of ``TensorParallelStrategy.__init__``, in order.
+
+    What each argument means is the strategy's docstring; in the recipes ``timeout`` is seconds
+    (600.0 = the constructor's 10 minutes) and ``plan`` is a registered plan name or null.
+    """
+    signature = inspect.signature(TensorParallelStrategy.__init__, eval_str=True)
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, field(default="lightning_tp.TensorParallelStrategy"))]
+    for name, parameter in list(signature.parameters.items())[1:]:  # after self
+        kind = _schema_type(parameter.annotation)
+        if kind is None:
+            raise TypeError(f"TensorParallelStrategy argument {name!r}: no recipe schema type for"
+                            f" {parameter.annotation!r}; extend lightning_tp.recipes.config"
+                            "._schema_type.")
+        fields.append((name, kind, field(default=_schema_default(parameter.default))))
+    schema = dataclasses.make_dataclass("StrategyConfig", fields)
+    schema.__module__, schema.__qualname__ = __name__, "StrategyConfig"
+    schema.__doc__ = ("Arguments of :class:`lightning_tp.TensorParallelStrategy`, generated from"
+                      " its signature.")
+    return schema
+
+
+StrategyConfig = _strategy_schema()
 
 
 @dataclass
@@ -95,7 +129,8 @@ class TrainerConfig:
     _target_: str = "lightning.Trainer"
     accelerator: str = "auto"
     devices: Any = "auto"
-    """'auto' (all GPUs, or 4 CPU processes on a CPU machine — see the cpu trainer config) or an int."""
+    """'auto' (all GPUs, or 4 CPU processes on a CPU machine — see the cpu trainer config) or an
+    int."""
     num_nodes: int = 1
     precision: str = "32-true"
     max_steps: int = 200
@@ -143,7 +178,8 @@ class PretrainDataConfig:
 
     _target_: str = "lightning_tp.data.pretrain.PretrainDataModule"
     path: Any = None
-    """Files, globs or directories; null = the embedded corpus (Python's standard library sources)."""
+    """Files, globs or directories; null = the embedded corpus (Python's standard library
+    sources)."""
     tokenizer: str = "byte"
     seq_len: int = 128
     batch_size: int = 8
@@ -212,20 +248,54 @@ class PretrainConfig(_RunConfig):
 class FinetuneConfig(_RunConfig):
     data: FinetuneDataConfig = MISSING
     checkpoint: Optional[str] = None
-    """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last) or a Hugging Face model
-    directory (config.json + safetensors; its config replaces ``model``); null = random init."""
+    """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last) or a
+    Hugging Face model directory (config.json + safetensors; its config replaces ``model``);
+    null = random init."""
 
 
 def register_configs() -> None:
-    """Register the two top-level schemas with Hydra (idempotent). Group options need no schema of their own:
-    the top-level dataclass types every group, so each option is validated when it is merged in."""
+    """Register the two top-level schemas with Hydra (idempotent). Group options need no schema of
+    their own: the top-level dataclass types every group, so each option is validated when it is
+    merged in."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
 
 
+def compose_config(name: str, overrides: Sequence[str] = (), config_dir: str | Path | None = None,
+                   *, job_name: str = "app", schemas: Mapping[str, type] | None = None
+                   ) -> DictConfig:
+    """Compose the config ``name`` of ``config_dir`` (default :data:`CONF_DIR`) with Hydra
+    ``overrides``, outside any running Hydra app; Hydra's own errors propagate.
+
+    The recipes' schemas are registered first, and ``schemas`` (``{name: dataclass}``) with them;
+    an earlier global Hydra instance (a notebook's ``initialize``) is cleared first.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    for schema_name, node in (schemas or {}).items():
+        ConfigStore.instance().store(name=schema_name, node=node)
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), job_name=job_name,
+                               version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``Optional[float]``, ``Any``: a schema field's type as a message shows it."""
+    if isinstance(annotation, str):  # a field declared under `from __future__ import annotations`
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _explain(error: BaseException, override_list: Sequence[str]) -> str | None:
-    """What went wrong with an override, and the fix, from the OmegaConf error Hydra wraps; None if unknown."""
+    """What went wrong with an override, and the fix, from the OmegaConf error Hydra wraps; None
+    if unknown."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     cause = error.__cause__
@@ -235,39 +305,44 @@ def _explain(error: BaseException, override_list: Sequence[str]) -> str | None:
         return None
     fields = {f.name: f for f in dataclasses.fields(schema) if not f.name.startswith("_")}
     group = full_key[: -len(str(key))]
-    given = next((o for o in override_list if o.lstrip("+~").split("=", 1)[0] == full_key), full_key)
+    given = next((o for o in override_list if o.lstrip("+~").split("=", 1)[0] == full_key),
+                 full_key)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(group + c for c in close)}?" if close else "check the spelling."
-        return (f"Unknown key {full_key!r} in the override {given!r}: the schema {schema.__name__} has no field"
-                f" {str(key)!r}; {hint} Fix: use one of its keys ({', '.join(sorted(fields))}); print the whole"
-                " config with --cfg job.")
+        hint = (f"did you mean {', '.join(group + c for c in close)}?" if close
+                else "check the spelling.")
+        return (f"Unknown key {full_key!r} in the override {given!r}: the schema"
+                f" {schema.__name__} has no field {str(key)!r}; {hint} Fix: use one of its keys"
+                f" ({', '.join(sorted(fields))}); print the whole config with --cfg job.")
     if isinstance(cause, ValidationError) and str(key) in fields:
         f = fields[str(key)]
         default = f.default if f.default is not dataclasses.MISSING else None
-        example = f" (e.g. {full_key}={str(default).lower() if isinstance(default, bool) else default})" \
-            if default is not None and not isinstance(default, (list, dict)) else ""
-        kind = getattr(f.type, "__name__", None) or str(f.type)
-        return (f"Wrong type in the override {given!r}: {full_key} takes {kind}, got {getattr(cause, 'value', None)!r}"
-                f" ({str(cause).splitlines()[0]}). Fix: set {full_key} to a value of type {kind}{example}.")
+        example = ""
+        if default is not None and not isinstance(default, (list, dict)):
+            shown = str(default).lower() if isinstance(default, bool) else default
+            example = f" (e.g. {full_key}={shown})"
+        kind = _type_name(f.type)
+        return (f"Wrong type in the override {given!r}: {full_key} takes {kind}, got"
+                f" {getattr(cause, 'value', None)!r} ({str(cause).splitlines()[0]}). Fix: set"
+                f" {full_key} to a value of type {kind}{example}.")
     return None
 
 
-def compose_recipe(recipe: str, overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
-    """Compose ``recipe`` (``"pretrain"`` or ``"finetune"``) with ``overrides``, as ``lightning-tp RECIPE`` would.
+def compose_recipe(recipe: str, overrides: Sequence[str] = (),
+                   config_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``recipe`` (``"pretrain"`` or ``"finetune"``) with ``overrides``, as
+    ``lightning-tp RECIPE`` would.
 
-    A misspelled key or a value of the wrong type raises :class:`RecipeConfigError` naming the override, the
-    schema's close matches or the expected type, and the fix (Hydra's own error is its ``__cause__``).
+    A misspelled key or a value of the wrong type raises :class:`RecipeConfigError` naming the
+    override, the schema's close matches or the expected type, and the fix (Hydra's own error is
+    its ``__cause__``).
     """
-    from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(config_dir or CONF_DIR)):
-        try:
-            return compose(recipe, overrides=list(overrides))
-        except ConfigCompositionException as e:
-            message = _explain(e, overrides)
-            if message is None:
-                raise
-            raise RecipeConfigError(message) from e
+    try:
+        return compose_config(recipe, overrides, config_dir)
+    except ConfigCompositionException as e:
+        message = _explain(e, overrides)
+        if message is None:
+            raise
+        raise RecipeConfigError(message) from e

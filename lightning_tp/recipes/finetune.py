@@ -1,36 +1,16 @@
-"""Fine-tune a Llama with TensorParallelStrategy: compose ``conf/finetune.yaml``, instantiate, fit.
+"""Fine-tune a Llama with TensorParallelStrategy from ``conf/finetune.yaml``, for example from the
+pretraining run's checkpoint::
 
-    python -m lightning_tp.recipes.finetune checkpoint=out/pretrain/last   # from the pretraining run
-    python -m lightning_tp.recipes.finetune --cfg job          # print the composed config
-    python -m lightning_tp.recipes.finetune trainer.max_steps=50 --multirun optimizer.lr=1e-3,3e-4
+    python -m lightning_tp.recipes.finetune checkpoint=out/pretrain/last
 
-Same as ``lightning-tp finetune ...`` and ``python recipes/finetune.py ...`` in a clone. Config: the packaged
-``lightning_tp/conf`` (:data:`lightning_tp.recipes.CONF_DIR`).
+or from a Hugging Face model directory (``checkpoint=DIR``). Also ``lightning-tp finetune ...``, and
+``python recipes/finetune.py ...`` in a clone; :func:`lightning_tp.recipes.entry.recipe_main` is
+what runs.
 """
 
-from __future__ import annotations
+from lightning_tp.recipes.entry import recipe_main
 
-import hydra
-from omegaconf import DictConfig
-
-from lightning_tp.recipes.config import CONF_DIR, register_configs
-from lightning_tp.recipes.entry import run_recipe, typed_errors_pass_hydra
-
-register_configs()
-
-
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="finetune")
-@typed_errors_pass_hydra
-def hydra_main(cfg: DictConfig) -> None:
-    from lightning_tp.recipes.run import run
-
-    run(cfg, checkpoint=cfg.checkpoint)
-
-
-def main() -> None:
-    """The command line: ``sys.argv[1:]`` are Hydra overrides and flags."""
-    run_recipe("finetune", hydra_main)
-
+main = recipe_main("finetune")
 
 if __name__ == "__main__":
     main()

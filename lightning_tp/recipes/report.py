@@ -40,7 +40,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_count(value: float | None) -> str:
-    """``1,600`` (thousands separated, no decimals); below 10 one decimal (``2.5``); ``?`` when unknown."""
+    """``1,600`` (thousands separated, no decimals); below 10 one decimal (``2.5``); ``?`` when
+    unknown."""
     if value is None or not math.isfinite(value):
         return "?"
     return f"{value:.1f}" if abs(value) < 10 else f"{value:,.0f}"
@@ -58,8 +59,8 @@ def summary_lines(summary: dict[str, Any], *, sizes: tuple[int, int] | None = No
     """The lines rank 0 prints after a run, from a recipe summary (``run()``'s return value)."""
     processes = summary.get("world_size")
     layout = f" (dp={sizes[0]} x tp={sizes[1]})" if sizes else ""
-    parts = [f"{summary.get('steps')} steps in {format_duration(summary.get('wall_time_s'))} on {processes}"
-             f" process{'es' if processes != 1 else ''}{layout}"]
+    parts = [f"{summary.get('steps')} steps in {format_duration(summary.get('wall_time_s'))} on"
+             f" {processes} process{'es' if processes != 1 else ''}{layout}"]
     history = summary.get("val_loss_history") or []
     if history:
         first, last = history[0][1], history[-1][1]
@@ -70,20 +71,27 @@ def summary_lines(summary: dict[str, Any], *, sizes: tuple[int, int] | None = No
     lines = ["[lightning-tp] " + "; ".join(parts)]
     if summary.get("sample") is not None:
         temperature, top_k = summary.get("sample_temperature", 0), summary.get("sample_top_k")
-        how = "greedy" if not temperature or top_k == 1 else \
-            f"temperature {temperature:g}, top-k {top_k if top_k else 'all'}, seed {summary.get('sample_seed')}"
-        lines.append(f"[lightning-tp] sample ({how}): {summary.get('sample_prompt')!r} -> {summary['sample']!r}")
+        how = "greedy"
+        if temperature and top_k != 1:
+            how = (f"temperature {temperature:g}, top-k {top_k if top_k else 'all'}, seed"
+                   f" {summary.get('sample_seed')}")
+        lines.append(f"[lightning-tp] sample ({how}): {summary.get('sample_prompt')!r} ->"
+                     f" {summary['sample']!r}")
     if out_dir is not None:
         wrote = [f"{out_dir}/summary.json"] + ([loss_curve] if loss_curve else [])
-        lines.append(f"[lightning-tp] wrote {', '.join(wrote)}; checkpoint {summary.get('checkpoint')}")
+        lines.append(f"[lightning-tp] wrote {', '.join(wrote)}; checkpoint"
+                     f" {summary.get('checkpoint')}")
     return lines
 
 
-def read_train_losses(metrics_csv: str | Path | None, key: str = "train/loss") -> list[tuple[int, float]]:
-    """``(step, loss)`` rows of a CSVLogger ``metrics.csv`` that have ``key``; [] when there is no such file.
+def read_train_losses(metrics_csv: str | Path | None,
+                      key: str = "train/loss") -> list[tuple[int, float]]:
+    """``(step, loss)`` rows of a CSVLogger ``metrics.csv`` that have ``key``; [] when there is no
+    such file.
 
-    Lightning logs the loss of the batch taken after ``step`` optimizer steps at ``step``, so these points sit on
-    the same axis as the validation history (validation after ``step`` optimizer steps).
+    Lightning logs the loss of the batch taken after ``step`` optimizer steps at ``step``, so these
+    points sit on the same axis as the validation history (validation after ``step`` optimizer
+    steps).
     """
     if metrics_csv is None or not Path(metrics_csv).is_file():
         return []
@@ -102,9 +110,10 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_loss_curve(path: str | Path, train: History, val: History, title: str | None = None) -> Path | None:
-    """Train and validation loss against the step, as a PNG at ``path``; ``None`` (nothing written) when
-    matplotlib is not installed or there is nothing to plot."""
+def write_loss_curve(path: str | Path, train: History, val: History,
+                     title: str | None = None) -> Path | None:
+    """Train and validation loss against the step, as a PNG at ``path``; ``None`` (nothing
+    written) when matplotlib is not installed or there is nothing to plot."""
     if not has_matplotlib() or not (train or val):
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -1,6 +1,7 @@
 """What the recipes do with a composed config: instantiate the pieces, fit, sample, summarise.
 
-Kept out of the ``@hydra.main`` scripts so the same path runs from a notebook (``compose`` + :func:`run`).
+Kept out of the ``@hydra.main`` scripts so the same path runs from a notebook (``compose`` +
+:func:`run`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ __all__ = ["model_config", "run"]
 CPU_DEVICES = 4
 """Processes a recipe starts on a machine without GPUs when ``trainer.devices`` is ``auto``."""
 
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+"""What a launch sets in the environment; :func:`run` restores it after a ``--multirun`` job."""
+
 
 def model_config(cfg: DictConfig) -> LlamaConfig:
     """The preset ``cfg.name`` with every non-null field of ``cfg`` overriding it."""
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name" and v is not None}
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg).items()
+                 if k != "name" and v is not None}
     return get_config(cfg.name, **overrides)
 
 
@@ -54,7 +59,8 @@ class ValidationHistory(L.Callback):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None:
             self.history.append((trainer.global_step, float(value)))
-            # Also as a metric tensor: callback metrics are what a fork launcher sends back to a notebook.
+            # Also as a metric tensor: callback metrics are what a fork launcher sends back to a
+            # notebook.
             trainer.callback_metrics[self.KEY] = torch.tensor(self.history)
 
     def result(self, trainer: L.Trainer) -> list[tuple[int, float]]:
@@ -65,8 +71,9 @@ class ValidationHistory(L.Callback):
 
 
 def _instantiate(config: Any, **kwargs: Any) -> Any:
-    """Hydra's ``instantiate``, but a target's own error (typed, naming the input and the fix) is raised as it is,
-    not inside Hydra's ``InstantiationException``, so callers and users see e.g. a ``DataError``."""
+    """Hydra's ``instantiate``, but a target's own error (typed, naming the input and the fix) is
+    raised as it is, not inside Hydra's ``InstantiationException``, so callers and users see e.g. a
+    ``DataError``."""
     from hydra.errors import InstantiationException
 
     try:
@@ -80,30 +87,33 @@ def _instantiate(config: Any, **kwargs: Any) -> Any:
 
 
 def _devices_and_strategy(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
-    """Trainer accelerator/devices and the strategy. Lightning's ``devices="auto"`` on a machine without GPUs
-    means one process; the recipes run :data:`CPU_DEVICES` processes there instead, as dp=2 × tp=2 unless the
-    strategy sizes are given."""
+    """Trainer accelerator/devices and the strategy. Lightning's ``devices="auto"`` on a machine
+    without GPUs means one process; the recipes run :data:`CPU_DEVICES` processes there instead, as
+    dp=2 × tp=2 unless the strategy sizes are given."""
     accelerator, devices = cfg.trainer.accelerator, cfg.trainer.devices
     sizes: dict[str, Any] = {}
     if devices == "auto" and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
         accelerator, devices = "cpu", CPU_DEVICES
-        if cfg.strategy.tensor_parallel_size == "auto" and cfg.strategy.data_parallel_size == "auto":
+        strategy = cfg.strategy
+        if strategy.tensor_parallel_size == "auto" and strategy.data_parallel_size == "auto":
             sizes["tensor_parallel_size"] = 2
     check_devices(accelerator, devices, cfg.trainer.num_nodes, name="trainer.devices")
     return {"accelerator": accelerator, "devices": devices}, _instantiate(cfg.strategy, **sizes)
 
 
 def _check_sequence_length(strategy: Any, seq_len: int) -> None:
-    """Under sequence parallelism every batch's length must split over the TP ranks; the recipes' batches are
-    ``data.seq_len`` long, so check that here instead of at the first forward of every rank."""
+    """Under sequence parallelism every batch's length must split over the TP ranks; the recipes'
+    batches are ``data.seq_len`` long, so check that here instead of at the first forward of every
+    rank."""
     if not getattr(strategy, "sequence_parallel", False):
         return
     tp = strategy.tensor_parallel_size
     if seq_len % tp:
         raise SequenceLengthError(
-            f"data.seq_len={seq_len} is not divisible by tensor_parallel_size={tp}, which sequence parallelism needs."
-            f" Fix: set data.seq_len to a multiple of {tp} (e.g. data.seq_len={max(tp, seq_len - seq_len % tp)}), or"
-            " use strategy=tp (no sequence parallelism)."
+            f"data.seq_len={seq_len} is not divisible by tensor_parallel_size={tp}, which sequence"
+            f" parallelism needs. Fix: set data.seq_len to a multiple of {tp} (e.g."
+            f" data.seq_len={max(tp, seq_len - seq_len % tp)}), or use strategy=tp (no sequence"
+            " parallelism)."
         )
 
 
@@ -115,7 +125,8 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="logs"))
     tb = str(cfg.tensorboard).lower()
     if tb not in ("auto", "true", "false"):
-        raise ValueError(f"logger.tensorboard={cfg.tensorboard!r} must be 'auto', 'true' or 'false'.")
+        raise ValueError(f"logger.tensorboard={cfg.tensorboard!r} must be 'auto', 'true' or"
+                         " 'false'.")
     if tb == "true" or (tb == "auto" and _has_tensorboard()):
         loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard"))
     return loggers
@@ -130,7 +141,8 @@ def _metrics_csv(trainer: L.Trainer) -> Path | None:
 
 
 def _sample_settings(cfg: DictConfig) -> dict[str, Any]:
-    """``generate``'s sampling arguments from the ``sample_*`` keys, checked (a bad value fails before fit)."""
+    """``generate``'s sampling arguments from the ``sample_*`` keys, checked (a bad value fails
+    before fit)."""
     temperature, top_k = float(cfg.get("sample_temperature", 0.0)), cfg.get("sample_top_k")
     try:
         check_sampling(temperature, top_k)
@@ -152,14 +164,16 @@ def _resume_path(resume: str | None, out_dir: Path) -> str | None:
         return None
     path = out_dir / "last" if resume == "last" else Path(resume)
     if not path.exists():
-        raise CheckpointError(f"resume={resume!r}: no checkpoint at {str(path)!r}. Train first, or set resume=null.")
-    if path.is_dir():  # complete, its shard files all there: checked here rather than inside every rank
+        raise CheckpointError(f"resume={resume!r}: no checkpoint at {str(path)!r}. Train first, or"
+                              " set resume=null.")
+    if path.is_dir():  # complete, its shard files all there: checked here, not inside every rank
         read_checkpoint_metadata(path)
     return str(path)
 
 
 def _sweep_job() -> Any:
-    """Hydra's config of the current job when it is part of a ``--multirun`` sweep, else ``None``."""
+    """Hydra's config of the current job when it is part of a ``--multirun`` sweep, else
+    ``None``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -169,10 +183,11 @@ def _sweep_job() -> Any:
 
 
 def _children_run_this_job_only() -> None:
-    """Under ``--multirun``, make the ranks Lightning launches run this one job, not the whole sweep.
+    """Under ``--multirun``, make the ranks Lightning launches run this one job, not the whole
+    sweep.
 
-    Lightning re-runs ``sys.argv`` for the other ranks with ``hydra.run.dir`` set to the run directory; for a
-    sweep job that must be the job's own overrides and output directory.
+    Lightning re-runs ``sys.argv`` for the other ranks with ``hydra.run.dir`` set to the run
+    directory; for a sweep job that must be the job's own overrides and output directory.
     """
     from omegaconf import read_write
 
@@ -185,14 +200,16 @@ def _children_run_this_job_only() -> None:
 
 
 def _job_out_dir(cfg: DictConfig) -> Path:
-    """``cfg.out_dir``, or under ``--multirun`` the job's own directory (``out_dir/multirun/<time>/<job>``)."""
+    """``cfg.out_dir``, or under ``--multirun`` the job's own directory
+    (``out_dir/multirun/<time>/<job>``)."""
     hydra_cfg = _sweep_job()
     return Path(cfg.out_dir if hydra_cfg is None else hydra_cfg.runtime.output_dir)
 
 
 def _end_sweep_job(launched: dict[str, str | None]) -> None:
-    """After a ``--multirun`` job, close its process group and forget its launch environment, so the next
-    job of the sweep spawns fresh ranks on a fresh port instead of waiting for the finished ones."""
+    """After a ``--multirun`` job, close its process group and forget its launch environment, so
+    the next job of the sweep spawns fresh ranks on a fresh port instead of waiting for the
+    finished ones."""
     if _sweep_job() is None:
         return
     if torch.distributed.is_initialized():
@@ -213,13 +230,15 @@ def _sizes(strategy: Any) -> tuple[int, int] | None:
 
 def _write_loss_curve(out_dir: Path, metrics_csv: Path | None, summary: dict[str, Any],
                       sizes: tuple[int, int] | None) -> str | None:
-    """``out_dir/loss_curve.png`` from the CSV log's train loss and the validation history; its path, or None
-    (and one printed line saying why) when it cannot be drawn."""
+    """``out_dir/loss_curve.png`` from the CSV log's train loss and the validation history; its
+    path, or None (and one printed line saying why) when it cannot be drawn."""
     if not report.has_matplotlib():
-        print("[lightning-tp] loss curve skipped: matplotlib is not installed (pip install matplotlib)")
+        print("[lightning-tp] loss curve skipped: matplotlib is not installed (pip install"
+              " matplotlib)")
         return None
     title = f"{summary['steps']} steps" + (f", dp={sizes[0]} x tp={sizes[1]}" if sizes else "")
-    path = report.write_loss_curve(out_dir / "loss_curve.png", report.read_train_losses(metrics_csv),
+    path = report.write_loss_curve(out_dir / "loss_curve.png",
+                                   report.read_train_losses(metrics_csv),
                                    summary["val_loss_history"], title=title)
     return None if path is None else str(path)
 
@@ -228,10 +247,11 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     """Fit a :class:`CausalLMModule` as ``cfg`` says; returns (and on rank 0 writes) a summary.
 
     Everything that can be checked in the launching process is checked before ``fit`` spawns ranks:
-    config values, the tokenizer against the model's vocabulary, the mesh, the plan, the checkpoint path.
+    config values, the tokenizer against the model's vocabulary, the mesh, the plan, the checkpoint
+    path.
     """
     start = time.perf_counter()
-    launched = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    launched = {k: os.environ.get(k) for k in _LAUNCH_ENV}
     _children_run_this_job_only()
     out_dir = _job_out_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -239,57 +259,66 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     llama = model_config(cfg.model)
     data_overrides: dict[str, Any] = {}
     if checkpoint is not None and is_hf_checkpoint(checkpoint):
-        # A Hugging Face directory brings its own architecture and, with data.tokenizer=checkpoint, tokenizer.
+        # A Hugging Face directory brings its own architecture and, with
+        # data.tokenizer=checkpoint, its tokenizer.
         llama = config_from_hf(json.loads((Path(checkpoint) / "config.json").read_text()))
         if cfg.data.tokenizer == "checkpoint":
             data_overrides["tokenizer"] = str(checkpoint)
     elif cfg.data.tokenizer == "checkpoint":
-        raise CheckpointError(f"data.tokenizer=checkpoint needs checkpoint= to be a Hugging Face model directory"
-                              f" with tokenizer files (checkpoint={checkpoint!r}). Fix: set checkpoint=DIR of such a"
-                              " directory, or data.tokenizer=byte or the path of a tokenizer.json.")
+        raise CheckpointError(f"data.tokenizer=checkpoint needs checkpoint= to be a Hugging Face"
+                              f" model directory with tokenizer files (checkpoint={checkpoint!r})."
+                              " Fix: set checkpoint=DIR of such a directory, or"
+                              " data.tokenizer=byte or the path of a tokenizer.json.")
     # plain lists/dicts, not OmegaConf containers: checkpoints store the data module's arguments
     datamodule = _instantiate(cfg.data, _convert_="all", **data_overrides)
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
-    # Read and tokenise the data here, in the launching process, so that a missing file or a malformed record
-    # fails before any rank starts; the ranks then reuse the cache.
+    # Read and tokenise the data here, in the launching process, so that a missing file or a
+    # malformed record fails before any rank starts; the ranks then reuse the cache.
     datamodule.prepare_data()
     datamodule.setup("fit")
     if checkpoint is not None and not is_hf_checkpoint(checkpoint):
         if not Path(checkpoint).is_dir():
-            raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint directory. Use the"
-                                  " out_dir/last of a pretraining run (e.g. checkpoint=out/pretrain/last) or a"
-                                  " Hugging Face model directory.")
+            raise CheckpointError(f"checkpoint={checkpoint!r} is not a sharded checkpoint"
+                                  " directory. Use the out_dir/last of a pretraining run (e.g."
+                                  " checkpoint=out/pretrain/last) or a Hugging Face model"
+                                  " directory.")
     module = CausalLMModule(
-        model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=tuple(cfg.optimizer.betas),
-        warmup_steps=cfg.scheduler.warmup_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,
+        model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+        betas=tuple(cfg.optimizer.betas), warmup_steps=cfg.scheduler.warmup_steps,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,
     )
     if checkpoint is not None:
-        # Names, shapes and shard files against the meta-device model: another model's, another shape's or a
-        # truncated checkpoint fails here, not in every rank after the launch.
+        # Names, shapes and shard files against the meta-device model: another model's, another
+        # shape's or a truncated checkpoint fails here, not in every rank after the launch.
         check_weights_fit(module, checkpoint)
     history = ValidationHistory()
-    saver = ModelCheckpoint(dirpath=str(out_dir), filename="step-{step}", save_top_k=0, save_last=True,
-                            every_n_train_steps=cfg.checkpoint_every_n_steps or cfg.trainer.max_steps)
+    saver = ModelCheckpoint(
+        dirpath=str(out_dir), filename="step-{step}", save_top_k=0, save_last=True,
+        every_n_train_steps=cfg.checkpoint_every_n_steps or cfg.trainer.max_steps)
     saver.CHECKPOINT_NAME_LAST, saver.FILE_EXTENSION = "last", ""
     callbacks: list[Any] = [ThroughputMonitor(), saver, history]
     if checkpoint is not None:
         callbacks.append(LoadWeights(checkpoint))
-    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in ("accelerator", "devices")}
-    trainer_cfg["num_sanity_val_steps"] = trainer_cfg.get("limit_val_batches", 2)  # step-0 validation = the baseline
+    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items()
+                   if k not in ("accelerator", "devices")}
+    # the step-0 validation is the baseline
+    trainer_cfg["num_sanity_val_steps"] = trainer_cfg.get("limit_val_batches", 2)
     devices, strategy = _devices_and_strategy(cfg)
     trainer: L.Trainer = _instantiate(
         trainer_cfg, **devices, strategy=strategy, callbacks=callbacks,
         logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
     )
     _check_sequence_length(trainer.strategy, cfg.data.seq_len)
-    # Resolved here, before any rank starts, so that every process (forked ones too) names the same version.
+    # Resolved here, before any rank starts, so that every process (forked ones too) names the
+    # same version.
     metrics_csv = _metrics_csv(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
 
     sample = None
     if cfg.sample_prompt:
         strategy = trainer.strategy
-        multiple = getattr(strategy, "tensor_parallel_size", 1) if getattr(strategy, "sequence_parallel", False) else 1
+        multiple = (getattr(strategy, "tensor_parallel_size", 1)
+                    if getattr(strategy, "sequence_parallel", False) else 1)
         sample = generate(module.model, datamodule.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                           pad_to_multiple_of=multiple, max_context=cfg.data.seq_len, **sampling)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -14,21 +14,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-__all__ = ["PEAK_FLOPS", "ThroughputMonitor", "data_parallel_size", "mfu", "peak_flops_for", "tokens_per_step"]
+from lightning_tp.hardware import PEAK_FLOPS, peak_flops_for
 
-# Dense (no sparsity) peak FLOP/s per GPU, by `torch.cuda.get_device_name()` substring. Order matters: the
-# first match wins, so specific names come before their prefixes ("H100 PCIe" before "H100", "L40S" before
-# "L4"). Keys of the inner dicts: "bf16" (also used for fp16/mixed precision), "tf32" (fp32 matmuls on tensor
-# cores), "fp32" (plain fp32). A plain "NVIDIA H100 80GB HBM3" is the SXM part.
-PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
-    ("H100 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 59.8e12}),
-    ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
-    ("H100", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
-    ("A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12}),
-    ("L4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-)
+# PEAK_FLOPS and peak_flops_for live in lightning_tp.hardware; this module re-exports them.
+__all__ = ["PEAK_FLOPS", "ThroughputMonitor", "data_parallel_size", "mfu", "peak_flops_for",
+           "tokens_per_step"]
 
 
 def tokens_per_step(tokens_per_micro_batch: int, num_micro_batches: int, data_parallel_size: int) -> int:
@@ -47,27 +37,6 @@ def mfu(tokens_per_sec: float, flops_per_token: float, world_size: int, peak_flo
     if world_size <= 0 or peak_flops_per_device <= 0:
         raise ValueError("world_size and peak_flops_per_device must be positive")
     return tokens_per_sec * flops_per_token / (world_size * peak_flops_per_device)
-
-
-def _precision_kind(precision: str) -> str | None:
-    """Which peak applies to a Lightning precision string: ``"bf16"``, ``"tf32"``, ``"fp32"`` or ``None``."""
-    precision = str(precision)
-    if "64" in precision:
-        return None
-    if "16" in precision or "transformer-engine" in precision:
-        return "bf16"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def peak_flops_for(device_name: str, precision: str = "bf16-mixed") -> float | None:
-    """Dense peak FLOP/s of one device from :data:`PEAK_FLOPS`, or ``None`` when unknown."""
-    kind = _precision_kind(precision)
-    if kind is None:
-        return None
-    for key, peaks in PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return peaks.get(kind)
-    return None
 
 
 def data_parallel_size(trainer: Any) -> int:

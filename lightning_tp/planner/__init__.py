@@ -1,0 +1,62 @@
+"""Dry-run planner: memory, communication and step time of a (tp, dp, activation checkpointing)
+layout, on a CPU::
+
+    lightning-tp plan model=llama3_70b strategy.tensor_parallel_size=8 \\
+        strategy.data_parallel_size=32
+
+Nothing is allocated: the model is built on the meta device, the strategy's own plan is resolved
+against it (:func:`lightning_tp.parallel.plans.resolve_plan`) and checked with the strategy's shape
+rules (:func:`lightning_tp.parallel.shapes.check_model_shapes`); per-rank shapes follow from the
+placements the plan and FSDP2 produce (tensor parallel ``Shard(d)`` then FSDP2 ``Shard(0)`` padded
+to equal chunks). ``tests/unit/planner/test_planner.py`` checks those shapes against a model really
+sharded under a fake process group. The formulas, their sources and how the estimates compare with
+published runs are in ``docs/planner.md``.
+
+The modules, each depending only on those above it:
+
+* :mod:`~lightning_tp.planner.modes`: bytes per element of each precision, what each
+  activation-checkpointing mode recomputes;
+* :mod:`~lightning_tp.planner.inputs`: :class:`PlanInputs`, the Hydra schema :class:`PlanConfig`,
+  :func:`compose_inputs`;
+* :mod:`~lightning_tp.planner.layout`: the meta model, :class:`ParamShard`, :func:`param_shards`;
+* :mod:`~lightning_tp.planner.memory`: :func:`layer_activation_bytes`, the per-rank memory;
+* :mod:`~lightning_tp.planner.communication`: :class:`Collective`, :func:`collectives`;
+* :mod:`~lightning_tp.planner.estimate`: :class:`Estimate`, the step time;
+* :mod:`~lightning_tp.planner.report`: :class:`PlanReport`, :func:`analyze`, :func:`recommend`;
+* :mod:`~lightning_tp.planner.text`: :func:`format_report`;
+* :mod:`~lightning_tp.planner.cli`: ``lightning-tp plan`` (:func:`main`).
+
+This package re-exports the public names of those modules.
+"""
+
+from lightning_tp.config import AC_MODES, PRECISIONS
+from lightning_tp.planner.cli import USAGE, main
+from lightning_tp.planner.communication import Collective, collectives
+from lightning_tp.planner.estimate import Estimate
+from lightning_tp.planner.inputs import PlanConfig, PlanInputs, PlannerError, compose_inputs
+from lightning_tp.planner.layout import ParamShard, param_shards
+from lightning_tp.planner.memory import layer_activation_bytes
+from lightning_tp.planner.report import Candidate, PlanReport, analyze, recommend
+from lightning_tp.planner.text import format_report
+
+__all__ = [
+    "AC_MODES",
+    "PRECISIONS",
+    "USAGE",
+    "Candidate",
+    "Collective",
+    "Estimate",
+    "ParamShard",
+    "PlanConfig",
+    "PlanInputs",
+    "PlanReport",
+    "PlannerError",
+    "analyze",
+    "collectives",
+    "compose_inputs",
+    "format_report",
+    "layer_activation_bytes",
+    "main",
+    "param_shards",
+    "recommend",
+]

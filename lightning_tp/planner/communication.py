@@ -1,0 +1,114 @@
+"""Collectives one rank runs per optimizer step, and their time on the link each group uses.
+
+Owns :class:`Collective`, :func:`collectives` (tensor-parallel traffic per layer and outside the
+layers, and FSDP2's all-gathers and reduce-scatters), the ring cost of one collective
+(:func:`ring_bytes`) and which link a group runs over (:func:`group_link`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from lightning_tp.hardware import Link
+from lightning_tp.planner.inputs import PlanInputs
+from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, param_shards, units
+from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
+
+__all__ = ["Collective", "collectives", "group_link", "ring_bytes"]
+
+
+@dataclass(frozen=True)
+class Collective:
+    """Calls of one collective type per optimizer step, on one rank."""
+
+    group: str
+    """'tp' or 'dp'."""
+    kind: str
+    """all_gather | reduce_scatter | all_reduce."""
+    where: str
+    calls: int
+    tensor_bytes: int
+    """Bytes of the whole (gathered / reduced) tensor per call (the mean over FSDP2 units)."""
+    link: str
+    bytes_per_rank: float
+    """Bytes each rank sends per step over a ring: (n−1)/n·S per all-gather or reduce-scatter,
+    twice that per all-reduce."""
+    seconds: float
+
+
+def ring_bytes(kind: str, n: int, size: float) -> float:
+    """Bytes each of ``n`` ranks sends for one ring collective over a ``size``-byte tensor."""
+    return (2 if kind == "all_reduce" else 1) * (n - 1) / n * size
+
+
+def group_link(inputs: PlanInputs, group: str) -> Link:
+    """The link a ``'tp'`` or ``'dp'`` group runs over: inside a node while it fits in one."""
+    span = inputs.tp if group == "tp" else inputs.world
+    return inputs.intra_link if span <= inputs.devices_per_node else inputs.inter_link
+
+
+_LAYERS = "decoder layers: 2 fwd + 2 bwd (+ recompute) per layer"
+
+# (kind, where, calls per micro-batch, bytes of one call's whole tensor)
+_Row = tuple[str, str, int, int]
+
+
+def _tp_rows(inputs: PlanInputs) -> list[_Row]:
+    """Tensor-parallel collectives of one micro-batch."""
+    cfg, layers = inputs.config, inputs.config.num_hidden_layers
+    a = BYTES_PER_ELEMENT[inputs.precision].compute
+    act = inputs.tokens * cfg.hidden_size * a  # one whole (b, s, h) activation
+    again = RECOMPUTE[inputs.activation_checkpointing]
+    if inputs.sequence_parallel:
+        # Forward: all-gather before attention and MLP, reduce-scatter after o_proj and down_proj;
+        # backward the reverse; recomputation repeats some forward collectives.
+        rows = [("all_gather", _LAYERS, (4 + again.gathers) * layers, act),
+                ("reduce_scatter", _LAYERS, (4 + again.reductions) * layers, act),
+                ("all_reduce", "embedding output (fwd)", 1, act),
+                ("all_gather", "sequence split before layer 0 (bwd)", 1, act),
+                ("all_gather", "lm_head input (fwd)", 1, act),
+                ("reduce_scatter", "lm_head input gradient (bwd)", 1, act)]
+    else:
+        rows = [("all_reduce", _LAYERS, (4 + again.reductions) * layers, act),
+                ("all_reduce", "embedding output (fwd)", 1, act),
+                ("all_reduce", "lm_head input gradient (bwd)", 1, act)]
+    if inputs.loss_parallel:
+        rows.append(("all_reduce", "vocab-parallel cross entropy: max, sum-exp, target", 3,
+                     4 * inputs.tokens))
+    else:
+        rows.append(("all_gather", "logits gathered for the loss (fwd)", 1,
+                     a * inputs.tokens * cfg.vocab_size))
+    return rows
+
+
+def collectives(inputs: PlanInputs,
+                shards: Optional[list[ParamShard]] = None) -> list[Collective]:
+    """Collectives per optimizer step per rank: TP (per layer and outside the layers) and FSDP2."""
+    t, m = inputs.tp, inputs.accumulate
+    # (group, kind, where, calls per step, bytes of all those calls' whole tensors together)
+    rows: list[tuple[str, str, str, int, int]] = []
+    if t > 1:
+        rows += [("tp", kind, where, calls * m, calls * m * size)
+                 for kind, where, calls, size in _tp_rows(inputs)]
+    if inputs.fsdp and inputs.dp > 1:
+        element = BYTES_PER_ELEMENT[inputs.precision]
+        per_unit = units(shards if shards is not None else param_shards(inputs))
+        gathered = {u: n * inputs.dp for u, n in per_unit.items()}  # whole TP-local unit, padded
+        total = sum(gathered.values())
+        rows.append(("dp", "all_gather", "parameters, forward (every micro-batch)",
+                     m * len(per_unit), m * element.compute * total))
+        if inputs.reshard_after_forward:  # the last block stays gathered for the start of backward
+            last = [u for u in per_unit if u != ROOT_UNIT][-1:]
+            rows.append(("dp", "all_gather", "parameters, backward (resharded after forward)",
+                         m * (len(per_unit) - len(last)),
+                         m * element.compute * (total - sum(gathered[u] for u in last))))
+        rows.append(("dp", "reduce_scatter", "gradients (last micro-batch only)", len(per_unit),
+                     element.grad * total))
+    out = []
+    for group, kind, where, calls, size in rows:
+        link = group_link(inputs, group)
+        sent = ring_bytes(kind, t if group == "tp" else inputs.dp, size)
+        seconds = sent / link.effective_bandwidth + calls * link.latency
+        out.append(Collective(group, kind, where, calls, size // calls, link.name, sent, seconds))
+    return out

@@ -1,0 +1,220 @@
+"""The planner's inputs: :class:`PlanInputs` (one resolved layout, validated), its Hydra schema
+:class:`PlanConfig` (``conf/plan.yaml``), and :func:`compose_inputs`, which turns command-line
+overrides into both.
+
+The size, flag and precision rules are the strategy's own (:mod:`lightning_tp.config`); this module
+adds only what the planner needs beyond them (a positive micro-batch, a known accelerator peak,
+sequence parallelism that divides the sequence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_tp.config import AC_MODES, ParallelConfig, check_precision
+from lightning_tp.errors import LightningTPError, MeshConfigError, PrecisionConfigError
+from lightning_tp.hardware import Accelerator, Link, get_accelerator, get_link, load_hardware
+from lightning_tp.models.config import LlamaConfig, get_config
+from lightning_tp.planner.modes import AC_BY_RECOMPUTE
+from lightning_tp.recipes.config import (
+    CONF_DIR,
+    ModelConfig,
+    PretrainDataConfig,
+    StrategyConfig,
+    TrainerConfig,
+    compose_config,
+)
+
+__all__ = ["PlanConfig", "PlanInputs", "PlannerError", "compose_inputs", "resolve_inputs"]
+
+_STRATEGY = ParallelConfig()
+"""The strategy's defaults, which :class:`PlanInputs` shares for the modes both describe."""
+
+
+class PlannerError(LightningTPError):
+    """A planner input is unknown or inconsistent (the message names the key, the value and the
+    fix)."""
+
+
+@dataclass
+class PlanConfig:
+    """Hydra schema of ``conf/plan.yaml``: the recipe groups plus what only the planner needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """The strategy's arguments (the recipes' schema, activation checkpointing, float8 and async TP
+    included)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    accelerator: str = "h100"
+    """Name in lightning_tp.hardware.ACCELERATORS (h100, h200, a100, or one you add)."""
+    link: str = "auto"
+    """Inter-node link for collectives whose group spans nodes; auto = the accelerator's."""
+    intra_node_link: str = "auto"
+    """Link inside a node; auto = the accelerator's (NVLink)."""
+    devices_per_node: Optional[int] = None
+    """None = ``trainer.devices`` if it is an int, else the accelerator's node size."""
+    efficiency: Optional[float] = None
+    """Fraction of peak FLOP/s the kernels sustain (communication excluded); None = the
+    accelerator's default (H100/H200 0.4, A100 0.55); see docs/planner.md."""
+    memory_headroom: float = 0.1
+    """Fraction of device memory kept free (allocator fragmentation, CUDA context, NCCL buffers)."""
+    hardware_file: Optional[str] = None
+    """JSON/YAML file of extra accelerators/links (see lightning_tp.hardware)."""
+    output: str = "text"
+    """text | json."""
+    top: int = 5
+    """How many ranked candidates the recommendation lists."""
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """A resolved layout to evaluate: every figure the formulas need, validated."""
+
+    config: LlamaConfig
+    tp: int
+    dp: int
+    seq_len: int
+    batch_size: int
+    """Sequences per micro-batch per data-parallel replica."""
+    accelerator: Accelerator
+    intra_link: Link
+    inter_link: Link
+    accumulate: int = 1
+    precision: str = "bf16-mixed"
+    sequence_parallel: bool = _STRATEGY.sequence_parallel
+    loss_parallel: bool = _STRATEGY.loss_parallel
+    fsdp: bool = _STRATEGY.fsdp
+    reshard_after_forward: bool = _STRATEGY.reshard_after_forward
+    activation_checkpointing: str = _STRATEGY.activation_checkpointing
+    float8: bool = _STRATEGY.float8
+    """Decoder-block linears in float8 (torchao, as the strategy's ``float8=True``): their matmuls
+    at the fp8 peak."""
+    async_tp: bool = _STRATEGY.async_tp
+    """Decoder-layer TP collectives overlapped with the matmuls (the strategy's
+    ``async_tp=True``)."""
+    devices_per_node: int = 8
+    efficiency: float = 0.4
+    memory_headroom: float = 0.1
+    model_name: str = "custom"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for key, value in (("strategy.tensor_parallel_size", self.tp),
+                           ("strategy.data_parallel_size", self.dp),
+                           ("data.seq_len", self.seq_len), ("data.batch_size", self.batch_size),
+                           ("trainer.accumulate_grad_batches", self.accumulate),
+                           ("devices_per_node", self.devices_per_node)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{key}={value!r} must be a positive int")
+        if not problems:
+            # The strategy's rules for its flags and for fsdp=False with dp > 1. `compile` is not a
+            # planner input, so the rule that async TP needs it does not apply here.
+            problems += ParallelConfig.problems(
+                tensor_parallel_size=self.tp, data_parallel_size=self.dp,
+                sequence_parallel=self.sequence_parallel, loss_parallel=self.loss_parallel,
+                fsdp=self.fsdp, reshard_after_forward=self.reshard_after_forward,
+                float8=self.float8, async_tp=self.async_tp)
+        try:
+            check_precision(self.precision)
+        except PrecisionConfigError as e:
+            problems.append(f"trainer.precision: {str(e).rstrip('.')}")
+        if self.activation_checkpointing not in AC_MODES:
+            problems.append("strategy.activation_checkpointing="
+                            f"{self.activation_checkpointing!r}: use one of"
+                            f" {', '.join(AC_BY_RECOMPUTE)}")
+        if self.float8 and "fp8" not in self.accelerator.peak_flops:
+            problems.append(f"strategy.float8=true but accelerator={self.accelerator.name!r} has no"
+                            " 'fp8' peak; use an accelerator with float8 tensor cores (h100, h200)"
+                            " or strategy.float8=false")
+        if self.async_tp and self.tp == 1:
+            problems.append("strategy.async_tp=true with tensor_parallel_size=1 has no TP"
+                            " collectives to overlap; set async_tp=false or tensor_parallel_size>1")
+        if not 0 < self.efficiency <= 1:
+            problems.append(f"efficiency={self.efficiency!r} must be in (0, 1]")
+        if not 0 <= self.memory_headroom < 1:
+            problems.append(f"memory_headroom={self.memory_headroom!r} must be in [0, 1)")
+        if not problems and self.sequence_parallel and self.seq_len % self.tp:
+            problems.append(f"data.seq_len={self.seq_len} is not divisible by"
+                            f" tensor_parallel_size={self.tp} under sequence parallelism: use a"
+                            f" multiple of {self.tp} or strategy.sequence_parallel=false")
+        if problems:
+            raise PlannerError("Invalid plan inputs: " + "; ".join(problems) + ".")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch per data-parallel replica (``b·s``)."""
+        return self.batch_size * self.seq_len
+
+    def replace(self, **changes: Any) -> PlanInputs:
+        return dataclasses.replace(self, **changes)
+
+
+def compose_inputs(overrides: Sequence[str]) -> tuple[PlanInputs, Any]:
+    """Compose ``conf/plan.yaml`` with Hydra ``key=value`` overrides and resolve it into
+    :class:`PlanInputs`; returns both."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose_config("plan", overrides, CONF_DIR, job_name="plan",
+                             schemas={"plan_schema": PlanConfig})
+    except (HydraException, OmegaConfBaseException) as e:
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        raise PlannerError(f"Cannot compose the planner config from {keys}: {e} Keys are those of"
+                           " conf/plan.yaml (`lightning-tp plan --cfg` prints them); groups: model,"
+                           " strategy, trainer, data.") from None
+    return resolve_inputs(cfg), cfg
+
+
+def _sizes(cfg: Any, per_node: int) -> tuple[int, int]:
+    """``(tp, dp)`` as the strategy resolves them on ``trainer.num_nodes`` nodes of ``per_node``
+    devices; two explicit sizes define the world themselves."""
+    tp, dp = cfg.strategy.tensor_parallel_size, cfg.strategy.data_parallel_size
+    num_nodes = cfg.trainer.num_nodes
+    try:
+        sizes = ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp,
+                               fsdp=cfg.strategy.fsdp)
+        if "auto" in (tp, dp):
+            dp, tp = sizes.resolve(num_nodes * per_node, num_nodes)
+    except MeshConfigError as e:
+        raise PlannerError(f"strategy sizes: {e}") from None
+    return tp, dp
+
+
+def resolve_inputs(cfg: Any) -> PlanInputs:
+    """:class:`PlanInputs` from a composed :class:`PlanConfig`: accelerator, links, sizes, model."""
+    if cfg.hardware_file:
+        load_hardware(cfg.hardware_file)
+    acc = get_accelerator(cfg.accelerator)
+    inter = get_link(acc.inter_node_link if cfg.link == "auto" else cfg.link)
+    intra_name = cfg.intra_node_link
+    intra = get_link(acc.intra_node_link if intra_name == "auto" else intra_name)
+    devices = cfg.trainer.devices
+    per_node = cfg.devices_per_node or (devices if isinstance(devices, int)
+                                        else acc.devices_per_node)
+    tp, dp = _sizes(cfg, per_node)
+    overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+    try:
+        config = get_config(cfg.model.name, **overrides)
+    except KeyError as e:
+        raise PlannerError(f"model={cfg.model.name!r}: {e.args[0]}") from None
+    strategy = cfg.strategy
+    return PlanInputs(
+        config=config, tp=tp, dp=dp, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+        accelerator=acc, intra_link=intra, inter_link=inter,
+        accumulate=cfg.trainer.accumulate_grad_batches, precision=cfg.trainer.precision,
+        sequence_parallel=strategy.sequence_parallel, loss_parallel=strategy.loss_parallel,
+        fsdp=strategy.fsdp, reshard_after_forward=strategy.reshard_after_forward,
+        activation_checkpointing=strategy.activation_checkpointing, float8=strategy.float8,
+        async_tp=strategy.async_tp, devices_per_node=per_node,
+        efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
+        memory_headroom=cfg.memory_headroom, model_name=cfg.model.name,
+    )

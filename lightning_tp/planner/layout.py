@@ -1,0 +1,159 @@
+"""The model on the meta device under the strategy's plan, and what each rank stores of it.
+
+Owns :class:`ParamShard` and :func:`param_shards` (each parameter's tensor-parallel and FSDP2 shard
+sizes), the FSDP2 units they form, and the strategy's shape check. Nothing is allocated: the model
+is built on the meta device and the plan is resolved against it with
+:func:`lightning_tp.parallel.plans.resolve_plan`; which dimension a style shards is
+:func:`lightning_tp.parallel.plans.tp_shard_dim`, the rule ``describe_plan`` uses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lightning_tp.models.config import LlamaConfig
+from lightning_tp.parallel.plans import tp_shard_dim
+from lightning_tp.planner.inputs import PlanInputs
+
+__all__ = ["ParamShard", "check_shapes", "meta_model", "param_shards", "units"]
+
+ROOT_UNIT = "<root>"
+"""The FSDP2 unit of the parameters outside the decoder blocks (embeddings, final norm, lm_head)."""
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with every dict and list turned into a tuple, so that it can be hashed."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class _PlanKey:
+    """What the meta model and the plan depend on, as an ``lru_cache`` key.
+
+    :class:`LlamaConfig` is a frozen dataclass but not hashable (its ``rope_scaling`` is a dict), so
+    the key hashes the config's fields with dicts frozen into tuples and compares configs by value.
+    """
+
+    config: LlamaConfig
+    sequence_parallel: bool
+    loss_parallel: bool
+
+    def __hash__(self) -> int:
+        fields = tuple(_frozen(getattr(self.config, f.name))
+                       for f in dataclasses.fields(self.config))
+        return hash((fields, self.sequence_parallel, self.loss_parallel))
+
+    @classmethod
+    def of(cls, inputs: PlanInputs) -> _PlanKey:
+        return cls(inputs.config, inputs.sequence_parallel, inputs.loss_parallel)
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_model(key: _PlanKey) -> tuple[Any, Any]:
+    import torch
+
+    from lightning_tp.models.llama import Llama
+    from lightning_tp.parallel.plans import resolve_plan
+
+    with torch.device("meta"):
+        model = Llama(key.config)
+    return model, resolve_plan(model, "auto", sequence_parallel=key.sequence_parallel,
+                               loss_parallel=key.loss_parallel)
+
+
+def meta_model(inputs: PlanInputs) -> tuple[Any, Any]:
+    """The model on the meta device (no memory) and the strategy's plan resolved against it."""
+    return _meta_model(_PlanKey.of(inputs))
+
+
+def check_shapes(inputs: PlanInputs) -> None:
+    """The strategy's own shape rules for this model at this tensor-parallel size."""
+    from lightning_tp.parallel.shapes import check_model_shapes
+
+    model, resolved = meta_model(inputs)
+    check_model_shapes(model, resolved, inputs.tp)
+
+
+def chunk(n: int, parts: int, index: int) -> int:
+    """Size of ``torch.chunk``'s piece ``index`` of ``n`` split into ``parts`` (what a DTensor
+    ``Shard`` keeps)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """One parameter: where the plan puts it and what one rank stores."""
+
+    name: str
+    module: str
+    style: str
+    unit: str
+    """The FSDP2 unit (decoder block path, or '<root>' for embeddings, final norm and lm_head)."""
+    shape: tuple[int, ...]
+    tp_dim: Optional[int]
+    """Dimension the TP style shards (Colwise: 0 of a Linear weight; Rowwise: 1; Rowwise
+    embedding: 0)."""
+    tp_shape: tuple[int, ...]
+    """Shape on tensor-parallel rank 0 (the plan's even split)."""
+    padded_shard: int
+    """Elements FSDP2 stores per rank: ceil(tp_shape[0] / dp) rows, padded (identical on every
+    rank)."""
+
+    def local_shape(self, tp: int, dp: int, tp_rank: int, dp_rank: int,
+                    fsdp: bool = True) -> tuple[int, ...]:
+        """Unpadded local tensor shape on one rank, as ``param.to_local()`` shows it."""
+        shape = list(self.shape)
+        if self.tp_dim is not None:
+            shape[self.tp_dim] = chunk(shape[self.tp_dim], tp, tp_rank)
+        if fsdp:
+            shape[0] = chunk(shape[0], dp, dp_rank)
+        return tuple(shape)
+
+
+_Row = tuple[str, str, str, str, tuple[int, ...], Optional[int]]
+
+
+@functools.lru_cache(maxsize=32)
+def _param_layout(key: _PlanKey) -> tuple[_Row, ...]:
+    """(name, module, style, FSDP unit, shape, TP dim) per parameter; it depends on the model and
+    the plan, not on the sizes."""
+    model, resolved = _meta_model(key)
+    blocks = sorted(resolved.blocks, key=len, reverse=True)
+    rows = []
+    for name, param in model.named_parameters():  # a tied weight appears once, under its 1st owner
+        owner = name.rpartition(".")[0]
+        style = resolved.styles.get(owner)
+        unit = next((b for b in blocks if name.startswith(b + ".")), ROOT_UNIT)
+        rows.append((name, owner, type(style).__name__ if style else "-", unit, tuple(param.shape),
+                     tp_shard_dim(style, model.get_submodule(owner), param.ndim)))
+    return tuple(rows)
+
+
+def param_shards(inputs: PlanInputs) -> list[ParamShard]:
+    """Every parameter of the model under the strategy's plan, with its TP and FSDP2 shard sizes."""
+    dp = inputs.dp if inputs.fsdp else 1
+    out = []
+    for name, owner, style, unit, shape, dim in _param_layout(_PlanKey.of(inputs)):
+        tp_shape = list(shape)
+        if dim is not None:
+            tp_shape[dim] = chunk(tp_shape[dim], inputs.tp, 0)
+        padded = -(-tp_shape[0] // dp) * math.prod(tp_shape[1:])
+        out.append(ParamShard(name, owner, style, unit, shape, dim, tuple(tp_shape), padded))
+    return out
+
+
+def units(shards: list[ParamShard]) -> dict[str, int]:
+    """TP-local elements each FSDP2 unit all-gathers (padded), in forward order."""
+    out: dict[str, int] = {ROOT_UNIT: 0}
+    for p in shards:
+        out[p.unit] = out.get(p.unit, 0) + p.padded_shard
+    return out

@@ -1,0 +1,96 @@
+"""The text tables ``lightning-tp plan`` prints (:func:`format_report`) for a
+:class:`~lightning_tp.planner.report.PlanReport`; ``PlanReport.to_json`` is the machine-readable
+form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_tp.planner.report import PlanReport
+
+__all__ = ["format_report"]
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _ms(seconds: float, digits: int = 1) -> str:
+    return f"{seconds * 1e3:,.{digits}f} ms"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _heading(i: dict[str, Any]) -> str:
+    dp_link = i["intra_link"] if i["world"] <= i["devices_per_node"] else i["inter_link"]
+    return (f"Plan: {i['model_name']} ({i['num_params'] / 1e9:.2f}B parameters) on {i['world']} x"
+            f" {i['accelerator']} = dp {i['dp']} x tp {i['tp']} ({i['devices_per_node']} per node;"
+            f" tp over {i['intra_link']}, dp over {dp_link}), {i['precision']}, seq"
+            f" {i['seq_len']}, micro-batch {i['batch_size']} x {i['accumulate']},"
+            f" SP={i['sequence_parallel']}, loss parallel={i['loss_parallel']}, FSDP={i['fsdp']},"
+            f" activation checkpointing={i['activation_checkpointing']}, float8={i['float8']},"
+            f" async TP={i['async_tp']}")
+
+
+def _estimate_table(e: dict[str, Any]) -> str:
+    return _table(["", "value"], [
+        ["compute", _ms(e["compute_s"])],
+        ["TP communication (exposed)", _ms(e["tp_comm_s"])],
+        ["FSDP communication (total / exposed)",
+         f"{e['fsdp_comm_s'] * 1e3:,.1f} / {_ms(e['fsdp_exposed_s'])}"],
+        ["optimizer step", _ms(e["optimizer_s"])], ["step time", _ms(e["step_s"])],
+        ["tokens per step", f"{e['tokens_per_step']:,}"],
+        ["tokens/s per device", f"{e['tokens_per_s_per_device']:,.0f}"],
+        ["MFU", f"{e['mfu']:.1%}"]])
+
+
+def _recommendation(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    header = ["#", "tp", "dp", "activation ckpt", "memory", "fits", "step", "tokens/s/device",
+              "MFU"]
+    out = ["", "Recommendation (same devices and micro-batch; fitting layouts first, fastest"
+               " first):",
+           _table(header, [[n + 1, c["tp"], c["dp"], c["activation_checkpointing"],
+                            _gib(c["memory"]), c["fits"], _ms(c["step_s"], 0),
+                            f"{c['tokens_per_s_per_device']:,.0f}", f"{c['mfu']:.1%}"]
+                           for n, c in enumerate(rows)])]
+    if not rows[0]["fits"]:
+        out.append("No layout fits: add devices (strategy.data_parallel_size), shorten data.seq_len"
+                   " or data.batch_size, or pick an accelerator with more memory.")
+    return out
+
+
+def format_report(report: PlanReport) -> str:
+    """The report as the text tables ``lightning-tp plan`` prints."""
+    i = report.inputs
+    tp_only = "; at tp=1 the strategy applies no TP style, only FSDP2):" if i["tp"] == 1 else "):"
+    out = [_heading(i), "", "Applied plan (block 0 shown; every block is the same" + tp_only]
+    out.append(_table(["module", "style", "layouts", "shape", "tp-local", "rank 0 (tp+fsdp)"], [
+        [r["module"], r["style"], " ".join(f"{k}={v}" for k, v in r["layouts"].items()),
+         r["shape"] or "-", r["tp_local"] or "-", r["rank0_local"] or "-"] for r in report.plan]))
+    out += ["", f"Memory per rank (device {_gib(i['device_memory'])}, headroom"
+                f" {i['memory_headroom']:.0%}):"]
+    out.append(_table(["part", "bytes"], [[k, _gib(v)] for k, v in report.memory.items()]
+                      + [["total", _gib(sum(report.memory.values()))]]))
+    out.append(_table(["ranks", "local params (unpadded)", "stored (padded)", "total", "fits"], [
+        [g["ranks"], f"{g['local_parameters']:,}", f"{g['stored_parameters_padded']:,}",
+         _gib(g["memory_total"]), g["fits"]] for g in report.ranks]))
+    out += ["", "Activations saved per decoder layer per micro-batch:"]
+    out.append(_table(["tensor", "bytes"],
+                      [[k, _gib(v)] for k, v in report.activations_per_layer.items()]))
+    out += ["", "Communication per optimizer step per rank:"]
+    out.append(_table(["group", "collective", "where", "calls", "bytes/call", "sent/rank", "link",
+                       "time"], [
+        [c["group"], c["kind"], c["where"], c["calls"], _gib(c["tensor_bytes"]),
+         _gib(c["bytes_per_rank"]), c["link"], _ms(c["seconds"])] for c in report.communication]
+        or [["-"] * 8]))
+    out += ["", f"Estimate ({i['accelerator']}, efficiency {i['efficiency']}; TP comm exposed, FSDP"
+                " overlapped):", _estimate_table(report.estimate)]
+    return "\n".join(out + _recommendation(report.recommendation))

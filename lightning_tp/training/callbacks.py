@@ -1,7 +1,8 @@
 """Training callbacks: throughput and model-FLOPs utilisation (MFU) monitoring.
 
-Under tensor parallelism every rank of a tensor-parallel group sees the *same* batch, so tokens are counted
-once per data-parallel replica: ``tokens/step = tokens per micro-batch × micro-batches × data-parallel size``.
+Under tensor parallelism every rank of a tensor-parallel group sees the *same* batch, so tokens are
+counted once per data-parallel replica:
+``tokens/step = tokens per micro-batch × micro-batches × data-parallel size``.
 """
 
 from __future__ import annotations
@@ -21,26 +22,32 @@ __all__ = ["PEAK_FLOPS", "ThroughputMonitor", "data_parallel_size", "mfu", "peak
            "tokens_per_step"]
 
 
-def tokens_per_step(tokens_per_micro_batch: int, num_micro_batches: int, data_parallel_size: int) -> int:
+def tokens_per_step(tokens_per_micro_batch: int, num_micro_batches: int,
+                    data_parallel_size: int) -> int:
     """Tokens consumed by one optimizer step over all data-parallel replicas.
 
-    Tensor-parallel ranks share their replica's batch and must not be counted, so this is the per-replica
-    micro-batch size times the accumulated micro-batches times the number of *data-parallel* replicas.
+    Tensor-parallel ranks share their replica's batch and must not be counted, so this is the
+    per-replica micro-batch size times the accumulated micro-batches times the number of
+    *data-parallel* replicas.
     """
-    if min(tokens_per_micro_batch, num_micro_batches, data_parallel_size) < 0 or data_parallel_size == 0:
+    if (min(tokens_per_micro_batch, num_micro_batches, data_parallel_size) < 0
+            or data_parallel_size == 0):
         raise ValueError("token counts must be non-negative and data_parallel_size positive")
     return tokens_per_micro_batch * num_micro_batches * data_parallel_size
 
 
-def mfu(tokens_per_sec: float, flops_per_token: float, world_size: int, peak_flops_per_device: float) -> float:
-    """Model-FLOPs utilisation: achieved model FLOP/s over the peak of all ``world_size`` devices."""
+def mfu(tokens_per_sec: float, flops_per_token: float, world_size: int,
+        peak_flops_per_device: float) -> float:
+    """Model-FLOPs utilisation: achieved model FLOP/s over the peak of all ``world_size``
+    devices."""
     if world_size <= 0 or peak_flops_per_device <= 0:
         raise ValueError("world_size and peak_flops_per_device must be positive")
     return tokens_per_sec * flops_per_token / (world_size * peak_flops_per_device)
 
 
 def data_parallel_size(trainer: Any) -> int:
-    """Number of data-parallel replicas: the mesh's ``data_parallel`` dim if any, else ``trainer.world_size``."""
+    """Number of data-parallel replicas: the mesh's ``data_parallel`` dim if any, else
+    ``trainer.world_size``."""
     try:
         mesh = getattr(trainer.strategy, "device_mesh", None)
     except RuntimeError:  # ModelParallelStrategy before its processes are set up
@@ -61,19 +68,24 @@ def _input_ids(batch: Any) -> Tensor | None:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs ``perf/tokens_per_sec``, ``perf/tokens_per_sec_per_device``, ``perf/step_time`` and ``perf/mfu``.
+    """Logs ``perf/tokens_per_sec``, ``perf/tokens_per_sec_per_device``, ``perf/step_time`` and
+    ``perf/mfu``.
 
     The time of an optimizer step runs from ``on_train_batch_start`` of its first micro-batch to
-    ``on_train_batch_end`` of the micro-batch after which ``trainer.global_step`` advanced (so gradient
-    accumulation is one step). Tokens are ``input_ids.numel()`` of each micro-batch, summed, times the
-    data-parallel size. Values are rank-local estimates, logged without a collective.
+    ``on_train_batch_end`` of the micro-batch after which ``trainer.global_step`` advanced (so
+    gradient accumulation is one step). Tokens are ``input_ids.numel()`` of each micro-batch,
+    summed, times the data-parallel size. Values are rank-local estimates, logged without a
+    collective.
 
     Args:
-        peak_flops_per_device: peak FLOP/s of one device for MFU; if ``None``, looked up in :data:`PEAK_FLOPS`
-            by CUDA device name and trainer precision. No MFU is logged when no figure is known (e.g. CPU).
-        flops_per_token: training FLOPs per token; if ``None``, ``pl_module.model.config.flops_per_token(seq_len)``
-            is used when available. An explicit value wins over the model's.
-        warmup_steps: optimizer steps measured but not logged at the start (compilation, allocator warm-up).
+        peak_flops_per_device: peak FLOP/s of one device for MFU; if ``None``, looked up in
+            :data:`PEAK_FLOPS` by CUDA device name and trainer precision. No MFU is logged when no
+            figure is known (e.g. CPU).
+        flops_per_token: training FLOPs per token; if ``None``,
+            ``pl_module.model.config.flops_per_token(seq_len)`` is used when available. An explicit
+            value wins over the model's.
+        warmup_steps: optimizer steps measured but not logged at the start (compilation, allocator
+            warm-up).
     """
 
     def __init__(
@@ -108,7 +120,8 @@ class ThroughputMonitor(L.Callback):
         device = getattr(trainer.strategy, "root_device", None)
         if device is None or torch.device(device).type != "cuda":
             return None
-        return peak_flops_for(torch.cuda.get_device_name(device), str(getattr(trainer, "precision", "32-true")))
+        return peak_flops_for(torch.cuda.get_device_name(device),
+                              str(getattr(trainer, "precision", "32-true")))
 
     def _flops_per_token(self, pl_module: Any, seq_len: int) -> float | None:
         if self.flops_per_token is not None:
@@ -122,14 +135,17 @@ class ThroughputMonitor(L.Callback):
         self._steps_seen = 0
         self._reset_window()
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
         if self._t0 is None:
             self._sync(trainer)
             self._t0 = perf_counter()
             self._step_at_start = trainer.global_step
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:  # started mid-window (should not happen); measure from the next step on
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # started mid-window (should not happen); measure from the next step on
+        if self._t0 is None:
             return
         input_ids = _input_ids(batch)
         if input_ids is not None:
@@ -140,7 +156,8 @@ class ThroughputMonitor(L.Callback):
             return  # still accumulating gradients
         self._sync(trainer)
         elapsed = perf_counter() - self._t0
-        # The micro-batch tokens are already summed over the window (exact even for a ragged last batch).
+        # The micro-batch tokens are already summed over the window (exact even for a ragged last
+        # batch).
         tokens = tokens_per_step(self._window_tokens, 1, data_parallel_size(trainer))
         seq_len = self._seq_len
         self._reset_window()
@@ -156,4 +173,5 @@ class ThroughputMonitor(L.Callback):
         peak = self._peak(trainer)
         flops_per_token = self._flops_per_token(pl_module, seq_len)
         if peak is not None and flops_per_token is not None:
-            pl_module.log("perf/mfu", mfu(tokens_per_sec, flops_per_token, world_size, peak), **kwargs)
+            pl_module.log("perf/mfu", mfu(tokens_per_sec, flops_per_token, world_size, peak),
+                          **kwargs)

@@ -125,8 +125,8 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
 
     from lightning_tp.models import Llama
     from lightning_tp.parallel.parallelize import apply_tensor_parallel
-    from lightning_tp.parallel.shapes import check_model_shapes
     from lightning_tp.parallel.plans import resolve_plan
+    from lightning_tp.parallel.shapes import check_model_shapes
 
     recompute = _recompute_module()
     model = Llama(config)

@@ -82,8 +82,8 @@ def _one_step(config: Any, mesh: Any, plan: str, sp: bool, lp: bool, batch: int,
 
     from lightning_tp.models import Llama
     from lightning_tp.parallel.parallelize import apply_tensor_parallel
-    from lightning_tp.parallel.shapes import check_model_shapes
     from lightning_tp.parallel.plans import resolve_plan
+    from lightning_tp.parallel.shapes import check_model_shapes
 
     model = Llama(config)
     model.init_weights(seed=0)

@@ -13,8 +13,8 @@ import torch
 # Lightning: the launchers lightning-tp extends (script re-run, fork) and the helpers they call.
 from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities import imports as _lightning_imports
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _MultiProcessingLauncher,

@@ -16,7 +16,6 @@ from torch.distributed.tensor.parallel import (
 
 from lightning_tp.errors import ModelShapeError, PlanError
 from lightning_tp.models import Llama, get_config
-from lightning_tp.parallel.shapes import check_model_shapes
 from lightning_tp.parallel.plans import (
     PLANS,
     ReplicateParallel,
@@ -26,6 +25,7 @@ from lightning_tp.parallel.plans import (
     register_plan,
     resolve_plan,
 )
+from lightning_tp.parallel.shapes import check_model_shapes
 
 LAYER_MODULES = {
     "input_layernorm": None,

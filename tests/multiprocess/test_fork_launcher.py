@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_env
 from paths import ROOT, WORKERS
 
 pytestmark = pytest.mark.multiprocess
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_fork_launch_brings_full_trained_weights_back(tmp_path: Path) -> None:
     out = tmp_path / "fork.json"
-    proc = subprocess.run([sys.executable, str(WORKERS / "fork.py"), str(out)], env=_env(),
+    proc = subprocess.run([sys.executable, str(WORKERS / "fork.py"), str(out)], env=launch_env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(out.read_text())
@@ -50,14 +44,12 @@ def test_interactive_session_picks_the_fork_launcher(monkeypatch: pytest.MonkeyP
     assert isinstance(trainer.strategy.launcher, ScriptLauncher)
 
 
-def test_walkthrough_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_walkthrough_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 clean_launch_environ: None) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("matplotlib")
-    for key, value in _env().items():
-        monkeypatch.setenv(key, value)
-    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel, and the ranks the notebook starts, inherit it
     nb = nbformat.read(ROOT / "recipes" / "notebooks" / "walkthrough.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
                             ).execute()  # raises CellExecutionError on any failing cell

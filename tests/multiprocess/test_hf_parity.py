@@ -6,13 +6,13 @@ References are single-process transformers models with the same weights; see the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from _ci_deps import require
+from launching import launch_env
 from paths import WORKERS
 from tolerances import FP32
 
@@ -25,10 +25,8 @@ WORKER = WORKERS / "hf_parity.py"
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
 def result(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"hf{request.param}") / "out.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(request.param)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(request.param)], env=launch_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.exists(), (proc.stdout + proc.stderr)[-6000:]
     return json.loads(out.read_text())
 
@@ -71,11 +69,9 @@ def test_hf_checkpoint_loads_into_tp_shards_reading_only_each_ranks_slices(tmp_p
     ckpt = tmp_path / "hf"
     transformers.LlamaForCausalLM(config).save_pretrained(ckpt, max_shard_size="30MB")  # 84 MB in 3 files + index
     out = tmp_path / "load.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(WORKERS / "hf_load.py"), str(ckpt), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(out.read_text())
     assert result["logits_err"] <= 1e-5

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+from launching import QUIET, launch_env
 from paths import WORKERS
 from tolerances import FP32, LOSS_REL, SGD_PARAM_ABS, assert_losses_close, assert_max_err
 
@@ -51,13 +51,6 @@ CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS] + [
 ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,7 +61,7 @@ def _launch(tmp: Path, name: str, spec: dict, env: dict[str, str] | None = None)
     (tmp / f"{name}.json").write_text(json.dumps(spec))
     log = open(tmp / f"{name}.log", "w")
     return subprocess.Popen([sys.executable, str(WORKER), str(tmp / f"{name}.out.json"), str(tmp / f"{name}.json")],
-                            env=env or _env(), stdout=log, stderr=subprocess.STDOUT)
+                            env=env or launch_env(**QUIET), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _result(tmp: Path, name: str, proc: subprocess.Popen, timeout: int = 600) -> dict:
@@ -95,7 +88,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     results["world2"] = _result(tmp, "world2", world2)
     port = str(_free_port())
     spec = {"devices": 2, "num_nodes": 2, "cases": [{"sp": True, "lp": True}]}
-    nodes = [_launch(tmp, f"node{r}", spec, _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r)))
+    nodes = [_launch(tmp, f"node{r}", spec, launch_env(**QUIET, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                                       NODE_RANK=str(r)))
              for r in (0, 1)]
     results["two_node"] = _result(tmp, "node0", nodes[0])
     nodes[1].wait(timeout=120)

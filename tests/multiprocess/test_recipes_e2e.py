@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_env
 from paths import ROOT
 
 pytestmark = pytest.mark.multiprocess
@@ -22,10 +22,8 @@ COMMON = ["model=debug", "trainer.max_steps=6", "trainer.val_check_interval=3", 
 
 
 def _run(recipe: str, overrides: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", **extra_env)
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *overrides], cwd=cwd,
+                          env=launch_env(**extra_env), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -134,9 +132,9 @@ def test_finetune_from_a_hugging_face_export_of_the_pretrained_checkpoint(pretra
 
 
 def _fails_before_spawning(overrides: list[str], cwd: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), *COMMON, *overrides,
-                           f"out_dir={cwd / 'out'}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                           f"out_dir={cwd / 'out'}"], cwd=cwd, env=launch_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0
     assert "Initializing distributed" not in proc.stdout + proc.stderr  # no rank was started
     return proc.stderr

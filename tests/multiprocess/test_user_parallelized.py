@@ -6,12 +6,12 @@ what Lightning's own launch leaves. One 4-rank launch (dp=2 × tp=2): ``tests/wo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import QUIET, launch_env
 from paths import WORKERS
 
 pytestmark = pytest.mark.multiprocess
@@ -25,11 +25,9 @@ LIGHTNING_LAUNCH_KEYS = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK"
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("user_parallel")
-    env = {k: v for k, v in os.environ.items() if k not in LIGHTNING_LAUNCH_KEYS | {"GROUP_RANK"}}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = tmp / "out.json"
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=launch_env(**QUIET), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     records = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(4)]
     records[0]["stdout"] = proc.stdout + proc.stderr

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +30,7 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from paths import ROOT
 from torch.distributed.tensor.parallel import ColwiseParallel
+from user_files import user_dir, user_file
 
 from lightning_tp import TensorParallelStrategy, cli
 from lightning_tp.data.tokenizers import TokenizerError
@@ -55,7 +53,6 @@ from lightning_tp.training.module import CausalLMModule
 
 DOCS = ROOT / "docs" / "errors.md"
 LIMIT_S = 60.0
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "STANDALONE_PORT")
 
 
 class Spawned(BaseException):
@@ -63,12 +60,10 @@ class Spawned(BaseException):
 
 
 @pytest.fixture(autouse=True)
-def no_spawn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def nothing_starts(monkeypatch: pytest.MonkeyPatch, clean_launch_environ: None) -> None:
     """Fail the test if anything starts a rank: the launcher's children, any subprocess, fork workers, or a
-    process group (which rank 0 of a script launch would open right after spawning). Multi-process tests launch
-    on purpose."""
-    if request.node.get_closest_marker("multiprocess"):
-        return
+    process group (which rank 0 of a script launch would open right after spawning); no launch variable is set
+    (``clean_launch_environ``, ``tests/conftest.py``)."""
 
     def refuse(what: str) -> Callable[..., Any]:
         def start(*args: Any, **kwargs: Any) -> Any:
@@ -79,8 +74,6 @@ def no_spawn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(subprocess, "Popen", refuse("subprocess.Popen"))
     monkeypatch.setattr(torch.multiprocessing, "start_processes", refuse("torch.multiprocessing.start_processes"))
     monkeypatch.setattr(torch.distributed, "init_process_group", refuse("init_process_group"))
-    for key in LAUNCH_ENV:
-        monkeypatch.delenv(key, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -338,17 +331,6 @@ def _save_onto(make: Callable[[Path], Path]) -> Callable[[Path, dict[str, Path]]
     return build
 
 
-def _user_notes(tmp: Path) -> Path:
-    (tmp / "notes.txt").write_text("mine")
-    return tmp / "notes.txt"
-
-
-def _user_results(tmp: Path) -> Path:
-    (tmp / "results").mkdir()
-    (tmp / "results" / "table.csv").write_text("a,b\n")
-    return tmp / "results"
-
-
 def R(recipe: str, overrides: list[str], expect: list[str]) -> Callable[[Path, dict[str, Path]], Any]:
     """A recipe case; ``{tmp}`` and the names of :func:`files` in overrides and fragments are filled in."""
     def build(tmp: Path, f: dict[str, Path]):
@@ -471,8 +453,8 @@ CASES = [
          ["resume='{tmp}/nope'", "set resume=null"]), CheckpointError),
     Case("resume-truncated", "checkpoint", _resume_truncated, CheckpointError),
     # ------------------------------------------------------------------ command-line conversions
-    Case("save-onto-user-file", "checkpoint", _save_onto(_user_notes), CheckpointPathError),
-    Case("save-onto-user-directory", "checkpoint", _save_onto(_user_results), CheckpointPathError),
+    Case("save-onto-user-file", "checkpoint", _save_onto(user_file), CheckpointPathError),
+    Case("save-onto-user-directory", "checkpoint", _save_onto(user_dir), CheckpointPathError),
     Case("consolidate-missing", "checkpoint", lambda tmp, f: (_cli("consolidate", tmp / "nope", tmp / "a.ckpt"),
          [str(tmp / "nope"), "does not exist", "Fix: pass the directory a run saved"]), SystemExit, CheckpointError),
     Case("consolidate-truncated", "checkpoint", lambda tmp, f: (lambda c: (_truncate(c / "__0_0.distcp"), (
@@ -596,60 +578,5 @@ def test_port_check_passes_a_free_port_and_names_a_taken_one() -> None:
 
 # ---------------------------------------------------------------------------------------------------- inside the ranks
 
-RANK_ONLY_CASE = "rank-sequence-length-own-dataloader"  # its row in docs/errors.md
-RANK_ONLY_SCRIPT = textwrap.dedent("""
-    import time
-
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lightning_tp import TensorParallelStrategy
-    from lightning_tp.training.module import CausalLMModule
-
-    if __name__ == "__main__":
-        print(f"FIT_STARTS_AT {time.time()}", flush=True)  # after the imports, which are not the input's fault
-        ids = torch.randint(0, 256, (8, 7))  # 7 tokens: not divisible by tp=2, visible only in a batch
-        data = DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=2)
-        trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            strategy=TensorParallelStrategy(tensor_parallel_size=2))
-        trainer.fit(CausalLMModule("debug"), data)
-""")
-
-
-@pytest.mark.multiprocess
-def test_bad_input_seen_only_inside_the_ranks_ends_the_whole_job(tmp_path: Path) -> None:
-    """A batch of the user's own DataLoader whose length the TP ranks cannot split exists only in the ranks: every
-    rank raises the same typed error at its first forward, and the job (launcher and spawned rank) ends, within
-    the limit, rather than one rank waiting in a collective for another that died."""
-    script = tmp_path / "rank_only.py"
-    script.write_text(RANK_ONLY_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    ended = time.time()
-    leftovers = True
-    for _ in range(50):  # the spawned rank shares the session's process group; it must be gone too
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            leftovers = False
-            break
-        time.sleep(0.1)
-    if leftovers:
-        os.killpg(proc.pid, 9)
-    assert not leftovers, "a rank outlived the failed job"
-    assert proc.returncode != 0, out[-3000:]
-    started = [float(line.split()[1]) for line in out.splitlines() if line.startswith("FIT_STARTS_AT")]
-    assert started, out[-3000:]  # the launching process prints it first, then the rank it re-runs the script for
-    assert ended - min(started) < LIMIT_S, f"the job ended {ended - min(started):.1f} s after the launch"
-    assert "SequenceLengthError" in out and "Sequence length 7 is not divisible by tensor_parallel_size=2" in out, \
-        out[-3000:]
-    assert "Fix: pad or pack sequences to a multiple of 2" in out
+RANK_ONLY_CASE = "rank-sequence-length-own-dataloader"
+"""Its row in docs/errors.md; the case is a real 2-rank job: tests/multiprocess/test_bad_input_in_the_ranks.py."""

@@ -362,8 +362,7 @@ for name, seed in (("a", 7), ("b", 7), ("c", 8)):
 '''
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA device")
+@pytest.mark.gpu  # skipped where no CUDA device is visible (tests/conftest.py)
 def test_gpu_init_of_sharded_meta_weights_is_seeded_and_distributed_as_documented(tmp_path: Path) -> None:
     """On GPUs the strategy shards the meta-device model first and each rank initialises only its shards (on CPU
     it initialises the full model before sharding, which tests/multiprocess/test_parity.py compares with one process).

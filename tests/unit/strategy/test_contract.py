@@ -19,8 +19,10 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from launching import SpawnBlocked, cpu_trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch import nn
+from user_files import user_dir, user_file
 
 from lightning_tp import TensorParallelStrategy
 from lightning_tp.errors import (
@@ -34,27 +36,10 @@ from lightning_tp.errors import (
     UnsupportedModuleError,
 )
 from lightning_tp.launch import FAILURES_ENV, ScriptLauncher
+from lightning_tp.launch.preflight import check_model
 from lightning_tp.models import Llama, get_config
 
-
-class _SpawnBlocked(Exception):
-    """Raised instead of launching child processes."""
-
-
-@pytest.fixture(autouse=True)
-def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: _SubprocessScriptLauncher) -> None:
-        raise _SpawnBlocked("tried to start processes")
-
-    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "PL_TRAINER_DEVICES"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    kwargs.setdefault("accelerator", "cpu")
-    return L.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, max_steps=1, **kwargs)
+pytestmark = pytest.mark.usefixtures("no_spawn")  # tests/conftest.py: starting the ranks raises SpawnBlocked
 
 
 class _Plain(L.LightningModule):
@@ -84,14 +69,14 @@ class _LlamaModule(L.LightningModule):
 
 def test_a_wrong_mesh_is_a_runtime_error_as_in_the_parent(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="multiplied should equal the world size 4") as info:
-        _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=3))
+        cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=3))
     assert isinstance(info.value, MeshConfigError) and isinstance(info.value, ValueError)
 
 
 def test_an_unsupported_precision_is_a_value_error_as_in_the_parent(tmp_path: Path) -> None:
     # Lightning's own connector refuses it first for any ModelParallelStrategy; the strategy's check says the same
     with pytest.raises(ValueError, match="precision='64-true'"):
-        _trainer(tmp_path, devices=2, precision="64-true", strategy=TensorParallelStrategy())
+        cpu_trainer(tmp_path, devices=2, precision="64-true", strategy=TensorParallelStrategy())
     strategy = TensorParallelStrategy()
     strategy._precision_plugin = mock.Mock(precision="16-mixed")
     strategy.parallel_devices, strategy.num_nodes = [torch.device("cpu")] * 2, 1
@@ -107,30 +92,30 @@ def test_fsdp1_modules_are_a_type_error_as_in_the_parent() -> None:
     module.modules = mock.Mock(return_value=[mock.Mock(spec=FullyShardedDataParallel)])
     for plan in ("auto", None):
         with pytest.raises(TypeError, match="only supports the new FSDP2 APIs") as info:
-            TensorParallelStrategy(plan=plan).preflight(module)
+            check_model(TensorParallelStrategy(plan=plan), module)
         assert isinstance(info.value, UnsupportedModuleError)
 
 
 def test_plan_none_without_configure_model_is_the_parents_type_error_before_spawn(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=None))
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=None))
     with pytest.raises(TypeError, match="required to override the `configure_model\\(\\)` hook") as info:
         trainer.fit(_Plain(), torch.utils.data.DataLoader(torch.randn(4, 8)))
     assert isinstance(info.value, ConfigureModelRequiredError)
     # with the hook, the same model reaches the (blocked) launch: nothing else is checked before spawn
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=None))
-    with pytest.raises(_SpawnBlocked):
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=None))
+    with pytest.raises(SpawnBlocked):
         trainer.fit(_PlainWithHook(), torch.utils.data.DataLoader(torch.randn(4, 8)))
 
 
 def test_an_unrecognised_model_under_auto_names_plan_none(tmp_path: Path) -> None:
     # without configure_model the model can only be the strategy's to shard: refused before spawn
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy())
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy())
     with pytest.raises(ModelNotRecognisedError, match="plan=None") as info:
         trainer.fit(_Plain(), torch.utils.data.DataLoader(torch.randn(4, 8)))
     assert isinstance(info.value, TypeError) and "configure_model()" in str(info.value)
     # with configure_model the hook may parallelize it: decided on the ranks, after the hook ran
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy())
-    with pytest.raises(_SpawnBlocked):
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy())
+    with pytest.raises(SpawnBlocked):
         trainer.fit(_PlainWithHook(), torch.utils.data.DataLoader(torch.randn(4, 8)))
 
 
@@ -280,17 +265,6 @@ def _saving_strategy(distributed: bool) -> TensorParallelStrategy:
     return strategy
 
 
-def _user_file(tmp: Path) -> Path:
-    (tmp / "notes.txt").write_text("my notes")
-    return tmp / "notes.txt"
-
-
-def _user_dir(tmp: Path) -> Path:
-    (tmp / "results").mkdir()
-    (tmp / "results" / "table.csv").write_text("a,b\n1,2\n")
-    return tmp / "results"
-
-
 def _checkpoint_with_user_file(tmp: Path) -> Path:
     path = _own_checkpoint(tmp / "last")
     (path / "README.md").write_text("what this run was")
@@ -310,7 +284,7 @@ def _half_meta_directory(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["sharded", "single-file"])
-@pytest.mark.parametrize("make", [_user_file, _user_dir, _checkpoint_with_user_file, _other_strategys_checkpoint,
+@pytest.mark.parametrize("make", [user_file, user_dir, _checkpoint_with_user_file, _other_strategys_checkpoint,
                                   _half_meta_directory])
 def test_a_save_never_replaces_what_the_strategy_did_not_write(tmp_path: Path, make: Any, distributed: bool) -> None:
     target = make(tmp_path)

@@ -1,8 +1,9 @@
 """Single-process tests of :class:`TensorParallelStrategy` configuration: argument checks, mesh sizes resolved at
 ``Trainer`` construction, registered names, and the preflight that runs in the launching process.
 
-No test here may start a process. An autouse fixture replaces Lightning's child-process launch with an error, so a
-check that wrongly passes shows up as ``_SpawnBlocked`` instead of a hung or duplicated pytest run.
+No test here may start a process. The ``no_spawn`` fixture (``tests/conftest.py``, used by every test here) replaces
+Lightning's child-process launch with an error, so a check that wrongly passes shows up as ``SpawnBlocked`` instead
+of a hung or duplicated pytest run.
 """
 
 from __future__ import annotations
@@ -13,37 +14,19 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from launching import SpawnBlocked, cpu_trainer
 from lightning.pytorch.strategies import StrategyRegistry
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 import lightning_tp
 from lightning_tp import LightningTPError, MeshConfigError, ModelShapeError, PlanError, TensorParallelStrategy
+from lightning_tp.launch.preflight import check_model
 from lightning_tp.models import Llama, get_config
+from lightning_tp.parallel.shapes import install_sequence_check
 
-
-class _SpawnBlocked(Exception):
-    """Raised instead of launching child processes."""
-
-
-@pytest.fixture(autouse=True)
-def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: _SubprocessScriptLauncher) -> None:
-        raise _SpawnBlocked(f"{type(self).__name__} tried to start {self.num_processes * self.num_nodes} processes")
-
-    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
-    # variables that would make Lightning believe the processes already exist (no launcher, no preflight)
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "SLURM_NTASKS", "SLURM_JOB_NAME",
-                "TORCHELASTIC_RUN_ID", "PL_TRAINER_DEVICES"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    kwargs.setdefault("accelerator", "cpu")
-    return L.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, max_steps=1, **kwargs)
+pytestmark = pytest.mark.usefixtures("no_spawn")  # tests/conftest.py: starting the ranks raises SpawnBlocked
 
 
 # ---------------------------------------------------------------------------------------------- constructor
@@ -100,29 +83,29 @@ def test_constructor_accepts_valid_arguments() -> None:
 
 def test_tp_not_dividing_devices_fails_at_trainer_construction(tmp_path: Path) -> None:
     with pytest.raises(MeshConfigError) as info:
-        _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=3))
+        cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=3))
     message = str(info.value)
     assert "tensor_parallel_size (3)" in message and "world size 4" in message
 
 
 def test_dp_times_tp_not_world_fails_at_trainer_construction(tmp_path: Path) -> None:
     with pytest.raises(MeshConfigError) as info:
-        _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=3))
+        cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=3))
     message = str(info.value)
     assert "data_parallel_size (3)" in message and "tensor_parallel_size (2)" in message and "world size 4" in message
 
 
 def test_fsdp_false_with_data_parallel_replicas_fails(tmp_path: Path) -> None:
     with pytest.raises(MeshConfigError, match="fsdp=False") as info:
-        _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2, fsdp=False))
+        cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2, fsdp=False))
     assert "2" in str(info.value)
     # the same strategy is fine when TP spans every device
-    trainer = _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=4, fsdp=False))
+    trainer = cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=4, fsdp=False))
     assert (trainer.strategy._data_parallel_size, trainer.strategy._tensor_parallel_size) == (1, 4)
 
 
 def test_dp_auto_is_resolved_at_trainer_construction(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2))
+    trainer = cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=2))
     strategy = trainer.strategy
     assert isinstance(strategy, TensorParallelStrategy)
     assert strategy._data_parallel_size == 2 and strategy._tensor_parallel_size == 2
@@ -131,7 +114,7 @@ def test_dp_auto_is_resolved_at_trainer_construction(tmp_path: Path) -> None:
 
 
 def test_auto_auto_multi_node_puts_tp_inside_node(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=4, num_nodes=2, strategy=TensorParallelStrategy())
+    trainer = cpu_trainer(tmp_path, devices=4, num_nodes=2, strategy=TensorParallelStrategy())
     assert (trainer.strategy._data_parallel_size, trainer.strategy._tensor_parallel_size) == (2, 4)
 
 
@@ -165,7 +148,7 @@ def test_resolved_sizes_mismatch(dp: Any, tp: Any) -> None:
 
 def test_unsupported_precision_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="64-true"):
-        _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(), precision="64-true")
+        cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(), precision="64-true")
 
 
 @pytest.mark.parametrize(
@@ -180,7 +163,7 @@ def test_gpu_only_features_are_refused_on_cpu_before_spawn(tmp_path: Path, kwarg
     from lightning_tp.errors import UnsupportedFeatureError
 
     with pytest.raises(UnsupportedFeatureError) as info:
-        _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(**kwargs))
+        cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(**kwargs))
     for word in words:
         assert word in str(info.value)
 
@@ -195,7 +178,7 @@ def test_timeout_defaults_to_ten_minutes_and_takes_seconds() -> None:
 
 def test_activation_checkpointing_and_compile_are_accepted(tmp_path: Path) -> None:
     strategy = TensorParallelStrategy(activation_checkpointing="selective", compile=True)
-    _trainer(tmp_path, devices=2, strategy=strategy)
+    cpu_trainer(tmp_path, devices=2, strategy=strategy)
     assert (strategy.activation_checkpointing, strategy.compile) == ("selective", True)
     assert strategy.tensor_parallel_size == 2
 
@@ -215,7 +198,7 @@ def test_activation_checkpointing_and_compile_are_accepted(tmp_path: Path) -> No
 def test_registered_strategy_names(tmp_path: Path, name: str, sequence_parallel: bool, loss_parallel: bool) -> None:
     assert lightning_tp.TensorParallelStrategy is TensorParallelStrategy
     assert name in StrategyRegistry
-    trainer = _trainer(tmp_path, devices=2, strategy=name)
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=name)
     strategy = trainer.strategy
     assert type(strategy) is TensorParallelStrategy
     assert strategy.sequence_parallel is sequence_parallel
@@ -245,28 +228,28 @@ def _meta_llama(**overrides: Any) -> Llama:
 
 
 def test_preflight_rejects_unshardable_model_before_spawn(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
+    trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
     with pytest.raises(ModelShapeError) as info:
         trainer.fit(_Module(_meta_llama()))
     assert "num_key_value_heads=4" in str(info.value) and "tensor_parallel_size=8" in str(info.value)
 
 
 def test_preflight_rejects_auto_plan_without_llama(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="auto"))
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="auto"))
     with pytest.raises(PlanError, match="plan="):
         trainer.fit(_Module(nn.Linear(8, 8)))
 
 
 def test_preflight_rejects_dict_plan_typo(tmp_path: Path) -> None:
     plan = {"model.model.layers.*.self_attn.q_prj": ColwiseParallel()}
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=plan))
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=plan))
     with pytest.raises(PlanError) as info:
         trainer.fit(_Module(_meta_llama()))
     assert "q_prj" in str(info.value) and "model.model.layers.0.self_attn.q_proj" in str(info.value)
 
 
 def test_preflight_rejects_unknown_plan_name(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="lama"))
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="lama"))
     with pytest.raises(PlanError, match="Did you mean 'llama'"):
         trainer.fit(_Module(_meta_llama()))
 
@@ -282,7 +265,7 @@ class _FSDP1Wrapped(FullyShardedDataParallel):
 
 def test_preflight_rejects_fsdp1_wrapped_submodule(tmp_path: Path) -> None:
     module = _Module(nn.Sequential(_FSDP1Wrapped(nn.Linear(8, 8)), nn.Linear(8, 8)))
-    trainer = _trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan={"model.1": ColwiseParallel()}))
+    trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan={"model.1": ColwiseParallel()}))
     with pytest.raises(TypeError, match="FSDP1") as info:
         trainer.fit(module)
     assert "model.0" in str(info.value)
@@ -290,8 +273,8 @@ def test_preflight_rejects_fsdp1_wrapped_submodule(tmp_path: Path) -> None:
 
 def test_valid_model_passes_preflight_and_reaches_spawn(tmp_path: Path) -> None:
     """Control for the tests above: a shardable model gets through preflight, up to the (blocked) launch."""
-    trainer = _trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=4))
-    with pytest.raises(_SpawnBlocked):
+    trainer = cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=4))
+    with pytest.raises(SpawnBlocked):
         trainer.fit(_Module(_meta_llama()))
     assert trainer.strategy._tensor_parallel_size == 4
 
@@ -307,20 +290,20 @@ def test_model_built_in_configure_model_is_checked_later(tmp_path: Path) -> None
         def configure_model(self) -> None:
             self.model = _meta_llama()
 
-    trainer = _trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
-    with pytest.raises(_SpawnBlocked):
+    trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
+    with pytest.raises(SpawnBlocked):
         trainer.fit(Deferred())
     # the same check that setup() runs rejects the model once it exists
     module = Deferred()
     module.configure_model()
     with pytest.raises(ModelShapeError, match="num_key_value_heads"):
-        trainer.strategy.preflight(module)
+        check_model(trainer.strategy, module)
 
 
 def test_unsupported_precision_is_rejected_for_registered_names(tmp_path: Path) -> None:
     # Lightning's own check only sees strategy instances; ours also covers `strategy="tensor_parallel"`.
     with pytest.raises(ValueError, match="TensorParallelStrategy does not support .*64-true.*bf16-mixed"):
-        _trainer(tmp_path, devices=2, strategy="tensor_parallel", precision="64-true")
+        cpu_trainer(tmp_path, devices=2, strategy="tensor_parallel", precision="64-true")
 
 
 def test_sequence_length_must_divide_tp_under_sequence_parallel() -> None:
@@ -334,7 +317,7 @@ def test_sequence_length_must_divide_tp_under_sequence_parallel() -> None:
     strategy = TensorParallelStrategy(tensor_parallel_size=2)
     strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # a stand-in for the 2D mesh
     strategy._resolved_plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
-    strategy._install_sequence_check(model)
+    install_sequence_check(model, strategy._resolved_plan, 2)
     assert model(torch.zeros(1, 6, dtype=torch.long)).shape == (1, 6, 512)
     with pytest.raises(SequenceLengthError, match="length 5 .* tensor_parallel_size=2.*sequence_parallel=False"):
         model(torch.zeros(1, 5, dtype=torch.long))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_tp.checkpoint.layout import atomic_write
 from lightning_tp.data.tokenizers import Tokenizer
 from lightning_tp.errors import DataError
 
@@ -167,51 +168,43 @@ def write_token_cache(
         DataError: the tokenizer produced an id that does not fit ``dtype``.
     """
     token_file, meta_file = cache_paths(cache_dir, key)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    tmp_tokens, tmp_meta = Path(f"{token_file}{suffix}"), Path(f"{meta_file}{suffix}")
     np_dtype = np.dtype(dtype)
     limit = np.iinfo(np_dtype).max
     num_tokens = num_bytes = num_docs = 0
-    try:
-        with open(tmp_tokens, "wb") as out:
-            for file, _, _, take in selection:
-                if take == 0:
-                    continue  # an empty file is no document (no lone EOS)
-                with open(file, "rb") as f:
-                    raw = f.read(take)
-                ids = np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace"), eos=True))
-                if ids.size and (ids.min() < 0 or ids.max() > limit):
-                    raise DataError(
-                        f"Tokenizer {tokenizer.name!r} produced id {int(ids.max())} outside {np_dtype.name}"
-                        f" for {str(file)!r} although its vocab_size is {tokenizer.vocab_size}."
-                    )
-                ids.astype(np_dtype).tofile(out)
-                num_tokens += int(ids.size)
-                num_bytes += len(raw)
-                num_docs += 1
-            out.flush()
-            os.fsync(out.fileno())
-        meta = {
-            "version": _CACHE_VERSION,
-            "key": key,
-            "tokenizer": tokenizer.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "dtype": np_dtype.name,
-            "num_tokens": num_tokens,
-            "num_documents": num_docs,
-            "num_bytes": num_bytes,
-            "max_bytes": max_bytes,
-            "files": [str(file) for file, _, _, _ in selection],
-        }
+    # Tokens first, metadata last, each all or nothing: the metadata file is the mark of a complete
+    # cache.
+    with atomic_write(token_file) as tmp_tokens, open(tmp_tokens, "wb") as out:
+        for file, _, _, take in selection:
+            if take == 0:
+                continue  # an empty file is no document (no lone EOS)
+            with open(file, "rb") as f:
+                raw = f.read(take)
+            ids = np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace"), eos=True))
+            if ids.size and (ids.min() < 0 or ids.max() > limit):
+                raise DataError(
+                    f"Tokenizer {tokenizer.name!r} produced id {int(ids.max())} outside"
+                    f" {np_dtype.name} for {str(file)!r} although its vocab_size is"
+                    f" {tokenizer.vocab_size}."
+                )
+            ids.astype(np_dtype).tofile(out)
+            num_tokens += int(ids.size)
+            num_bytes += len(raw)
+            num_docs += 1
+    meta = {
+        "version": _CACHE_VERSION,
+        "key": key,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "dtype": np_dtype.name,
+        "num_tokens": num_tokens,
+        "num_documents": num_docs,
+        "num_bytes": num_bytes,
+        "max_bytes": max_bytes,
+        "files": [str(file) for file, _, _, _ in selection],
+    }
+    with atomic_write(meta_file) as tmp_meta:
         tmp_meta.write_text(json.dumps(meta, indent=1))
-        # Tokens first, metadata last: the metadata file is the mark of a complete cache.
-        os.replace(tmp_tokens, token_file)
-        os.replace(tmp_meta, meta_file)
-    finally:
-        for tmp in (tmp_tokens, tmp_meta):
-            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- dataset

@@ -1,141 +1,153 @@
-"""Crash-safe sharded checkpoints for ``TensorParallelStrategy`` (file helpers: ``lightning_tp/consolidate.py``).
+"""Crash-safe sharded checkpoints: ``TensorParallelStrategy``'s save, load and remove overrides.
 
-The new checkpoint is written to ``<path>.tmp-<step>`` and swapped in only when complete (``.metadata`` +
-``meta.pt``); every stage ends with all ranks agreeing it succeeded, otherwise all raise ``CheckpointError``
-and the previous checkpoint at ``path`` is untouched. Loading refuses incomplete directories and reads
-``meta.pt`` with ``weights_only=True`` unless told otherwise.
+The new checkpoint is written to ``<path>.tmp-<step>`` and swapped in only when complete
+(``.metadata`` + ``meta.pt``); every stage ends with all ranks agreeing it succeeded, otherwise all
+raise ``CheckpointError`` and the previous checkpoint at ``path`` is untouched. Loading refuses
+incomplete directories and reads ``meta.pt`` with ``weights_only=True`` unless told otherwise.
+
+What is on disk, and how it is published, recovered and read safely, is
+:mod:`lightning_tp.checkpoint.layout` and :mod:`lightning_tp.checkpoint.safe_reading`; this module
+adds what needs the ranks: agreeing on the path, writing the shards together, and reporting every
+rank's failure.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
-import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 from typing_extensions import override
+
+from lightning_tp._compat import distributed_checkpoint_save, get_fqns
+from lightning_tp.checkpoint.layout import (
+    LAYOUT_KEY,
+    check_checkpoint,
+    publish,
+    recover,
+    refuse_to_replace,
+    remove,
+    staging_path,
+    write_meta,
+)
+from lightning_tp.checkpoint.safe_reading import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    read_failure,
+    read_meta,
+)
+from lightning_tp.errors import CheckpointError, CheckpointPathError
 
 __all__ = ["AtomicCheckpointMixin"]
 
 
 class AtomicCheckpointMixin:
-    """Save, load and remove overrides for a ``ModelParallelStrategy`` subclass; list it before that base."""
+    """Save, load and remove overrides for a ``ModelParallelStrategy`` subclass (list it first)."""
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        from pathlib import Path
-
-        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
-
-        from lightning_tp.checkpoint import consolidate as files
-
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
+                        storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
-            raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported"
-                            f" because `{type(self).__name__}` does not use the `CheckpointIO`.")
-        from lightning_tp.errors import CheckpointPathError
-
-        path = Path(self.broadcast(str(filepath)))  # rank 0 decides, every rank writes to the same place
-        checkpoint[files.LAYOUT_KEY] = self._checkpoint_layout()
-        staged = files.staging_path(path, int(checkpoint.get("global_step", 0)))
-        # Never replace what the strategy did not write: refused on every rank, before anything is touched.
-        refusal = self.broadcast(files.refuse_to_replace(path, staged) if self.is_global_zero else None)
+            raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is"
+                            f" not supported because `{type(self).__name__}` does not use the"
+                            " `CheckpointIO`.")
+        # rank 0 decides, every rank writes to the same place
+        path = Path(self.broadcast(str(filepath)))
+        checkpoint[LAYOUT_KEY] = self._checkpoint_layout()
+        staged = staging_path(path, int(checkpoint.get("global_step", 0)))
+        # Never replace what the strategy did not write: refused on every rank, before anything is
+        # touched.
+        refusal = self.broadcast(refuse_to_replace(path, staged) if self.is_global_zero else None)
         if refusal:
             raise CheckpointPathError(refusal)
 
         def prepare() -> None:
             if self.is_global_zero:
-                files.recover(path)  # finish or undo an earlier interrupted save of this path
+                recover(path)  # finish or undo an earlier interrupted save of this path
                 if not self._save_distributed_checkpoint:
                     return
-                files.remove(staged)
+                remove(staged)
                 staged.mkdir(parents=True)
 
         self._checkpoint_stage("preparing", path, staged, prepare)
         if self._save_distributed_checkpoint:
             shards = {"state_dict": checkpoint.pop("state_dict")}
-            shards.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+            shards.update({f"optimizer_{i}": s
+                           for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
             self._checkpoint_stage("writing the shards", path, staged,
-                                   lambda: _distributed_checkpoint_save(shards, staged))
+                                   lambda: distributed_checkpoint_save(shards, staged))
 
             def finish() -> None:
                 if self.is_global_zero:
-                    files.write_meta(checkpoint, staged)
-                    files.publish(staged, path)
+                    write_meta(checkpoint, staged)
+                    publish(staged, path)
         else:  # one file with the full state, assembled on rank 0
 
             def finish() -> None:
                 if self.is_global_zero:
                     self.checkpoint_io.save_checkpoint(checkpoint, staged)
-                    files.publish(staged, path)
+                    publish(staged, path)
 
         self._checkpoint_stage("publishing", path, staged, finish)
 
     def _checkpoint_layout(self) -> dict[str, Any]:
-        """What a checkpoint records about the run: the parameter order (for param-id keyed optimizer states in a
-        consolidated file) and the mesh sizes."""
+        """What a checkpoint records about the run: the parameter order (for param-id keyed
+        optimizer states in a consolidated file) and the mesh sizes."""
         names = []
         assert self.model is not None
-        try:
-            from torch.distributed.checkpoint.state_dict import _get_fqns
-        except ImportError:  # pragma: no cover - private helper moved
-            _get_fqns = None
         for name, _ in self.model.named_parameters():
-            fqns = _get_fqns(self.model, name) if _get_fqns is not None else {name}
+            fqns = get_fqns(self.model, name)
             names.append(next(iter(fqns)) if len(fqns) == 1 else name)
-        return {"format": 1, "parameter_names": names, "data_parallel_size": self.data_parallel_size,
+        return {"format": 1, "parameter_names": names,
+                "data_parallel_size": self.data_parallel_size,
                 "tensor_parallel_size": self.tensor_parallel_size}
 
     def _checkpoint_stage(self, what: str, path: Any, staged: Any, fn: Any) -> None:
-        """Run one stage of a save on every rank; if it failed anywhere, clean up and raise on every rank."""
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from lightning_tp.checkpoint import consolidate as files
-        from lightning_tp.errors import CheckpointError
-
+        """Run one stage of a save on every rank; if it failed anywhere, clean up, raise on all."""
         error: Optional[BaseException] = None
         try:
             fn()
-        except (Exception, CheckpointException) as e:  # DCP's error is a BaseException; reported to all ranks below
+        except (Exception, CheckpointException) as e:  # DCP's error is a BaseException; see below
             error = e
         if self.reduce_boolean_decision(error is None, all=True):
             return
-        if isinstance(error, CheckpointException):  # DCP already gathered every rank's failure: name the causes
-            causes = {rank: wrapped[0] if isinstance(wrapped, tuple) else wrapped  # (exception, traceback)
+        if isinstance(error, CheckpointException):  # DCP gathered every rank's failure: name them
+            # each failure is an exception or an (exception, traceback) pair
+            causes = {rank: wrapped[0] if isinstance(wrapped, tuple) else wrapped
                       for rank, wrapped in error.failures.items()}
-            local = "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in sorted(causes.items()))
+            local = "; ".join(f"rank {rank}:"
+                              f" {type(e).__name__}: {e}" for rank, e in sorted(causes.items()))
         else:
-            local = None if error is None else f"rank {self.global_rank}: {type(error).__name__}: {error}"
+            local = (None if error is None
+                     else f"rank {self.global_rank}: {type(error).__name__}: {error}")
         messages: list[Any] = [None] * self.world_size
         dist.all_gather_object(messages, local)
         failed = sorted({message for message in messages if message})
         if self.is_global_zero:
             try:
-                files.remove(staged)
+                remove(staged)
             except OSError:
                 pass
         raise CheckpointError(
-            f"Saving the checkpoint {str(path)!r} failed while {what} ({'; '.join(failed)}). Nothing was published:"
-            " the previous checkpoint at that path, if any, is unchanged."
+            f"Saving the checkpoint {str(path)!r} failed while {what} ({'; '.join(failed)})."
+            " Nothing was published: the previous checkpoint at that path, if any, is unchanged."
         ) from error
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load a sharded checkpoint directory (any (dp, tp)) or a single full file (see ``consolidate``).
+    def load_checkpoint(self, checkpoint_path: Any,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a sharded checkpoint directory (any (dp, tp)) or a single full file (see
+        ``consolidate``).
 
         ``weights_only=None`` means ``True``: ``meta.pt`` (or the single file) is read with
         ``torch.load(weights_only=True)``, DCP's ``.metadata`` with an allow-list unpickler.
         """
-        from pathlib import Path
-
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from lightning_tp.checkpoint import consolidate as files
-        from lightning_tp.errors import CheckpointError
-
         path = Path(self.broadcast(str(checkpoint_path)))
         if self.is_global_zero:
-            files.recover(path)
+            recover(path)
         self.barrier("load_checkpoint")
-        files.check_checkpoint(path)
+        check_checkpoint(path)
         weights_only = True if weights_only is None else weights_only
         try:
             if path.is_file():
@@ -144,11 +156,12 @@ class AtomicCheckpointMixin:
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:
-            hint = files.unpickling_hint(e) if weights_only else ""
-            raise CheckpointError(f"Could not load the checkpoint {str(path)!r}: {type(e).__name__}: {e}{hint}") from e
+            raise read_failure(f"Could not load the checkpoint {str(path)!r}", e,
+                               weights_only) from e
 
     def _load_sharded_checkpoint(self, path: Any, weights_only: bool) -> dict[str, Any]:
-        # Lightning's `_load_checkpoint` for directories, reading through the safe DCP reader and planner.
+        # Lightning's `_load_checkpoint` for directories, reading through the safe DCP reader and
+        # planner.
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -157,31 +170,28 @@ class AtomicCheckpointMixin:
             set_optimizer_state_dict,
         )
 
-        from lightning_tp.checkpoint import consolidate as files
-
         def read(state: dict[str, Any]) -> None:
             if weights_only:
-                load(state, storage_reader=files.SafeFileSystemReader(str(path)), planner=files.SafeLoadPlanner())
+                load(state, storage_reader=SafeFileSystemReader(str(path)),
+                     planner=SafeLoadPlanner())
             else:
                 load(state, checkpoint_id=path)
 
         assert self.model is not None and self.lightning_module is not None
         module_state = {"state_dict": get_model_state_dict(self.model)}
         read(module_state)
-        self.model.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
+        self.model.load_state_dict(module_state["state_dict"],
+                                   strict=self.lightning_module.strict_loading)
         for idx, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             read(optim_state)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / files.META_FILE, map_location="cpu", weights_only=weights_only)
+        return read_meta(path, weights_only=weights_only)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
         """Delete a checkpoint (rank 0); a directory stops looking complete before its files go."""
-        from lightning_tp.checkpoint import consolidate as files
-
         if self.is_global_zero:
-            files.remove(filepath)
-
+            remove(filepath)

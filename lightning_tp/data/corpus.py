@@ -1,11 +1,13 @@
 """Pretraining corpora: file discovery, the embedded default corpus, and the on-disk token cache.
 
-* :func:`resolve_files` expands files, globs, directories and lists of those; :func:`default_corpus_files` lists
-  the Python standard library's own sources, which every Python installation carries (no download needed).
-* :func:`write_token_cache` tokenizes a selection of files once, appends EOS after each document, and writes the
-  tokens to ``tokens-<key>.bin`` (``uint16`` or ``uint32``) plus ``tokens-<key>.json`` metadata. Both are written
-  to temporary files and renamed into place, the metadata last, so an interrupted run never leaves a cache that
-  looks complete; :func:`read_cache_meta` accepts a cache only when the token file has the recorded size.
+* :func:`resolve_files` expands files, globs, directories and lists of those;
+  :func:`default_corpus_files` lists the Python standard library's own sources, which every Python
+  installation carries (no download needed).
+* :func:`write_token_cache` tokenizes a selection of files once, appends EOS after each document,
+  and writes the tokens to ``tokens-<key>.bin`` (``uint16`` or ``uint32``) plus
+  ``tokens-<key>.json`` metadata. Both are written to temporary files and renamed into place, the
+  metadata last, so an interrupted run never leaves a cache that looks complete;
+  :func:`read_cache_meta` accepts a cache only when the token file has the recorded size.
 * :class:`PackedWindows` serves fixed windows of the memory-mapped token file.
 """
 
@@ -40,17 +42,19 @@ __all__ = [
     "write_token_cache",
 ]
 
-#: Size cap of the embedded default corpus (the standard library's sources) when ``max_bytes`` is ``None``.
+#: Size cap of the embedded default corpus (the standard library's sources) when ``max_bytes`` is
+#: ``None``.
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 
 _CACHE_VERSION = 1
-_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
+                                  "lib2to3"})
 
 #: ``(file, size, mtime_ns, bytes_to_read)`` of each file read into a cache.
 Selection = list[tuple[Path, int, int, int]]
 
 
-# ---------------------------------------------------------------------------------------------------- files
+# -------------------------------------------------------------------------------- files
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
@@ -58,15 +62,17 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def resolve_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """The files named by ``path``: a file, a glob (``**`` matches any depth), a directory (every file under it,
-    hidden files and folders skipped) or a list of those. Absolute, de-duplicated, sorted.
+    """The files named by ``path``: a file, a glob (``**`` matches any depth), a directory (every
+    file under it, hidden files and folders skipped) or a list of those. Absolute, de-duplicated,
+    sorted.
 
     Raises:
         DataError: when an entry matches no file (the message names it).
     """
     entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not entries:
-        raise DataError("`path` is an empty list. Fix: pass a file, a glob, a directory, or None for the default.")
+        raise DataError("`path` is an empty list. Fix: pass a file, a glob, a directory, or None"
+                        " for the default.")
     files: set[Path] = set()
     for entry in entries:
         text = os.path.expanduser(os.fspath(entry))
@@ -80,23 +86,25 @@ def resolve_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             found = [Path(text)]
         if not found:
             raise DataError(
-                f"path={os.fspath(entry)!r} matches no file (cwd: {os.getcwd()!r}). Fix: pass an existing file, a"
-                " directory, or a glob such as 'corpus/*.txt' or 'corpus/**/*.md'; path=None uses the built-in"
-                " corpus (the Python standard library's sources)."
+                f"path={os.fspath(entry)!r} matches no file (cwd: {os.getcwd()!r}). Fix: pass an"
+                " existing file, a directory, or a glob such as 'corpus/*.txt' or 'corpus/**/*.md';"
+                " path=None uses the built-in corpus (the Python standard library's sources)."
             )
         files.update(p.resolve() for p in found)
     return sorted(files, key=str)
 
 
 def default_corpus_files() -> list[Path]:
-    """The embedded default corpus: the standard library's ``.py`` files, sorted by relative path, without
-    ``site-packages`` and the ``test``/``tests``/``idlelib``/``lib2to3`` folders."""
+    """The embedded default corpus: the standard library's ``.py`` files, sorted by relative path,
+    without ``site-packages`` and the ``test``/``tests``/``idlelib``/``lib2to3`` folders."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():  # pragma: no cover - every CPython has its stdlib sources
-        raise DataError(f"The standard library folder {str(root)!r} is missing; pass `path=` to a corpus instead.")
+        raise DataError(f"The standard library folder {str(root)!r} is missing; pass `path=` to a"
+                        " corpus instead.")
     files: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
         for name in filenames:
             if name.endswith(".py"):
                 file = Path(dirpath) / name
@@ -106,7 +114,8 @@ def default_corpus_files() -> list[Path]:
 
 
 def select_within(files: list[Path], max_bytes: int | None) -> Selection:
-    """``(file, size, mtime_ns, bytes_to_read)`` for the files that fit in ``max_bytes`` (the last one truncated)."""
+    """``(file, size, mtime_ns, bytes_to_read)`` for the files that fit in ``max_bytes`` (the last
+    one truncated)."""
     selected: Selection = []
     total = 0
     for file in files:
@@ -119,7 +128,7 @@ def select_within(files: list[Path], max_bytes: int | None) -> Selection:
     return selected
 
 
-# ---------------------------------------------------------------------------------------------------- token cache
+# -------------------------------------------------------------------------------- token cache
 
 
 def cache_key(tokenizer_name: str, selection: Selection, max_bytes: int | None) -> str:
@@ -139,8 +148,8 @@ def cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
 
 
 def read_cache_meta(token_file: Path, meta_file: Path, dtype: str) -> dict[str, Any] | None:
-    """The metadata of a complete cache, or ``None`` when it is missing, unreadable or its token file has not the
-    recorded size (``dtype`` is assumed when the metadata names none)."""
+    """The metadata of a complete cache, or ``None`` when it is missing, unreadable or its token
+    file has not the recorded size (``dtype`` is assumed when the metadata names none)."""
     if not (meta_file.is_file() and token_file.is_file()):
         return None
     try:
@@ -159,10 +168,11 @@ def write_token_cache(
     key: str,
     max_bytes: int | None,
 ) -> None:
-    """Tokenize the selected files into the cache ``key`` of ``cache_dir`` (temporary files renamed into place).
+    """Tokenize the selected files into the cache ``key`` of ``cache_dir`` (temporary files renamed
+    into place).
 
-    Each document is ``tokenizer.encode(text, eos=True)`` of the file's first ``bytes_to_read`` bytes decoded as
-    UTF-8 (invalid bytes replaced); empty files are no document.
+    Each document is ``tokenizer.encode(text, eos=True)`` of the file's first ``bytes_to_read``
+    bytes decoded as UTF-8 (invalid bytes replaced); empty files are no document.
 
     Raises:
         DataError: the tokenizer produced an id that does not fit ``dtype``.
@@ -207,17 +217,20 @@ def write_token_cache(
         tmp_meta.write_text(json.dumps(meta, indent=1))
 
 
-# ---------------------------------------------------------------------------------------------------- dataset
+# -------------------------------------------------------------------------------- dataset
 
 
 class PackedWindows(Dataset):
-    """Windows of ``seq_len + 1`` tokens of a flat token file, served as ``{"input_ids", "labels"}`` (int64).
+    """Windows of ``seq_len + 1`` tokens of a flat token file, served as ``{"input_ids", "labels"}``
+    (int64).
 
-    ``window_ids[i]`` is the window index (in units of ``seq_len + 1`` tokens from the start of the file) of
-    sample ``i``. The memory map is opened lazily and not pickled, so DataLoader workers re-open it cheaply.
+    ``window_ids[i]`` is the window index (in units of ``seq_len + 1`` tokens from the start of the
+    file) of sample ``i``. The memory map is opened lazily and not pickled, so DataLoader workers
+    re-open it cheaply.
     """
 
-    def __init__(self, token_file: str | Path, dtype: str, seq_len: int, window_ids: np.ndarray) -> None:
+    def __init__(self, token_file: str | Path, dtype: str, seq_len: int,
+                 window_ids: np.ndarray) -> None:
         self.token_file = str(token_file)
         self.dtype = dtype
         self.seq_len = seq_len

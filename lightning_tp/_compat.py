@@ -8,6 +8,8 @@ minor releases.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Lightning: the launchers lightning-tp extends (script re-run, fork) and the helpers they call.
@@ -29,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import _get_fqns
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 # DTensor: which slice of a global tensor a rank holds (to read only that slice from safetensors).
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import _utils as _dtensor_utils
 
 __all__ = [
     "TESTED",
@@ -79,6 +81,12 @@ def is_interactive() -> bool:
     """Lightning's test for a Jupyter/IPython session (the fork launcher's ``"auto"`` case), read
     when asked, so that a test or a notebook that sets Lightning's flag is seen."""
     return bool(_lightning_imports._IS_INTERACTIVE)
+
+
+def compute_local_shape_and_global_offset(global_shape: Any, mesh: Any, placements: Any) -> Any:
+    """The shape of this rank's shard of a DTensor of ``global_shape`` and its offset in the global
+    tensor (DTensor's own helper, looked up when called)."""
+    return _dtensor_utils.compute_local_shape_and_global_offset(global_shape, mesh, placements)
 
 
 def has_symmetric_memory() -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_tp._compat import compute_local_shape_and_global_offset
 from lightning_tp.checkpoint.hf_config import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -129,7 +130,6 @@ def _local_index(param: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
         return param, tuple(slice(0, n) for n in param.shape)
     # Looked up in torch when called (not through lightning_tp._compat, which binds it at import) so
     # that a test can count the calls.
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
                                                           param.placements)

@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_tp.checkpoint.consolidate import read_checkpoint_metadata
 from lightning_tp.checkpoint.hf import config_from_hf
+from lightning_tp.checkpoint.safe_reading import read_checkpoint_metadata
 from lightning_tp.checkpoint.weights import LoadWeights, check_weights_fit, is_hf_checkpoint
 from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.errors import CheckpointError, SequenceLengthError

@@ -122,7 +122,7 @@ def test_every_load_in_the_package_refuses_arbitrary_pickles() -> None:
                 value = keywords.get("allow_pickle")
                 if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
                     problems.append(f"{where}: numpy.load with allow_pickle")
-            elif text in ("dcp.load", "load", "torch.distributed.checkpoint.load", "_load_state_dict"):
+            elif text in ("dcp.load", "load", "torch.distributed.checkpoint.load", "load_state_dict_no_process_group"):
                 reader = ast.unparse(keywords["storage_reader"]) if "storage_reader" in keywords else ""
                 planner = ast.unparse(keywords["planner"]) if "planner" in keywords else ""
                 if (text == "load" and not keywords) or (rel, function) in DCP_AUDITED:

@@ -33,7 +33,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 # Bound under DCP's own name so that the source audit of safe loading
 # (tests/unit/test_reliability.py) recognises each call as a DCP load and checks its reader and
 # planner.
-from lightning_tp._compat import EmptyStateDictLoadPlanner, load_state_dict_no_process_group, set_element
+from lightning_tp._compat import (
+    EmptyStateDictLoadPlanner,
+    load_state_dict_no_process_group,
+    set_element,
+)
 from lightning_tp.checkpoint.layout import DCP_METADATA, META_FILE, check_checkpoint
 from lightning_tp.errors import CheckpointError
 
@@ -173,11 +177,15 @@ def load_full(checkpoint_dir: str | Path, weights_only: bool = True,
     """
     state: dict[str, Any] = {}
     if weights_only:
-        load_state_dict_no_process_group(state, storage_reader=SafeFileSystemReader(str(checkpoint_dir)),
-                         planner=_SafeEmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        load_state_dict_no_process_group(state,
+                                         storage_reader=SafeFileSystemReader(str(checkpoint_dir)),
+                                         planner=_SafeEmptyStateDictLoadPlanner(keys=keys),
+                                         no_dist=True)
     else:
-        load_state_dict_no_process_group(state, storage_reader=FileSystemReader(str(checkpoint_dir)),
-                         planner=EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        load_state_dict_no_process_group(state,
+                                         storage_reader=FileSystemReader(str(checkpoint_dir)),
+                                         planner=EmptyStateDictLoadPlanner(keys=keys),
+                                         no_dist=True)
     return state
 
 

@@ -52,7 +52,8 @@ __all__ = [
 ]
 
 PlanFn = Callable[..., dict[str, ParallelStyle]]
-"""``plan(*, sequence_parallel: bool, loss_parallel: bool) -> {glob: style}``, globs relative to the model."""
+"""``plan(*, sequence_parallel: bool, loss_parallel: bool) -> {glob: style}``, globs relative to the
+model."""
 PlanSpec = Union[str, Mapping[str, ParallelStyle], PlanFn]
 
 
@@ -69,7 +70,8 @@ class ReplicateParallel(ParallelStyle):
 
         def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
             for name, param in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+                mod.register_parameter(name,
+                                       nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
 
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
             return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
@@ -85,9 +87,10 @@ class ReplicateParallel(ParallelStyle):
 class HeadShardedNorm(ParallelStyle):
     """A norm over ``head_dim`` applied to a rank's own heads (Qwen3's ``q_norm``/``k_norm``).
 
-    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e. ``Shard(2)`` of the
-    full heads; the weight is ``Replicate()`` so that its gradient, a partial sum over each rank's heads, is
-    summed over the TP ranks (a plain weight would silently keep only the local heads' share).
+    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e. ``Shard(2)``
+    of the full heads; the weight is ``Replicate()`` so that its gradient, a partial sum over each
+    rank's heads, is summed over the TP ranks (a plain weight would silently keep only the local
+    heads' share).
     """
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
@@ -95,7 +98,8 @@ class HeadShardedNorm(ParallelStyle):
 
         def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
             for name, param in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+                mod.register_parameter(name,
+                                       nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
 
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
             return (DTensor.from_local(args[0], mesh, [Shard(2)], run_check=False), *args[1:])
@@ -113,33 +117,38 @@ def llama_plan(
 
     One plan serves the native Llama and transformers' Llama, Mistral, Qwen2 and (``qk_norm=True``)
     Qwen3. The embedding output stays whole and the sequence is split on entry to the first block (a
-    local slice, no communication): Hugging Face models derive positions and the causal mask from the
-    embedding output's length, which must be the full sequence. Cost against splitting in the embedding
-    itself: one all-reduce instead of a reduce-scatter forward and one all-gather backward, per step, not
-    per layer.
+    local slice, no communication): Hugging Face models derive positions and the causal mask from
+    the embedding output's length, which must be the full sequence. Cost against splitting in the
+    embedding itself: one all-reduce instead of a reduce-scatter forward and one all-gather
+    backward, per step, not per layer.
     """
     # Activations between blocks are sequence-sharded with SP and replicated without it.
     between = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
     plan: dict[str, ParallelStyle] = {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "model.embed_tokens": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate()
+        ),
         "model.layers.*.input_layernorm": norm,
         # Attention is called with keyword arguments (`hidden_states=`) by both implementations.
         "model.layers.*.self_attn": PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": between}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+            input_kwarg_layouts={"hidden_states": between},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
         ),
         "model.layers.*.self_attn.q_proj": ColwiseParallel(),
         "model.layers.*.self_attn.k_proj": ColwiseParallel(),
         "model.layers.*.self_attn.v_proj": ColwiseParallel(),
         "model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=between),
         "model.layers.*.post_attention_layernorm": norm,
-        "model.layers.*.mlp": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
+        "model.layers.*.mlp": PrepareModuleInput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),)
+        ),
         "model.layers.*.mlp.gate_proj": ColwiseParallel(),
         "model.layers.*.mlp.up_proj": ColwiseParallel(),
         "model.layers.*.mlp.down_proj": RowwiseParallel(output_layouts=between),
         "model.norm": norm,
-        # Loss parallel keeps the logits vocab-sharded (a DTensor) so cross entropy never gathers them;
-        # without it, the logits are all-gathered into a plain tensor.
+        # Loss parallel keeps the logits vocab-sharded (a DTensor) so cross entropy never gathers
+        # them; without it, the logits are all-gathered into a plain tensor.
         "lm_head": ColwiseParallel(
             input_layouts=between,
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
@@ -165,17 +174,20 @@ def per_projection_llama_plan(
     without SP, but 3 + 2 input-gradient all-reduces per layer in backward instead of 2.
     """
     if sequence_parallel:
-        raise PlanError("`per_projection_llama_plan` is a TP-only baseline; pass sequence_parallel=False.")
+        raise PlanError("`per_projection_llama_plan` is a TP-only baseline; "
+                        "pass sequence_parallel=False.")
     plan: dict[str, ParallelStyle] = {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                    use_local_output=not loss_parallel),
     }
-    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "mlp.gate_proj", "mlp.up_proj"):
         plan[f"model.layers.*.{proj}"] = ColwiseParallel()
     for proj in ("self_attn.o_proj", "mlp.down_proj"):
         plan[f"model.layers.*.{proj}"] = RowwiseParallel()
-    for norm in ("model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm", "model.norm"):
+    for norm in ("model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm",
+                 "model.norm"):
         plan[norm] = ReplicateParallel()
     return plan
 
@@ -186,7 +198,8 @@ PLANS: dict[str, PlanFn] = {"llama": llama_plan, "llama_per_projection": per_pro
 def register_plan(name: str, fn: PlanFn, *, override: bool = False) -> None:
     """Make ``TensorParallelStrategy(plan=name)`` use ``fn``."""
     if name in PLANS and not override:
-        raise ValueError(f"A plan named {name!r} is already registered; pass override=True to replace it.")
+        raise ValueError(f"A plan named {name!r} is already registered; "
+                         "pass override=True to replace it.")
     PLANS[name] = fn
 
 
@@ -205,13 +218,16 @@ class ResolvedPlan:
 def _is_llama(module: nn.Module) -> bool:
     inner = getattr(module, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(getattr(module, "lm_head", None), nn.Linear) or not isinstance(layers, nn.ModuleList):
+    if (not isinstance(getattr(module, "lm_head", None), nn.Linear)
+            or not isinstance(layers, nn.ModuleList)):
         return False
-    return len(layers) > 0 and all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers)
+    return len(layers) > 0 and all(hasattr(layer, "self_attn") and hasattr(layer, "mlp")
+                                   for layer in layers)
 
 
 def find_llama(root: nn.Module) -> list[str]:
-    """Paths of the outermost Llama-like causal LMs (``model.layers[*].self_attn/mlp`` + ``lm_head``)."""
+    """Paths of the outermost Llama-like causal LMs (``model.layers[*].self_attn/mlp`` +
+    ``lm_head``)."""
     found: list[str] = []
     for name, module in root.named_modules():
         if any(name == f or name.startswith(f + ".") for f in found):
@@ -221,18 +237,21 @@ def find_llama(root: nn.Module) -> list[str]:
     return found
 
 
-SUPPORTED_TRANSFORMERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-"""transformers classes the Llama plan is known to fit (checked by tests against single-process runs)."""
+SUPPORTED_TRANSFORMERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                          "Qwen3ForCausalLM")
+"""transformers classes the Llama plan is known to fit (checked by tests against single-process
+runs)."""
 
 
 def _check_supported(model: nn.Module, path: str, plan: str) -> None:
     cls = type(model)
     from_transformers = [c for c in cls.__mro__ if c.__module__.startswith("transformers.")]
-    if from_transformers and not any(c.__name__ in SUPPORTED_TRANSFORMERS for c in from_transformers):
+    if from_transformers and not any(c.__name__ in SUPPORTED_TRANSFORMERS
+                                     for c in from_transformers):
         raise PlanError(
-            f"plan={plan!r} found transformers' {cls.__name__} at {path or '<root>'!r}; it resembles Llama but"
-            f" only {', '.join(SUPPORTED_TRANSFORMERS)} are known to match the plan. Pass `plan=` a dict"
-            " {module glob: ParallelStyle} written for it."
+            f"plan={plan!r} found transformers' {cls.__name__} at {path or '<root>'!r}; it"
+            f" resembles Llama but only {', '.join(SUPPORTED_TRANSFORMERS)} are known to match the"
+            " plan. Pass `plan=` a dict {module glob: ParallelStyle} written for it."
         )
 
 
@@ -240,22 +259,26 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
 
 
-def _match(patterns: Mapping[str, ParallelStyle], names: list[str], prefix: str) -> dict[str, ParallelStyle]:
+def _match(
+    patterns: Mapping[str, ParallelStyle], names: list[str], prefix: str
+) -> dict[str, ParallelStyle]:
     styles: dict[str, ParallelStyle] = {}
     for pattern, style in patterns.items():
         if not isinstance(style, ParallelStyle):
             raise PlanError(
-                f"Plan entry {pattern!r} maps to {type(style).__name__}, not a torch.distributed.tensor.parallel"
-                " ParallelStyle (e.g. ColwiseParallel())."
+                f"Plan entry {pattern!r} maps to {type(style).__name__}, not a"
+                " torch.distributed.tensor.parallel ParallelStyle (e.g. ColwiseParallel())."
             )
         full = _join(prefix, pattern)
-        hits = [n for n in names if fnmatch.fnmatchcase(n, full) and n.count(".") == full.count(".")]
+        hits = [n for n in names
+                if fnmatch.fnmatchcase(n, full) and n.count(".") == full.count(".")]
         if not hits:
             near = difflib.get_close_matches(full, names, n=5, cutoff=0.6)
             raise PlanError(
                 f"Plan pattern {full!r} matches no module."
                 + (f" Near misses: {', '.join(near)}." if near else "")
-                + " Patterns are module paths from `named_modules()`; `*` matches one path component."
+                + (" Patterns are module paths from `named_modules()`; `*` matches one path"
+                   " component.")
             )
         for hit in hits:
             styles[hit] = style
@@ -267,8 +290,8 @@ def resolve_plan(
 ) -> ResolvedPlan:
     """Match ``plan`` against ``module`` (usually the LightningModule) and return exact paths.
 
-    ``"auto"`` and registered names apply to every Llama-like model found inside ``module``; a dict or
-    callable result is matched relative to ``module`` itself.
+    ``"auto"`` and registered names apply to every Llama-like model found inside ``module``; a dict
+    or callable result is matched relative to ``module`` itself.
     """
     names = [n for n, _ in module.named_modules() if n]
     if isinstance(plan, str):
@@ -282,11 +305,12 @@ def resolve_plan(
         roots = find_llama(module)
         if not roots:
             raise ModelNotRecognisedError(
-                f"plan={plan!r} found no model it recognises in {type(module).__name__}: it looks for a"
-                " Llama-family causal LM (`model.layers[i].self_attn`, `.mlp`, `lm_head`, as in"
-                " lightning_tp.models.Llama or transformers' LlamaForCausalLM). Build the model in `__init__` or"
-                " `configure_model()`, pass `plan=` a dict {module glob: ParallelStyle} or a callable, or pass"
-                " plan=None and parallelize it yourself in configure_model()."
+                f"plan={plan!r} found no model it recognises in {type(module).__name__}: it looks"
+                " for a Llama-family causal LM (`model.layers[i].self_attn`, `.mlp`, `lm_head`, as"
+                " in lightning_tp.models.Llama or transformers' LlamaForCausalLM). Build the model"
+                " in `__init__` or `configure_model()`, pass `plan=` a dict"
+                " {module glob: ParallelStyle} or a callable, or pass plan=None and parallelize it"
+                " yourself in configure_model()."
             )
         for root in roots:
             _check_supported(module.get_submodule(root), root, plan)
@@ -294,38 +318,44 @@ def resolve_plan(
         styles: dict[str, ParallelStyle] = {}
         blocks: list[str] = []
         for root in roots:
-            kwargs: dict[str, Any] = {"sequence_parallel": sequence_parallel, "loss_parallel": loss_parallel}
+            kwargs: dict[str, Any] = {"sequence_parallel": sequence_parallel,
+                                      "loss_parallel": loss_parallel}
             if fn is llama_plan:
-                kwargs["qk_norm"] = hasattr(module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
+                kwargs["qk_norm"] = hasattr(
+                    module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
             styles.update(_match(fn(**kwargs), names, root))
             layers = _join(root, "model.layers")
-            blocks += [n for n in names if n.startswith(layers + ".") and n.count(".") == layers.count(".") + 1]
+            blocks += [n for n in names
+                       if n.startswith(layers + ".") and n.count(".") == layers.count(".") + 1]
         return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
 
     if callable(plan) and not isinstance(plan, Mapping):
         patterns = plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
         if not isinstance(patterns, Mapping):
-            raise PlanError(f"The plan callable {plan!r} must return a dict {{module glob: ParallelStyle}}, "
-                            f"got {type(patterns).__name__}.")
+            raise PlanError(f"The plan callable {plan!r} must return a dict"
+                            f" {{module glob: ParallelStyle}}, got {type(patterns).__name__}.")
     elif isinstance(plan, Mapping):
         patterns = plan
     else:
-        raise PlanError(f"`plan` must be 'auto', a registered name, a dict or a callable; got {plan!r}.")
+        raise PlanError("`plan` must be 'auto', a registered name, a dict or a callable; "
+                        f"got {plan!r}.")
     styles = _match(patterns, names, "")
     roots = find_llama(module)
     blocks = []
     for child_name, child in module.named_modules():
         if isinstance(child, nn.ModuleList):
-            blocks += [_join(child_name, str(i)) for i, m in enumerate(child) if any(True for _ in m.parameters())]
+            blocks += [_join(child_name, str(i)) for i, m in enumerate(child)
+                       if any(True for _ in m.parameters())]
     return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
 
 
 def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int) -> int | None:
     """The dimension of a parameter that a tensor-parallel ``style`` shards, or None if replicated.
 
-    ``ColwiseParallel`` shards a Linear's weight and bias on dim 0 and an Embedding's weight on dim 1;
-    ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an Embedding's
-    weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`) replicates.
+    ``ColwiseParallel`` shards a Linear's weight and bias on dim 0 and an Embedding's weight on dim
+    1; ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an
+    Embedding's weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`)
+    replicates.
     """
     embedding = isinstance(module, nn.Embedding)
     if isinstance(style, ColwiseParallel):
@@ -336,9 +366,11 @@ def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int) -> int | None:
 
 
 def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[str, Any]]:
-    """One row per planned module: its path, style, layouts and each parameter's global and per-rank shape.
+    """One row per planned module: its path, style, layouts and each parameter's global and
+    per-rank shape.
 
-    Computed from the styles, without a process group, so a notebook can show the plan before training.
+    Computed from the styles, without a process group, so a notebook can show the plan before
+    training.
     """
     rows = []
     for path, style in plan.styles.items():

@@ -23,6 +23,7 @@ from lightning_tp import _compat
 from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
+from lightning_tp.parallel.kv_heads import localize_kv_groups
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check
@@ -71,6 +72,7 @@ def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -
     tied."""
     tied = _tied_parameters(module)
     parallelize_module(module, tp_mesh, plan.styles)
+    localize_kv_groups(module)  # transformers' attention: query heads per local KV head
     # Each style creates its own DTensor parameter, which unties shared weights (Llama's tied
     # embedding and lm_head are both sharded on dim 0, so one sharded tensor can serve both).
     for owner_path, others in tied.items():

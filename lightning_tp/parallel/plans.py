@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_tp.errors import ModelNotRecognisedError, PlanError
+from lightning_tp.parallel.kv_heads import KVHeadsColwise, replicates_kv_heads
 
 __all__ = [
     "PLANS",
@@ -111,7 +112,8 @@ class HeadShardedNorm(ParallelStyle):
 
 
 def llama_plan(
-    *, sequence_parallel: bool = True, loss_parallel: bool = True, qk_norm: bool = False
+    *, sequence_parallel: bool = True, loss_parallel: bool = True, qk_norm: bool = False,
+    num_key_value_heads: int | None = None,
 ) -> dict[str, ParallelStyle]:
     """The minimum-communication plan for Llama-family models with Hugging Face module names.
 
@@ -125,6 +127,7 @@ def llama_plan(
     # Activations between blocks are sequence-sharded with SP and replicated without it.
     between = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
+    kv = ColwiseParallel() if num_key_value_heads is None else KVHeadsColwise(num_key_value_heads)
     plan: dict[str, ParallelStyle] = {
         "model.embed_tokens": RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Replicate()
@@ -136,8 +139,9 @@ def llama_plan(
             desired_input_kwarg_layouts={"hidden_states": Replicate()},
         ),
         "model.layers.*.self_attn.q_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        # Split by head; replicated with per-rank head selection when tp exceeds the KV heads.
+        "model.layers.*.self_attn.k_proj": kv,
+        "model.layers.*.self_attn.v_proj": kv,
         "model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=between),
         "model.layers.*.post_attention_layernorm": norm,
         "model.layers.*.mlp": PrepareModuleInput(
@@ -321,6 +325,10 @@ def resolve_plan(
             kwargs: dict[str, Any] = {"sequence_parallel": sequence_parallel,
                                       "loss_parallel": loss_parallel}
             if fn is llama_plan:
+                config = getattr(module.get_submodule(root), "config", None)
+                kv_heads = getattr(config, "num_key_value_heads", None)
+                if isinstance(kv_heads, int):
+                    kwargs["num_key_value_heads"] = kv_heads
                 kwargs["qk_norm"] = hasattr(
                     module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
             styles.update(_match(fn(**kwargs), names, root))
@@ -349,15 +357,21 @@ def resolve_plan(
     return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
 
 
-def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int) -> int | None:
-    """The dimension of a parameter that a tensor-parallel ``style`` shards, or None if replicated.
+def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int,
+                 tp: int | None = None) -> int | None:
+    """The dimension of a parameter that a tensor-parallel ``style`` shards over ``tp`` ranks, or
+    None if replicated.
 
     ``ColwiseParallel`` shards a Linear's weight and bias on dim 0 and an Embedding's weight on dim
-    1; ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an
+    1 (:class:`KVHeadsColwise` too, unless ``tp`` exceeds its KV heads: then it replicates);
+    ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an
     Embedding's weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`)
     replicates.
     """
     embedding = isinstance(module, nn.Embedding)
+    if (isinstance(style, KVHeadsColwise) and tp is not None
+            and replicates_kv_heads(style.num_key_value_heads, tp)):
+        return None
     if isinstance(style, ColwiseParallel):
         return 0 if param_ndim == 1 else (1 if embedding else 0)
     if isinstance(style, RowwiseParallel):
@@ -378,7 +392,7 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
         params = {}
         for name, param in target.named_parameters(recurse=False):
             local = list(param.shape)
-            dim = tp_shard_dim(style, target, param.ndim)
+            dim = tp_shard_dim(style, target, param.ndim, tp)
             if dim is not None:
                 local[dim] = -(-local[dim] // tp)
             params[name] = (tuple(param.shape), tuple(local))

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_tp.errors import ModelShapeError, SequenceLengthError
+from lightning_tp.parallel.kv_heads import KVHeadsColwise, replicates_kv_heads
 from lightning_tp.parallel.plans import ResolvedPlan
 
 __all__ = ["check_model_shapes", "install_sequence_check", "shape_problems"]
@@ -23,12 +24,21 @@ _SHARDED_DIMS = (
 )
 
 
-def shape_problems(config: Any, tp: int) -> list[str]:
+def shape_problems(config: Any, tp: int, replicate_kv: bool = True) -> list[str]:
     """One message per dimension of a model ``config`` that the Llama plan cannot split over
-    ``tp``."""
+    ``tp``. With ``replicate_kv`` (the Llama plan's :class:`KVHeadsColwise`), key/value heads
+    fewer than ``tp`` are fine when ``tp`` is a multiple of them: they are replicated."""
     problems = []
     for attr, what in _SHARDED_DIMS:
         value = getattr(config, attr, None)
+        if attr == "num_key_value_heads" and replicate_kv and isinstance(value, int):
+            if value % tp == 0 or replicates_kv_heads(value, tp):
+                continue
+            problems.append(f"{attr}={value} ({what}, or replicated when tp is a multiple of"
+                            f" them) is neither divisible by nor a divisor of"
+                            f" tensor_parallel_size={tp}: choose a tensor_parallel_size that"
+                            f" divides {value} or is a multiple of it")
+            continue
         if isinstance(value, int) and value % tp != 0:
             fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
                    else f"choose a tensor_parallel_size that divides {value}")
@@ -43,10 +53,11 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     if tp == 1:
         return
     problems = []
+    replicate_kv = any(isinstance(style, KVHeadsColwise) for style in plan.styles.values())
     for root in plan.roots:
         config = getattr(module.get_submodule(root), "config", None)
         if config is not None:
-            problems += shape_problems(config, tp)
+            problems += shape_problems(config, tp, replicate_kv)
     if problems:
         raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
 

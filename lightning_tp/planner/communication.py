@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lightning_tp.hardware import Link
+from lightning_tp.parallel.kv_heads import replicates_kv_heads
 from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, param_shards, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
@@ -73,6 +74,12 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
         rows = [("all_reduce", _LAYERS, (4 + again.reductions) * layers, act),
                 ("all_reduce", "embedding output (fwd)", 1, act),
                 ("all_reduce", "lm_head input gradient (bwd)", 1, act)]
+    if replicates_kv_heads(cfg.num_key_value_heads, inputs.tp):
+        # tp exceeds the KV heads: the replicated k_proj/v_proj weight gradients are summed over
+        # the TP ranks, one all-reduce each per layer (lightning_tp.parallel.kv_heads)
+        kv_weight = cfg.num_key_value_heads * cfg.resolved_head_dim * cfg.hidden_size
+        rows.append(("all_reduce", "replicated k_proj/v_proj weight gradients (bwd)", 2 * layers,
+                     kv_weight * BYTES_PER_ELEMENT[inputs.precision].grad))
     if inputs.loss_parallel:
         rows.append(("all_reduce", "vocab-parallel cross entropy: max, sum-exp, target", 3,
                      4 * inputs.tokens))

@@ -374,8 +374,8 @@ CASES = [
          "model.num_key_value_heads=2"], ["num_attention_heads=2", "tensor_parallel_size=4",
                                           "choose a tensor_parallel_size that divides 2"]), ModelShapeError),
     Case("shape-kv-heads-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
-         num_key_value_heads=2)), ["num_key_value_heads=2", "tensor_parallel_size=4", "choose a tensor_parallel_size"]),
-         ModelShapeError),
+         num_attention_heads=12, num_key_value_heads=3, head_dim=8)),
+         ["num_key_value_heads=3", "tensor_parallel_size=4", "divides 3 or is a multiple of it"]), ModelShapeError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          intermediate_size=190)), ["intermediate_size=190", "divides 190"]), ModelShapeError),
     Case("shape-vocab-not-divisible", "model/plan", R("pretrain", ["model.vocab_size=510"],

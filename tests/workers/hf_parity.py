@@ -34,15 +34,16 @@ SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 
 def hf_model(family: str, seed: int = 0, **extra: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
+    small = {**SMALL, **{k: extra.pop(k) for k in list(extra) if k in SMALL}}
     if family == "llama":
-        config = transformers.LlamaConfig(**SMALL, rope_scaling=SCALING, **extra)
+        config = transformers.LlamaConfig(**small, rope_scaling=SCALING, **extra)
         return transformers.LlamaForCausalLM(config).eval()
     if family == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, head_dim=8, **extra)).eval()
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**small, head_dim=8, **extra)).eval()
     if family == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, **extra)).eval()
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**small, **extra)).eval()
     if family == "qwen3":
-        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, head_dim=8, **extra)).eval()
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small, head_dim=8, **extra)).eval()
     raise ValueError(family)
 
 
@@ -134,7 +135,11 @@ def parity(world: int) -> dict[str, Any]:
     results = {}
     ids = tokens(7)
     cases = [("llama", {"tie_word_embeddings": True}), ("llama", {"tie_word_embeddings": False}),
-             ("mistral", {}), ("qwen2", {}), ("qwen3", {})]
+             ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
+             # fewer KV heads than tp (replicated at tp 4, and for kv1 at tp 2): qwen2 has q/k/v biases,
+             # qwen3 a k_norm
+             ("llama", {"num_key_value_heads": 1}), ("qwen2", {"num_key_value_heads": 2}),
+             ("qwen3", {"num_key_value_heads": 2})]
     for family, extra in cases:
         for native in ([False, True] if family == "llama" else [False]):
             reference = hf_model(family, **extra)
@@ -155,6 +160,8 @@ def parity(world: int) -> dict[str, Any]:
             F.cross_entropy(ref_logits.flatten(0, 1), ids[:, 1:].flatten(0, 1)).backward()
             ref_grads = dict(reference.named_parameters())
             name = f"{'native' if native else 'hf'}-{family}{'-tied' if extra.get('tie_word_embeddings') else ''}"
+            if "num_key_value_heads" in extra:
+                name += f"-kv{extra['num_key_value_heads']}"
             results[name] = {
                 "logits_err": float((got_logits - ref_logits.detach()).abs().max()),
                 "grad_err": max(float((got_grads[k] - ref_grads[k].grad).abs().max()) for k in got_grads),

@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import (
 
 from lightning_tp.errors import ModelShapeError, PlanError
 from lightning_tp.models import Llama, get_config
+from lightning_tp.parallel.kv_heads import KVHeadsColwise
 from lightning_tp.parallel.plans import (
     PLANS,
     ReplicateParallel,
@@ -31,8 +32,8 @@ LAYER_MODULES = {
     "input_layernorm": None,
     "self_attn": PrepareModuleInput,
     "self_attn.q_proj": ColwiseParallel,
-    "self_attn.k_proj": ColwiseParallel,
-    "self_attn.v_proj": ColwiseParallel,
+    "self_attn.k_proj": KVHeadsColwise,  # split by head, or replicated when tp exceeds the KV heads
+    "self_attn.v_proj": KVHeadsColwise,
     "self_attn.o_proj": RowwiseParallel,
     "post_attention_layernorm": None,
     "mlp": PrepareModuleInput,
@@ -283,14 +284,26 @@ def test_register_plan_refuses_duplicates_without_override(llama: Llama) -> None
 def test_check_model_shapes_kv_heads() -> None:
     with torch.device("meta"):
         model = Llama(get_config("debug"))  # 8 heads, 4 kv heads, intermediate 192, vocab 512
+        odd = Llama(get_config("debug", num_attention_heads=24, num_key_value_heads=6, head_dim=8))
     plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
-    with pytest.raises(ModelShapeError) as info:
-        check_model_shapes(model, plan, 8)
-    message = str(info.value)
-    assert "num_key_value_heads=4" in message and "tensor_parallel_size=8" in message
-    assert "num_attention_heads" not in message and "vocab_size" not in message  # only the real problem
-    for tp in (1, 2, 4):
+    for tp in (1, 2, 4, 8):  # 8 > 4 KV heads: replicated (lightning_tp.parallel.kv_heads)
         check_model_shapes(model, plan, tp)
+    odd_plan = resolve_plan(odd, "auto", sequence_parallel=True, loss_parallel=True)
+    with pytest.raises(ModelShapeError) as info:  # 6 KV heads: neither split over nor replicated on 8
+        check_model_shapes(odd, odd_plan, 8)
+    message = str(info.value)
+    assert "num_key_value_heads=6" in message and "tensor_parallel_size=8" in message
+    assert "divides 6 or is a multiple of it" in message
+    assert "num_attention_heads" not in message and "vocab_size" not in message  # only the real problem
+    check_model_shapes(odd, odd_plan, 2)
+
+
+def test_a_plan_without_kv_replication_keeps_refusing_fewer_kv_heads_than_tp() -> None:
+    with torch.device("meta"):
+        model = Llama(get_config("debug"))
+    plan = resolve_plan(model, "llama_per_projection", sequence_parallel=False, loss_parallel=False)
+    with pytest.raises(ModelShapeError, match="num_key_value_heads=4 .* tensor_parallel_size=8"):
+        check_model_shapes(model, plan, 8)
 
 
 def test_check_model_shapes_vocab_suggests_padding() -> None:

@@ -281,3 +281,24 @@ def test_cli_prints_the_tables_and_json():
         main(["plan", "model=llama3_8b", "strategy.tensor_parallel_size=3", "strategy.data_parallel_size=1",
               "data.seq_len=3072"])
     assert isinstance(failure.value.__cause__, ModelShapeError)
+
+
+def test_kv_heads_fewer_than_tp_are_replicated_and_their_gradients_all_reduced() -> None:
+    """The debug Llama has 4 KV heads: at tp 8 the plan replicates k_proj/v_proj (lightning_tp.parallel.kv_heads);
+    the planner keeps them whole on every rank and adds one all-reduce of each weight gradient per layer."""
+    config = get_config("debug")
+    for tp, replicated in ((4, False), (8, True)):
+        inputs = _inputs(config, tp=tp, seq_len=32)
+        shards = {p.name: p for p in param_shards(inputs)}
+        (k,) = [p for name, p in shards.items() if name.endswith("layers.0.self_attn.k_proj.weight")]
+        assert k.tp_shape == (k.shape if replicated else (k.shape[0] // tp, k.shape[1])), (tp, k)
+        rows = [c for c in collectives(inputs) if "k_proj/v_proj" in c.where]
+        if not replicated:
+            assert rows == []
+            continue
+        (row,) = rows
+        element = 4  # the default precision, bf16-mixed, reduces gradients in fp32
+        assert row.kind == "all_reduce" and row.group == "tp"
+        assert row.calls == 2 * config.num_hidden_layers
+        kv_weight = config.num_key_value_heads * config.resolved_head_dim * config.hidden_size
+        assert row.tensor_bytes == kv_weight * element

@@ -1,7 +1,7 @@
 """Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, replicated.
 
 Tiny native Llamas keep real models' query:KV head ratios; each trains 3 SGD steps under TensorParallelStrategy
-and is compared with one process (``tests/workers/head_layouts.py``). Two launches, 4 and 2 ranks, run side by side.
+and is compared with one process (``tests/workers/head_layouts.py``). Three launches: 4 and 2 ranks side by side, then 8 ranks.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ CASES_4 = [
 CASES_2 = [
     {"name": "mqa-4:1", "heads": 4, "kv_heads": 1, "dp": 1, "tp": 2},
 ]
+CASES_8 = [  # a node's 8 GPUs; 8 gloo processes, so few and tiny cases
+    {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 8},  # TinyLlama, Qwen3-30B-A3B at tp 8
+    {"name": "16:2-tied", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 8, "tied": True},
+]
 
 
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
@@ -45,6 +49,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("heads")
     procs = {"world4": _launch(tmp, "world4", {"devices": 4, "cases": CASES_4}),
              "world2": _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})}
+    procs["world4"].wait(timeout=600)  # 4 + 2 ranks share the 2 cores; then the 8 ranks
+    procs["world8"] = _launch(tmp, "world8", {"devices": 8, "cases": CASES_8})
     results = []
     for name, proc in procs.items():
         try:
@@ -60,7 +66,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 def test_every_layout_trains_like_one_process(cases: list[dict]) -> None:
-    assert [c["name"] for c in cases] == [c["name"] for c in CASES_4 + CASES_2]
+    assert [c["name"] for c in cases] == [c["name"] for c in CASES_4 + CASES_2 + CASES_8]
     for case in cases:
         for rank in case["ranks"]:
             assert_losses_close(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], FP32.loss_rel,

@@ -1,7 +1,8 @@
 """Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, replicated.
 
 Tiny native Llamas keep real models' query:KV head ratios; each trains 3 SGD steps under TensorParallelStrategy
-and is compared with one process (``tests/workers/head_layouts.py``). Three launches: 4 and 2 ranks side by side, then 8 ranks.
+and is compared with one process (``tests/workers/head_layouts.py``). Three launches: 4 and 2 ranks side by side,
+then 8 ranks.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ CASES_8 = [  # a node's 8 GPUs; 8 gloo processes, so few and tiny cases
 ]
 
 
+COUNTS: dict[str, dict] = {}  # filled by the fixture from the 4-rank launch
+
+
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
     (tmp / f"{name}.json").write_text(json.dumps(spec))
     log = open(tmp / f"{name}.log", "w")
@@ -48,7 +51,8 @@ def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("heads")
-    procs = {"world4": _launch(tmp, "world4", {"devices": 4, "cases": CASES_4}),
+    layouts = [[8, 4], [8, 2], [8, 1]]  # collectives per layer: split, and KV replicated twice over
+    procs = {"world4": _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": layouts}),
              "world2": _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})}
     procs["world4"].wait(timeout=600)  # 4 + 2 ranks share the 2 cores; then the 8 ranks
     procs["world8"] = _launch(tmp, "world8", {"devices": 8, "cases": CASES_8})
@@ -62,7 +66,10 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         out = tmp / f"{name}.out.json"
         if rc != 0 or not out.exists():
             pytest.fail(f"worker {name} exited with {rc}:\n{(tmp / f'{name}.log').read_text()[-6000:]}")
-        results += json.loads(out.read_text())["cases"]
+        result = json.loads(out.read_text())
+        results += result["cases"]
+        if result["comm_counts"]:
+            COUNTS.update(result["comm_counts"])
     return results
 
 
@@ -80,3 +87,17 @@ def test_kv_projections_are_replicated_only_when_tp_exceeds_the_kv_heads(cases: 
     for case in cases:
         replicated = case["tp"] > case["kv_heads"]
         assert {r["k_proj"] for r in case["ranks"]} == {"HeadSelectingLinear" if replicated else "Linear"}, case
+
+
+def test_replicated_kv_heads_cost_two_all_reduces_per_layer_in_backward(cases: list[dict]) -> None:
+    """Per layer at tp 4 with SP: the Megatron minimum (2 all-gathers + 2 reduce-scatters, forward and backward),
+    plus, with fewer KV heads than tp, one all-reduce of the k_proj and one of the v_proj weight gradient."""
+    def per_layer(layout: str, phase: str) -> dict:
+        one, two = COUNTS[f"{layout}/L=1"][phase], COUNTS[f"{layout}/L=2"][phase]
+        return {k: two.get(k, 0) - one.get(k, 0) for k in set(one) | set(two) if two.get(k, 0) != one.get(k, 0)}
+
+    minimum = {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+    assert per_layer("8:4", "forward") == minimum and per_layer("8:4", "backward") == minimum  # split
+    for layout in ("8:2", "8:1"):  # replicated
+        assert per_layer(layout, "forward") == minimum, layout
+        assert per_layer(layout, "backward") == {**minimum, "allreduce_": 2}, (layout, per_layer(layout, "backward"))

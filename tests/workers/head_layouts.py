@@ -117,12 +117,46 @@ def run_case(case: dict[str, Any], devices: int) -> dict[str, Any] | None:
             "grad_absmax": max(float(g.abs().max()) for g in ref["grads"].values())}
 
 
+def comm_counts(layouts: list[list[int]]) -> dict[str, Any]:
+    """Collectives of one forward and one backward at tp = world size (SP and loss parallel on), for 1 and 2
+    layers of each (query heads, KV heads) layout, so that their difference is what one layer costs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
+    from lightning_tp.parallel.plans import resolve_plan
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for heads, kv_heads in layouts:
+        for layers in (1, 2):
+            cfg = config({"heads": heads, "kv_heads": kv_heads}).replace(num_hidden_layers=layers)
+            model = Llama(cfg)
+            model.init_weights(seed=0)
+            apply_tensor_parallel(model, resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True),
+                                  mesh)
+            tokens = dataset(cfg, 1)[:MICRO_BATCH]
+            counts = {}
+            for phase in ("forward", "backward"):
+                mode = CommDebugMode()
+                with mode, loss_parallel():
+                    if phase == "forward":
+                        loss = loss_of(model, tokens)
+                    else:
+                        loss.backward()
+                counts[phase] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
+            results[f"{heads}:{kv_heads}/L={layers}"] = counts
+    return results
+
+
 def main() -> None:
     out_path, spec = sys.argv[1], json.loads(open(sys.argv[2]).read())
     results = [run_case(case, spec["devices"]) for case in spec["cases"]]
+    counts = comm_counts(spec["comm_counts"]) if spec.get("comm_counts") else None
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"cases": results}, f)
+            json.dump({"cases": results, "comm_counts": counts}, f)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def shape_problems(config: Any, tp: int, replicate_kv: bool = True) -> list[str]
         if isinstance(value, int) and value % tp != 0:
             fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
                    else f"choose a tensor_parallel_size that divides {value}")
+            fewer = (", and fewer than it: each rank needs at least one whole query head"
+                     if attr == "num_attention_heads" and value < tp else "")
             problems.append(f"{attr}={value} ({what}) is not divisible by"
-                            f" tensor_parallel_size={tp}: {fix}")
+                            f" tensor_parallel_size={tp}{fewer}: {fix}")
     return problems
 
 

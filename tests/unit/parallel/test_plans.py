@@ -352,3 +352,12 @@ def test_auto_plan_accepts_supported_transformers_models_and_refuses_others() ->
     # match the plan: refused, not guessed.
     with pytest.raises(PlanError, match="GemmaForCausalLM.*plan="):
         resolve_plan(gemma, "auto", sequence_parallel=True, loss_parallel=True)
+
+
+def test_more_tp_ranks_than_query_heads_says_so() -> None:
+    with torch.device("meta"):
+        model = Llama(get_config("debug", num_attention_heads=4, num_key_value_heads=4, head_dim=16))
+    plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+    with pytest.raises(ModelShapeError, match="num_attention_heads=4 .*tensor_parallel_size=8, and fewer than it:"
+                                              " each rank needs at least one whole query head"):
+        check_model_shapes(model, plan, 8)

@@ -11,6 +11,7 @@ This module holds the Lightning plumbing only: arguments, launch, setup order, s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Generator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -268,9 +269,9 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
             assert self._resolved_plan is not None
             precision = str(getattr(self.precision_plugin, "precision", "32-true"))
             parallelize(self.model, self._resolved_plan,
-                        ParallelConfig(**{**vars(self.parallel),
-                                          "tensor_parallel_size": self.tensor_parallel_size,
-                                          "data_parallel_size": self.data_parallel_size}),
+                        dataclasses.replace(self.parallel,
+                                            tensor_parallel_size=self.tensor_parallel_size,
+                                            data_parallel_size=self.data_parallel_size),
                         self.device_mesh, self.root_device,
                         mp_policy=mixed_precision_policy(precision),
                         seed=getattr(self.model, "init_seed", None),

@@ -61,8 +61,9 @@ MUTATIONS = [
              (MP, "-k", "value_clipping")),
     Mutation("o-proj-column-parallel", "attention's output projection sharded by columns instead of rows",
              "lightning_tp/parallel/plans.py",
-             '"model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=between),',
-             '"model.layers.*.self_attn.o_proj": ColwiseParallel(output_layouts=between),',
+             "    o = (RowwiseParallel(output_layouts=between) if heads is None\n"
+             "         else HeadsRowwise(heads, output_layouts=between))",
+             "    o = ColwiseParallel(output_layouts=between)",
              (MP, "-k", "loss_equals_single_process")),
     Mutation("loss-parallel-dropped-in-backward", "the vocab-parallel loss's backward runs outside loss_parallel()",
              "lightning_tp/strategy/strategy.py",

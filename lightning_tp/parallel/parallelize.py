@@ -23,7 +23,7 @@ from lightning_tp import _compat
 from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
-from lightning_tp.parallel.kv_heads import localize_kv_groups
+from lightning_tp.parallel.heads import localize_kv_groups
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check

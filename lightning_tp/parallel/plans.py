@@ -34,7 +34,14 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_tp.errors import ModelNotRecognisedError, PlanError
-from lightning_tp.parallel.kv_heads import KVHeadsColwise, replicates_kv_heads
+from lightning_tp.parallel.heads import (
+    SPLIT_BY_HEAD,
+    HeadsColwise,
+    HeadsRowwise,
+    KVHeadsColwise,
+    head_layout,
+    shown_style,
+)
 
 __all__ = [
     "PLANS",
@@ -113,7 +120,7 @@ class HeadShardedNorm(ParallelStyle):
 
 def llama_plan(
     *, sequence_parallel: bool = True, loss_parallel: bool = True, qk_norm: bool = False,
-    num_key_value_heads: int | None = None,
+    num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
 ) -> dict[str, ParallelStyle]:
     """The minimum-communication plan for Llama-family models with Hugging Face module names.
 
@@ -127,7 +134,13 @@ def llama_plan(
     # Activations between blocks are sequence-sharded with SP and replicated without it.
     between = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
-    kv = ColwiseParallel() if num_key_value_heads is None else KVHeadsColwise(num_key_value_heads)
+    # With the head counts, projections whose heads tp cannot split evenly are replicated and each
+    # rank computes its own heads (lightning_tp.parallel.heads); without them, split by head.
+    heads, kv_heads = num_attention_heads, num_key_value_heads
+    q = ColwiseParallel() if heads is None else HeadsColwise(heads)
+    kv = ColwiseParallel() if kv_heads is None else KVHeadsColwise(kv_heads, heads)
+    o = (RowwiseParallel(output_layouts=between) if heads is None
+         else HeadsRowwise(heads, output_layouts=between))
     plan: dict[str, ParallelStyle] = {
         "model.embed_tokens": RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Replicate()
@@ -138,11 +151,11 @@ def llama_plan(
             input_kwarg_layouts={"hidden_states": between},
             desired_input_kwarg_layouts={"hidden_states": Replicate()},
         ),
-        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.q_proj": q,
         # Split by head; replicated with per-rank head selection when tp exceeds the KV heads.
         "model.layers.*.self_attn.k_proj": kv,
         "model.layers.*.self_attn.v_proj": kv,
-        "model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=between),
+        "model.layers.*.self_attn.o_proj": o,
         "model.layers.*.post_attention_layernorm": norm,
         "model.layers.*.mlp": PrepareModuleInput(
             input_layouts=(between,), desired_input_layouts=(Replicate(),)
@@ -326,9 +339,9 @@ def resolve_plan(
                                       "loss_parallel": loss_parallel}
             if fn is llama_plan:
                 config = getattr(module.get_submodule(root), "config", None)
-                kv_heads = getattr(config, "num_key_value_heads", None)
-                if isinstance(kv_heads, int):
-                    kwargs["num_key_value_heads"] = kv_heads
+                for field_name in ("num_attention_heads", "num_key_value_heads"):
+                    if isinstance(getattr(config, field_name, None), int):
+                        kwargs[field_name] = getattr(config, field_name)
                 kwargs["qk_norm"] = hasattr(
                     module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
             styles.update(_match(fn(**kwargs), names, root))
@@ -363,15 +376,18 @@ def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int,
     None if replicated.
 
     ``ColwiseParallel`` shards a Linear's weight and bias on dim 0 and an Embedding's weight on dim
-    1 (:class:`KVHeadsColwise` too, unless ``tp`` exceeds its KV heads: then it replicates);
+    1 (the head-aware styles of :mod:`lightning_tp.parallel.heads` too, unless their heads do not
+    split evenly over ``tp``: then they replicate);
     ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an
     Embedding's weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`)
     replicates.
     """
     embedding = isinstance(module, nn.Embedding)
-    if (isinstance(style, KVHeadsColwise) and tp is not None
-            and replicates_kv_heads(style.num_key_value_heads, tp)):
-        return None
+    if isinstance(style, (HeadsColwise, KVHeadsColwise, HeadsRowwise)) and tp is not None:
+        layout = head_layout(style.num_heads or style.num_key_value_heads,
+                             getattr(style, "num_key_value_heads", style.num_heads), tp)
+        if layout.kv_replicated if isinstance(style, KVHeadsColwise) else layout.q_replicated:
+            return None
     if isinstance(style, ColwiseParallel):
         return 0 if param_ndim == 1 else (1 if embedding else 0)
     if isinstance(style, RowwiseParallel):
@@ -397,6 +413,13 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
                 local[dim] = -(-local[dim] // tp)
             params[name] = (tuple(param.shape), tuple(local))
         layouts = {k: v for k, v in vars(style).items() if "layout" in k and v}
-        rows.append({"module": path, "style": type(style).__name__, "params": params,
+        shown = type(style).__name__
+        if shown in SPLIT_BY_HEAD:
+            config = next((getattr(module.get_submodule(root), "config", None)
+                           for root in plan.roots if path.startswith(root)), None)
+            if config is not None:
+                shown = shown_style(shown, head_layout(config.num_attention_heads,
+                                                       config.num_key_value_heads, tp))[0]
+        rows.append({"module": path, "style": shown, "params": params,
                      "layouts": {k: str(v) for k, v in layouts.items()}})
     return rows

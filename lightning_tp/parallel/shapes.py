@@ -10,40 +10,41 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_tp.errors import ModelShapeError, SequenceLengthError
-from lightning_tp.parallel.kv_heads import KVHeadsColwise, replicates_kv_heads
+from lightning_tp.parallel.heads import KVHeadsColwise
 from lightning_tp.parallel.plans import ResolvedPlan
 
 __all__ = ["check_model_shapes", "install_sequence_check", "shape_problems"]
 
 # (config attribute, what it sizes) for every dimension the Llama plan shards over tp.
 _SHARDED_DIMS = (
-    ("num_attention_heads", "query heads (q_proj/o_proj are split by head)"),
+    ("num_attention_heads", "query heads (q_proj/o_proj are split by whole heads)"),
     ("num_key_value_heads", "key/value heads (k_proj/v_proj are split by head)"),
     ("intermediate_size", "MLP width (gate/up/down are split along it)"),
     ("vocab_size", "vocabulary (embed_tokens/lm_head are split along it)"),
 )
 
 
-def shape_problems(config: Any, tp: int, replicate_kv: bool = True) -> list[str]:
+def shape_problems(config: Any, tp: int, head_aware: bool = True) -> list[str]:
     """One message per dimension of a model ``config`` that the Llama plan cannot split over
-    ``tp``. With ``replicate_kv`` (the Llama plan's :class:`KVHeadsColwise`), key/value heads
-    fewer than ``tp`` are fine when ``tp`` is a multiple of them: they are replicated."""
+    ``tp``. With ``head_aware`` (the Llama plan's styles of :mod:`lightning_tp.parallel.heads`),
+    query and KV heads that tp does not divide are fine, as long as every rank gets at least one
+    whole query head."""
     problems = []
     for attr, what in _SHARDED_DIMS:
         value = getattr(config, attr, None)
-        if attr == "num_key_value_heads" and replicate_kv and isinstance(value, int):
-            if value % tp == 0 or replicates_kv_heads(value, tp):
-                continue
-            problems.append(f"{attr}={value} ({what}, or replicated when tp is a multiple of"
-                            f" them) is neither divisible by nor a divisor of"
-                            f" tensor_parallel_size={tp}: choose a tensor_parallel_size that"
-                            f" divides {value} or is a multiple of it")
+        if not isinstance(value, int):
             continue
-        if isinstance(value, int) and value % tp != 0:
+        if head_aware and attr == "num_key_value_heads":
+            continue  # split, replicated or one copy per query head: every layout works
+        if head_aware and attr == "num_attention_heads" and value >= tp:
+            continue  # whole heads per rank, as evenly as possible
+        if value % tp != 0:
             fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
                    else f"choose a tensor_parallel_size that divides {value}")
             fewer = (", and fewer than it: each rank needs at least one whole query head"
                      if attr == "num_attention_heads" and value < tp else "")
+            if head_aware and attr == "num_attention_heads":
+                fix = f"choose a tensor_parallel_size of at most {value}"
             problems.append(f"{attr}={value} ({what}) is not divisible by"
                             f" tensor_parallel_size={tp}{fewer}: {fix}")
     return problems
@@ -55,11 +56,11 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     if tp == 1:
         return
     problems = []
-    replicate_kv = any(isinstance(style, KVHeadsColwise) for style in plan.styles.values())
+    head_aware = any(isinstance(style, KVHeadsColwise) for style in plan.styles.values())
     for root in plan.roots:
         config = getattr(module.get_submodule(root), "config", None)
         if config is not None:
-            problems += shape_problems(config, tp, replicate_kv)
+            problems += shape_problems(config, tp, head_aware)
     if problems:
         raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lightning_tp.hardware import Link
-from lightning_tp.parallel.kv_heads import replicates_kv_heads
+from lightning_tp.parallel.heads import head_layout
 from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, param_shards, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
@@ -74,12 +74,18 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
         rows = [("all_reduce", _LAYERS, (4 + again.reductions) * layers, act),
                 ("all_reduce", "embedding output (fwd)", 1, act),
                 ("all_reduce", "lm_head input gradient (bwd)", 1, act)]
-    if replicates_kv_heads(cfg.num_key_value_heads, inputs.tp):
-        # tp exceeds the KV heads: the replicated k_proj/v_proj weight gradients are summed over
-        # the TP ranks, one all-reduce each per layer (lightning_tp.parallel.kv_heads)
+    heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, inputs.tp)
+    grad = BYTES_PER_ELEMENT[inputs.precision].grad
+    # Heads tp cannot split evenly: the replicated projections' weight gradients are summed over
+    # the TP ranks, one all-reduce each per layer (lightning_tp.parallel.heads)
+    if heads.kv_replicated:
         kv_weight = cfg.num_key_value_heads * cfg.resolved_head_dim * cfg.hidden_size
         rows.append(("all_reduce", "replicated k_proj/v_proj weight gradients (bwd)", 2 * layers,
-                     kv_weight * BYTES_PER_ELEMENT[inputs.precision].grad))
+                     kv_weight * grad))
+    if heads.q_replicated:
+        q_weight = cfg.num_attention_heads * cfg.resolved_head_dim * cfg.hidden_size
+        rows.append(("all_reduce", "replicated q_proj/o_proj weight gradients (bwd)", 2 * layers,
+                     q_weight * grad))
     if inputs.loss_parallel:
         rows.append(("all_reduce", "vocab-parallel cross entropy: max, sum-exp, target", 3,
                      4 * inputs.tokens))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_tp.models.config import LlamaConfig
-from lightning_tp.parallel.kv_heads import KVHeadsColwise, replicates_kv_heads
+from lightning_tp.parallel.heads import head_layout, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
 from lightning_tp.planner.inputs import PlanInputs
 
@@ -144,9 +144,11 @@ def param_shards(inputs: PlanInputs) -> list[ParamShard]:
     dp = inputs.dp if inputs.fsdp else 1
     out = []
     for name, owner, style, unit, shape, dim in _param_layout(_PlanKey.of(inputs)):
-        if style == KVHeadsColwise.__name__ and replicates_kv_heads(
-                inputs.config.num_key_value_heads, inputs.tp):
-            dim = None  # tp exceeds the KV heads: k_proj/v_proj are replicated
+        layout = head_layout(inputs.config.num_attention_heads,
+                             inputs.config.num_key_value_heads, inputs.tp)
+        style, replicated = shown_style(style, layout)  # reported as what it does at this tp
+        if replicated:
+            dim = None  # heads tp cannot split evenly: replicated (lightning_tp.parallel.heads)
         tp_shape = list(shape)
         if dim is not None:
             tp_shape[dim] = chunk(tp_shape[dim], inputs.tp, 0)

@@ -74,7 +74,8 @@ def _plan_rows(inputs: PlanInputs, shards: list[ParamShard]) -> list[dict[str, A
         style, p = resolved.styles[path], by_module.get(path)
         layouts = {k.replace("_layouts", ""): _short(v) for k, v in vars(style).items()
                    if "layout" in k and v}
-        rows.append({"module": path, "style": type(style).__name__, "layouts": layouts,
+        rows.append({"module": path, "style": p.style if p else type(style).__name__,
+                     "layouts": layouts,
                      "shape": list(p.shape) if p else None,
                      "tp_local": list(p.tp_shape) if p else None,
                      "rank0_local": (list(p.local_shape(inputs.tp, dp_eff, 0, 0, inputs.fsdp))

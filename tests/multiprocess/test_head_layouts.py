@@ -1,4 +1,4 @@
-"""Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, replicated.
+"""Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, uneven query heads.
 
 Tiny native Llamas keep real models' query:KV head ratios; each trains 3 SGD steps under TensorParallelStrategy
 and is compared with one process (``tests/workers/head_layouts.py``). Three launches: 4 and 2 ranks side by side,
@@ -28,13 +28,20 @@ CASES_4 = [
     {"name": "8:2-no-sp", "heads": 8, "kv_heads": 2, "dp": 1, "tp": 4, "sp": False},
     {"name": "8:1-fsdp", "heads": 8, "kv_heads": 1, "dp": 2, "tp": 2},  # replicated KV under FSDP2 (dp=2)
     {"name": "8:4-split", "heads": 8, "kv_heads": 4, "dp": 1, "tp": 4},  # control: tp divides the KV heads
+    {"name": "smollm2-9:3-tied", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 4, "tied": True},  # 3+2+2+2 heads
+    {"name": "qwen2.5-0.5b-14:2", "heads": 14, "kv_heads": 2, "dp": 1, "tp": 4},  # 4+4+3+3
+    {"name": "24:6", "heads": 24, "kv_heads": 6, "dp": 1, "tp": 4},  # even query heads, groups split across ranks
+    {"name": "9:3-fsdp", "heads": 9, "kv_heads": 3, "dp": 2, "tp": 2},  # 5+4 under FSDP2
 ]
 CASES_2 = [
     {"name": "mqa-4:1", "heads": 4, "kv_heads": 1, "dp": 1, "tp": 2},
+    {"name": "smollm2-9:3-no-sp", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 2, "sp": False, "tied": True},
 ]
 CASES_8 = [  # a node's 8 GPUs; 8 gloo processes, so few and tiny cases
     {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 8},  # TinyLlama, Qwen3-30B-A3B at tp 8
     {"name": "16:2-tied", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 8, "tied": True},
+    {"name": "smollm2-9:3-tied", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 8, "tied": True},  # 2+1+...+1
+    {"name": "qwen2.5-7b-28:4", "heads": 28, "kv_heads": 4, "dp": 1, "tp": 8},  # 4+4+4+4+3+3+3+3
 ]
 
 
@@ -51,7 +58,7 @@ def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("heads")
-    layouts = [[8, 4], [8, 2], [8, 1]]  # collectives per layer: split, and KV replicated twice over
+    layouts = [[8, 4], [8, 2], [8, 1], [9, 3]]  # per layer: split, KV replicated, uneven query heads
     procs = {"world4": _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": layouts}),
              "world2": _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})}
     procs["world4"].wait(timeout=600)  # 4 + 2 ranks share the 2 cores; then the 8 ranks
@@ -83,15 +90,20 @@ def test_every_layout_trains_like_one_process(cases: list[dict]) -> None:
         assert case["grad_absmax"] > 1e-3, case["name"]  # the gradients compared are not all ~0
 
 
-def test_kv_projections_are_replicated_only_when_tp_exceeds_the_kv_heads(cases: list[dict]) -> None:
+def test_projections_are_replicated_only_where_tp_cannot_split_the_heads(cases: list[dict]) -> None:
     for case in cases:
-        replicated = case["tp"] > case["kv_heads"]
-        assert {r["k_proj"] for r in case["ranks"]} == {"HeadSelectingLinear" if replicated else "Linear"}, case
+        heads, kv, tp = case["heads"], case["kv_heads"], case["tp"]
+        q_replicated = heads % tp != 0
+        kv_replicated = q_replicated or kv % tp != 0
+        selecting = {"HeadSelectingLinear": True, "Linear": False}
+        assert {selecting[r["q_proj"]] for r in case["ranks"]} == {q_replicated}, case["name"]
+        assert {selecting[r["k_proj"]] for r in case["ranks"]} == {kv_replicated}, case["name"]
 
 
-def test_replicated_kv_heads_cost_two_all_reduces_per_layer_in_backward(cases: list[dict]) -> None:
+def test_replicated_heads_cost_one_all_reduce_per_projection_in_backward(cases: list[dict]) -> None:
     """Per layer at tp 4 with SP: the Megatron minimum (2 all-gathers + 2 reduce-scatters, forward and backward),
-    plus, with fewer KV heads than tp, one all-reduce of the k_proj and one of the v_proj weight gradient."""
+    plus one all-reduce per replicated projection's weight gradient (k/v with fewer KV heads than tp; q/k/v/o with
+    query heads tp does not divide)."""
     def per_layer(layout: str, phase: str) -> dict:
         one, two = COUNTS[f"{layout}/L=1"][phase], COUNTS[f"{layout}/L=2"][phase]
         return {k: two.get(k, 0) - one.get(k, 0) for k in set(one) | set(two) if two.get(k, 0) != one.get(k, 0)}
@@ -101,3 +113,7 @@ def test_replicated_kv_heads_cost_two_all_reduces_per_layer_in_backward(cases: l
     for layout in ("8:2", "8:1"):  # replicated
         assert per_layer(layout, "forward") == minimum, layout
         assert per_layer(layout, "backward") == {**minimum, "allreduce_": 2}, (layout, per_layer(layout, "backward"))
+    # 9 query heads at tp 4: q/k/v/o_proj replicated, one weight-gradient all-reduce each; o_proj's reduce-scatter
+    # (or all-reduce) of its partial sums is the one RowwiseParallel issues
+    assert per_layer("9:3", "forward") == minimum
+    assert per_layer("9:3", "backward") == {**minimum, "allreduce_": 4}, per_layer("9:3", "backward")

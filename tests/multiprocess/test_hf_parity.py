@@ -42,7 +42,7 @@ def test_transformers_llama_trained_by_the_trainer_matches_one_process(result):
 
 @pytest.mark.parametrize("name", ["hf-llama", "hf-llama-tied", "native-llama", "native-llama-tied", "hf-mistral",
                                   "hf-qwen2", "hf-qwen3", "hf-llama-kv1", "native-llama-kv1", "hf-qwen2-kv2",
-                                  "hf-qwen3-kv2"])
+                                  "hf-qwen3-kv2", "hf-llama-q6-kv2", "native-llama-q6-kv2", "hf-qwen2-q6-kv2"])
 def test_logits_and_gradients_match_one_process(result, name):
     case = result["parity"][name]
     print(f"\n{name}: logits abs err {case['logits_err']:.1e}, grad abs err {case['grad_err']:.1e}")

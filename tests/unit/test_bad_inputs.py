@@ -372,10 +372,10 @@ CASES = [
     # ------------------------------------------------------------------ model and plan shapes
     Case("shape-heads-not-divisible", "model/plan", R("pretrain", ["model.num_attention_heads=2",
          "model.num_key_value_heads=2"], ["num_attention_heads=2", "tensor_parallel_size=4",
-                                          "choose a tensor_parallel_size that divides 2"]), ModelShapeError),
-    Case("shape-kv-heads-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
-         num_attention_heads=12, num_key_value_heads=3, head_dim=8)),
-         ["num_key_value_heads=3", "tensor_parallel_size=4", "divides 3 or is a multiple of it"]), ModelShapeError),
+                                          "choose a tensor_parallel_size of at most 2"]), ModelShapeError),
+    Case("shape-tp-over-query-heads", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
+         num_attention_heads=2, num_key_value_heads=1, head_dim=32)),
+         ["num_attention_heads=2", "tensor_parallel_size=4", "at least one whole query head"]), ModelShapeError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          intermediate_size=190)), ["intermediate_size=190", "divides 190"]), ModelShapeError),
     Case("shape-vocab-not-divisible", "model/plan", R("pretrain", ["model.vocab_size=510"],

@@ -106,6 +106,7 @@ def run_case(case: dict[str, Any], devices: int) -> dict[str, Any] | None:
     trainer.fit(module, DataLoader(TensorDataset(dataset(cfg, case["dp"])), batch_size=MICRO_BATCH))
     mine = {"rank": trainer.global_rank, "losses": module.losses,
             "dp_rank": trainer.strategy.device_mesh["data_parallel"].get_local_rank(),
+            "q_proj": type(module.model.model.layers[0].self_attn.q_proj).__name__,
             "k_proj": type(module.model.model.layers[0].self_attn.k_proj).__name__}
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)

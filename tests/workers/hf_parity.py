@@ -139,7 +139,10 @@ def parity(world: int) -> dict[str, Any]:
              # fewer KV heads than tp (replicated at tp 4, and for kv1 at tp 2): qwen2 has q/k/v biases,
              # qwen3 a k_norm
              ("llama", {"num_key_value_heads": 1}), ("qwen2", {"num_key_value_heads": 2}),
-             ("qwen3", {"num_key_value_heads": 2})]
+             ("qwen3", {"num_key_value_heads": 2}),
+             # 6 query heads: split unevenly (2+2+1+1) at tp 4
+             ("llama", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 48}),
+             ("qwen2", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 48})]
     for family, extra in cases:
         for native in ([False, True] if family == "llama" else [False]):
             reference = hf_model(family, **extra)
@@ -160,6 +163,8 @@ def parity(world: int) -> dict[str, Any]:
             F.cross_entropy(ref_logits.flatten(0, 1), ids[:, 1:].flatten(0, 1)).backward()
             ref_grads = dict(reference.named_parameters())
             name = f"{'native' if native else 'hf'}-{family}{'-tied' if extra.get('tie_word_embeddings') else ''}"
+            if "num_attention_heads" in extra:
+                name += f"-q{extra['num_attention_heads']}"
             if "num_key_value_heads" in extra:
                 name += f"-kv{extra['num_key_value_heads']}"
             results[name] = {

@@ -230,8 +230,8 @@ def _meta_llama(**overrides: Any) -> Llama:
 def test_preflight_rejects_unshardable_model_before_spawn(tmp_path: Path) -> None:
     trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
     with pytest.raises(ModelShapeError) as info:
-        trainer.fit(_Module(_meta_llama(num_attention_heads=24, num_key_value_heads=6, head_dim=8)))
-    assert "num_key_value_heads=6" in str(info.value) and "tensor_parallel_size=8" in str(info.value)
+        trainer.fit(_Module(_meta_llama(intermediate_size=190)))
+    assert "intermediate_size=190" in str(info.value) and "tensor_parallel_size=8" in str(info.value)
 
 
 def test_preflight_rejects_auto_plan_without_llama(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_model_built_in_configure_model_is_checked_later(tmp_path: Path) -> None
             self.model = None
 
         def configure_model(self) -> None:
-            self.model = _meta_llama(num_attention_heads=24, num_key_value_heads=6, head_dim=8)
+            self.model = _meta_llama(intermediate_size=190)
 
     trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
     with pytest.raises(SpawnBlocked):
@@ -296,7 +296,7 @@ def test_model_built_in_configure_model_is_checked_later(tmp_path: Path) -> None
     # the same check that setup() runs rejects the model once it exists
     module = Deferred()
     module.configure_model()
-    with pytest.raises(ModelShapeError, match="num_key_value_heads"):
+    with pytest.raises(ModelShapeError, match="intermediate_size"):
         check_model(trainer.strategy, module)
 
 

@@ -65,6 +65,13 @@ model."""
 PlanSpec = Union[str, Mapping[str, ParallelStyle], PlanFn]
 
 
+def _replicate_parameters(_name: str, module: nn.Module, mesh: Any) -> None:
+    """``distribute_module``'s partition function: every parameter of ``module`` a ``Replicate()``
+    DTensor on ``mesh``."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+
 class ReplicateParallel(ParallelStyle):
     """Keep a module's parameters whole on every TP rank, but as ``Replicate()`` DTensors.
 
@@ -76,11 +83,6 @@ class ReplicateParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         from torch.distributed.tensor import DTensor
 
-        def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
-            for name, param in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(name,
-                                       nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
-
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
             return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
                          if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a
@@ -89,7 +91,7 @@ class ReplicateParallel(ParallelStyle):
         def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
             return out.to_local() if isinstance(out, DTensor) else out
 
-        return distribute_module(module, device_mesh, partition, inputs, outputs)
+        return distribute_module(module, device_mesh, _replicate_parameters, inputs, outputs)
 
 
 class HeadShardedNorm(ParallelStyle):
@@ -104,18 +106,13 @@ class HeadShardedNorm(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         from torch.distributed.tensor import DTensor
 
-        def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
-            for name, param in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(name,
-                                       nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
-
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
             return (DTensor.from_local(args[0], mesh, [Shard(2)], run_check=False), *args[1:])
 
         def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
             return out.to_local()
 
-        return distribute_module(module, device_mesh, partition, inputs, outputs)
+        return distribute_module(module, device_mesh, _replicate_parameters, inputs, outputs)
 
 
 def llama_plan(

@@ -73,11 +73,6 @@ class HeadLayout:
     """``k_proj``/``v_proj`` replicated, KV heads selected per rank (fewer KV heads than tp, or
     uneven query heads)."""
 
-    @property
-    def extra_all_reduces(self) -> int:
-        """Weight-gradient all-reduces per layer in backward."""
-        return 2 * self.q_replicated + 2 * self.kv_replicated
-
 
 def head_layout(num_heads: int, num_key_value_heads: int, tp: int) -> HeadLayout:
     """The layout for ``tp``; raises :class:`ModelShapeError` when tp exceeds the query heads."""
@@ -219,7 +214,9 @@ class _HeadSelectingLinear:
 
     def forward(self, x: Tensor) -> Tensor:
         group = self.tp_mesh.get_group()
-        index = self.head_index.to(self.weight.device)
+        if self.head_index.device != self.weight.device:  # once, after materialisation
+            self.head_index = self.head_index.to(self.weight.device)
+        index = self.head_index
         weight = _Select.apply(self.weight.to_local(), index, self.select_dim, group)
         if self.select_dim == 1:  # o_proj: this rank's heads in, a partial sum of the output out
             partial = DTensor.from_local(F.linear(x, weight), self.tp_mesh, [Partial()],

@@ -1,6 +1,11 @@
-"""What the Llama plan requires of a model's shapes: every sharded dimension divisible by the TP
-degree, and under sequence parallelism a sequence length the TP ranks can split. Checked before
-anything is sharded."""
+"""What the Llama plan requires of a model's shapes: the MLP width divisible by the TP degree, at
+least one whole query head and one vocabulary row per rank, and under sequence parallelism a
+sequence length the TP ranks can split. Checked before anything is sharded.
+
+A vocabulary tp does not divide is split unevenly (DTensor's ``torch.chunk`` rule: every rank holds
+``ceil(vocab / tp)`` rows but the last ones, which hold fewer), so there are no padding rows to
+mask: the loss, the checkpoint and the export see exactly the model's vocabulary. The price is
+the imbalance of the largest shard, ``ceil(vocab / tp)`` rows against ``vocab / tp``."""
 
 from __future__ import annotations
 
@@ -13,14 +18,13 @@ from lightning_tp.errors import ModelShapeError, SequenceLengthError
 from lightning_tp.parallel.heads import KVHeadsColwise
 from lightning_tp.parallel.plans import ResolvedPlan
 
-__all__ = ["check_model_shapes", "install_sequence_check", "shape_problems"]
+__all__ = ["check_model_shapes", "install_sequence_check", "shape_problems", "vocab_ranks"]
 
 # (config attribute, what it sizes) for every dimension the Llama plan shards over tp.
 _SHARDED_DIMS = (
     ("num_attention_heads", "query heads (q_proj/o_proj are split by whole heads)"),
     ("num_key_value_heads", "key/value heads (k_proj/v_proj are split by head)"),
     ("intermediate_size", "MLP width (gate/up/down are split along it)"),
-    ("vocab_size", "vocabulary (embed_tokens/lm_head are split along it)"),
 )
 
 
@@ -39,15 +43,32 @@ def shape_problems(config: Any, tp: int, head_aware: bool = True) -> list[str]:
         if head_aware and attr == "num_attention_heads" and value >= tp:
             continue  # whole heads per rank, as evenly as possible
         if value % tp != 0:
-            fix = (f"pad vocab_size to {math.ceil(value / tp) * tp}" if attr == "vocab_size"
-                   else f"choose a tensor_parallel_size that divides {value}")
+            fix = f"choose a tensor_parallel_size that divides {value}"
             fewer = (", and fewer than it: each rank needs at least one whole query head"
                      if attr == "num_attention_heads" and value < tp else "")
             if head_aware and attr == "num_attention_heads":
                 fix = f"choose a tensor_parallel_size of at most {value}"
             problems.append(f"{attr}={value} ({what}) is not divisible by"
                             f" tensor_parallel_size={tp}{fewer}: {fix}")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab_ranks(vocab, tp) < tp:
+        problems.append(f"vocab_size={vocab} (vocabulary: embed_tokens/lm_head are split along it,"
+                        f" {math.ceil(vocab / tp)} per rank) leaves"
+                        f" {tp - vocab_ranks(vocab, tp)} of the tensor_parallel_size={tp} ranks"
+                        f" without a row: choose a tensor_parallel_size at which every rank"
+                        f" holds one, such as {_most_ranks(vocab, tp)}")
     return problems
+
+
+def vocab_ranks(vocab: int, tp: int) -> int:
+    """How many of ``tp`` ranks hold at least one row of a ``vocab``-row table split unevenly
+    (``torch.chunk``: ``ceil(vocab / tp)`` rows per rank until the rows run out)."""
+    return math.ceil(vocab / math.ceil(vocab / tp))
+
+
+def _most_ranks(vocab: int, tp: int) -> int:
+    """The largest tp up to ``tp`` at which every rank holds a row of ``vocab``."""
+    return max(t for t in range(1, tp + 1) if vocab_ranks(vocab, t) == t)
 
 
 def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:

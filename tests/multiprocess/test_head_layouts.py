@@ -1,4 +1,5 @@
-"""Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, uneven query heads.
+"""Head layouts the default plan used to refuse, trained exactly (issue 14): KV heads fewer than tp, uneven query heads,
+a vocabulary tp does not divide (61 rows: 31 + 30 at tp 2, 16 + 16 + 16 + 13 at tp 4, 8 × 7 + 5 at tp 8).
 
 Tiny native Llamas keep real models' query:KV head ratios; each trains 3 SGD steps under TensorParallelStrategy
 and is compared with one process (``tests/workers/head_layouts.py``). Three launches: 4 and 2 ranks side by side,
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from launching import QUIET, launch_env
 from paths import WORKERS
 from tolerances import FP32, assert_losses_close, assert_max_err
@@ -31,15 +33,17 @@ CASES_4 = [
     {"name": "smollm2-9:3-tied", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 4, "tied": True},  # 3+2+2+2 heads
     {"name": "qwen2.5-0.5b-14:2", "heads": 14, "kv_heads": 2, "dp": 1, "tp": 4},  # 4+4+3+3
     {"name": "24:6", "heads": 24, "kv_heads": 6, "dp": 1, "tp": 4},  # even query heads, groups split across ranks
-    {"name": "9:3-fsdp", "heads": 9, "kv_heads": 3, "dp": 2, "tp": 2},  # 5+4 under FSDP2
+    {"name": "9:3-vocab61-fsdp", "heads": 9, "kv_heads": 3, "dp": 2, "tp": 2, "vocab": 61},  # 5+4 under FSDP2
+    {"name": "vocab61-tied", "heads": 8, "kv_heads": 4, "dp": 1, "tp": 4, "vocab": 61, "tied": True},
 ]
 CASES_2 = [
     {"name": "mqa-4:1", "heads": 4, "kv_heads": 1, "dp": 1, "tp": 2},
     {"name": "smollm2-9:3-no-sp", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 2, "sp": False, "tied": True},
+    {"name": "vocab61-no-sp", "heads": 4, "kv_heads": 2, "dp": 1, "tp": 2, "sp": False, "vocab": 61},
 ]
 CASES_8 = [  # a node's 8 GPUs; 8 gloo processes, so few and tiny cases
     {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 8},  # TinyLlama, Qwen3-30B-A3B at tp 8
-    {"name": "16:2-tied", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 8, "tied": True},
+    {"name": "16:2-tied-vocab61", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 8, "tied": True, "vocab": 61},
     {"name": "smollm2-9:3-tied", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 8, "tied": True},  # 2+1+...+1
     {"name": "qwen2.5-7b-28:4", "heads": 28, "kv_heads": 4, "dp": 1, "tp": 8},  # 4+4+4+4+3+3+3+3
 ]
@@ -58,7 +62,8 @@ def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("heads")
-    layouts = [[8, 4], [8, 2], [8, 1], [9, 3]]  # per layer: split, KV replicated, uneven query heads
+    # per layer: split, KV replicated, uneven query heads; the split one again with an uneven vocabulary
+    layouts = [[8, 4], [8, 2], [8, 1], [9, 3], [8, 4, 61]]
     procs = {"world4": _launch(tmp, "world4", {"devices": 4, "cases": CASES_4, "comm_counts": layouts}),
              "world2": _launch(tmp, "world2", {"devices": 2, "cases": CASES_2})}
     procs["world4"].wait(timeout=600)  # 4 + 2 ranks share the 2 cores; then the 8 ranks
@@ -117,3 +122,22 @@ def test_replicated_heads_cost_one_all_reduce_per_projection_in_backward(cases: 
     # (or all-reduce) of its partial sums is the one RowwiseParallel issues
     assert per_layer("9:3", "forward") == minimum
     assert per_layer("9:3", "backward") == {**minimum, "allreduce_": 4}, per_layer("9:3", "backward")
+
+
+def test_the_vocabulary_is_split_by_torch_chunk(cases: list[dict]) -> None:
+    """ceil(vocab / tp) rows per rank until the rows run out: 61 at tp 4 as 16, 16, 16, 13; no padding rows."""
+    for case in cases:
+        if case["dp"] != 1:
+            continue
+        vocab, tp = case.get("vocab", 64), case["tp"]
+        rows = [r["vocab_rows"] for r in sorted(case["ranks"], key=lambda r: r["rank"])]
+        assert rows == [len(c) for c in torch.arange(vocab).chunk(tp)], (case["name"], rows)
+        assert sum(rows) == vocab
+
+
+def test_an_uneven_vocabulary_costs_no_extra_collective(cases: list[dict]) -> None:
+    """61 rows at tp 4 (16, 16, 16, 13): the embedding, lm_head and vocab-parallel loss issue the same collectives
+    as with 64 rows, in the whole model, forward and backward."""
+    for layers in (1, 2):
+        for phase in ("forward", "backward"):
+            assert COUNTS[f"8:4/V=61/L={layers}"][phase] == COUNTS[f"8:4/L={layers}"][phase], (layers, phase)

@@ -378,8 +378,9 @@ CASES = [
          ["num_attention_heads=2", "tensor_parallel_size=4", "at least one whole query head"]), ModelShapeError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          intermediate_size=190)), ["intermediate_size=190", "divides 190"]), ModelShapeError),
-    Case("shape-vocab-not-divisible", "model/plan", R("pretrain", ["model.vocab_size=510"],
-         ["vocab_size=510", "pad vocab_size to 512"]), ModelShapeError),
+    Case("shape-vocab-leaves-a-rank-empty", "model/plan", F(_fit(lambda: TensorParallelStrategy(
+         tensor_parallel_size=4), _llama(vocab_size=3)), ["vocab_size=3", "1 of the tensor_parallel_size=4 ranks",
+         "such as 3"]), ModelShapeError),
     Case("shape-seq-len-under-sp", "model/plan", R("pretrain", ["data.seq_len=30"],
          ["data.seq_len=30", "tensor_parallel_size=4", "Fix: set data.seq_len to a multiple of 4"]),
          SequenceLengthError),

@@ -26,7 +26,7 @@ SEQ, MICRO_BATCH, STEPS, LR = 8, 2, 3, 0.5
 
 
 def config(case: dict[str, Any]) -> LlamaConfig:
-    return LlamaConfig(vocab_size=64, hidden_size=case["heads"] * 4, intermediate_size=32,
+    return LlamaConfig(vocab_size=case.get("vocab", 64), hidden_size=case["heads"] * 4, intermediate_size=32,
                        num_hidden_layers=2, num_attention_heads=case["heads"],
                        num_key_value_heads=case["kv_heads"], head_dim=4, max_position_embeddings=SEQ,
                        tie_word_embeddings=case.get("tied", False))
@@ -107,7 +107,9 @@ def run_case(case: dict[str, Any], devices: int) -> dict[str, Any] | None:
     mine = {"rank": trainer.global_rank, "losses": module.losses,
             "dp_rank": trainer.strategy.device_mesh["data_parallel"].get_local_rank(),
             "q_proj": type(module.model.model.layers[0].self_attn.q_proj).__name__,
-            "k_proj": type(module.model.model.layers[0].self_attn.k_proj).__name__}
+            "k_proj": type(module.model.model.layers[0].self_attn.k_proj).__name__,
+            # the rows of lm_head this rank holds (TP only: under FSDP2 the local tensor is a dp shard of them)
+            "vocab_rows": module.model.lm_head.weight.to_local().shape[0] if case["dp"] == 1 else None}
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if trainer.global_rank != 0:
@@ -120,7 +122,8 @@ def run_case(case: dict[str, Any], devices: int) -> dict[str, Any] | None:
 
 def comm_counts(layouts: list[list[int]]) -> dict[str, Any]:
     """Collectives of one forward and one backward at tp = world size (SP and loss parallel on), for 1 and 2
-    layers of each (query heads, KV heads) layout, so that their difference is what one layer costs."""
+    layers of each (query heads, KV heads[, vocabulary]) layout, so that their difference is what one layer
+    costs."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import loss_parallel
@@ -130,9 +133,10 @@ def comm_counts(layouts: list[list[int]]) -> dict[str, Any]:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = {}
-    for heads, kv_heads in layouts:
+    for heads, kv_heads, *vocab in layouts:
         for layers in (1, 2):
-            cfg = config({"heads": heads, "kv_heads": kv_heads}).replace(num_hidden_layers=layers)
+            cfg = config({"heads": heads, "kv_heads": kv_heads, "vocab": vocab[0] if vocab else 64}
+                         ).replace(num_hidden_layers=layers)
             model = Llama(cfg)
             model.init_weights(seed=0)
             apply_tensor_parallel(model, resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True),
@@ -147,7 +151,7 @@ def comm_counts(layouts: list[list[int]]) -> dict[str, Any]:
                     else:
                         loss.backward()
                 counts[phase] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
-            results[f"{heads}:{kv_heads}/L={layers}"] = counts
+            results[f"{heads}:{kv_heads}{f'/V={vocab[0]}' if vocab else ''}/L={layers}"] = counts
     return results
 
 

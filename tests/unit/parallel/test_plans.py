@@ -26,7 +26,7 @@ from lightning_tp.parallel.plans import (
     register_plan,
     resolve_plan,
 )
-from lightning_tp.parallel.shapes import check_model_shapes
+from lightning_tp.parallel.shapes import check_model_shapes, vocab_ranks
 
 LAYER_MODULES = {
     "input_layernorm": None,
@@ -301,14 +301,30 @@ def test_a_plan_without_kv_replication_keeps_refusing_fewer_kv_heads_than_tp() -
         check_model_shapes(model, plan, 8)
 
 
-def test_check_model_shapes_vocab_suggests_padding() -> None:
+def test_a_vocabulary_tp_does_not_divide_is_split_unevenly() -> None:
+    for vocab, tp in ((510, 4), (259, 2), (259, 8), (32001, 8)):  # 128,128,127,127 / 130,129 / ...
+        with torch.device("meta"):
+            model = Wrapper(Llama(get_config("debug", vocab_size=vocab)))
+        plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+        check_model_shapes(model, plan, tp)
+        assert vocab_ranks(vocab, tp) == tp
+        per_projection = resolve_plan(model, "llama_per_projection", sequence_parallel=False,
+                                      loss_parallel=False)
+        check_model_shapes(model, per_projection, min(tp, 4))  # it needs tp to divide the 4 KV heads
+
+
+def test_a_vocabulary_that_leaves_a_rank_without_rows_is_refused() -> None:
+    # 9 rows at tp 8: torch.chunk gives 2,2,2,2,1 and three empty shards; at tp 5 every rank has one
+    assert [vocab_ranks(9, tp) for tp in (4, 5, 6, 7, 8, 9)] == [3, 5, 5, 5, 5, 9]
     with torch.device("meta"):
-        model = Wrapper(Llama(get_config("debug", vocab_size=510)))
+        model = Wrapper(Llama(get_config("debug", vocab_size=6)))
     plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
-    with pytest.raises(ModelShapeError) as info:
+    check_model_shapes(model, plan, 2)
+    with pytest.raises(ModelShapeError) as info:  # 6 rows at tp 4: 2,2,2 and an empty shard
         check_model_shapes(model, plan, 4)
     message = str(info.value)
-    assert "vocab_size=510" in message and "512" in message
+    assert "vocab_size=6" in message and "1 of the tensor_parallel_size=4 ranks" in message
+    assert "such as 3" in message
     assert "num_key_value_heads" not in message
 
 
@@ -320,8 +336,7 @@ def test_check_model_shapes_lists_every_problem() -> None:
     with pytest.raises(ModelShapeError) as info:
         check_model_shapes(model, plan, 4)
     message = str(info.value)
-    for field in ("intermediate_size=90", "vocab_size=502"):
-        assert field in message
+    assert "intermediate_size=90" in message and "vocab_size" not in message  # 502: 126,126,125,125
     assert "num_attention_heads" not in message and "num_key_value_heads" not in message  # 6 / 3 heads: uneven
 
 

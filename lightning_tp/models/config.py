@@ -137,6 +137,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3_405b": LlamaConfig(**_LLAMA3, hidden_size=16384, intermediate_size=53248,
                                num_hidden_layers=126, num_attention_heads=128,
                                num_key_value_heads=8),
+    # SmolLM2-135M: 9 query / 3 KV heads, which tp 2, 4 and 8 do not divide (replicated attention
+    # projections, lightning_tp.parallel.heads).
+    "smollm2_135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                rope_theta=100000.0, tie_word_embeddings=True),
 }
 
 

@@ -16,7 +16,7 @@ from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, param_shards, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 
-__all__ = ["Collective", "collectives", "group_link", "ring_bytes"]
+__all__ = ["Collective", "collectives", "group_link", "replicated_gradients", "ring_bytes"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,28 @@ def group_link(inputs: PlanInputs, group: str) -> Link:
     return inputs.intra_link if span <= inputs.devices_per_node else inputs.inter_link
 
 
+def replicated_gradients(inputs: PlanInputs) -> list[tuple[str, int, int]]:
+    """``(projections, all-reduces per layer, bytes of one)`` for the projections the plan keeps
+    whole because tp does not split their heads (:mod:`lightning_tp.parallel.heads`): each
+    rank's weight gradient is a partial sum over the TP ranks, all-reduced once per projection
+    per layer in backward.
+
+    The gradient has the dtype of the weight the layer multiplies by: FSDP2's ``param_dtype``
+    (the compute dtype, bf16 under ``bf16-mixed``) with FSDP, else the stored parameter's.
+    """
+    cfg = inputs.config
+    heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, inputs.tp)
+    element = BYTES_PER_ELEMENT[inputs.precision]
+    size = element.compute if inputs.fsdp else element.stored
+    per_head = cfg.resolved_head_dim * cfg.hidden_size * size
+    out = []
+    if heads.kv_replicated:
+        out.append(("k_proj/v_proj", 2, cfg.num_key_value_heads * per_head))
+    if heads.q_replicated:
+        out.append(("q_proj/o_proj", 2, cfg.num_attention_heads * per_head))
+    return out
+
+
 _LAYERS = "decoder layers: 2 fwd + 2 bwd (+ recompute) per layer"
 
 # (kind, where, calls per micro-batch, bytes of one call's whole tensor)
@@ -74,18 +96,8 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
         rows = [("all_reduce", _LAYERS, (4 + again.reductions) * layers, act),
                 ("all_reduce", "embedding output (fwd)", 1, act),
                 ("all_reduce", "lm_head input gradient (bwd)", 1, act)]
-    heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, inputs.tp)
-    grad = BYTES_PER_ELEMENT[inputs.precision].grad
-    # Heads tp cannot split evenly: the replicated projections' weight gradients are summed over
-    # the TP ranks, one all-reduce each per layer (lightning_tp.parallel.heads)
-    if heads.kv_replicated:
-        kv_weight = cfg.num_key_value_heads * cfg.resolved_head_dim * cfg.hidden_size
-        rows.append(("all_reduce", "replicated k_proj/v_proj weight gradients (bwd)", 2 * layers,
-                     kv_weight * grad))
-    if heads.q_replicated:
-        q_weight = cfg.num_attention_heads * cfg.resolved_head_dim * cfg.hidden_size
-        rows.append(("all_reduce", "replicated q_proj/o_proj weight gradients (bwd)", 2 * layers,
-                     q_weight * grad))
+    rows += [("all_reduce", f"replicated {names} weight gradients (bwd)", calls * layers, size)
+             for names, calls, size in replicated_gradients(inputs)]
     if inputs.loss_parallel:
         rows.append(("all_reduce", "vocab-parallel cross entropy: max, sum-exp, target", 3,
                      4 * inputs.tokens))

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from lightning_tp.planner.communication import Collective, group_link, ring_bytes
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, units
+from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, busiest_rank, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 from lightning_tp.training.callbacks import mfu
 
-__all__ = ["Estimate", "estimate"]
+__all__ = ["Estimate", "compute_seconds", "estimate", "rank_flops"]
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,49 @@ class Estimate:
     mfu: float
 
 
-def _compute_s(inputs: PlanInputs) -> tuple[float, float, float]:
-    """(model FLOPs per token, hardware FLOPs per token, compute seconds per step)."""
-    cfg, s, layers = inputs.config, inputs.seq_len, inputs.config.num_hidden_layers
-    model_fpt = cfg.flops_per_token(s)
+def rank_flops(inputs: PlanInputs, even: bool = False) -> tuple[float, float]:
+    """``(block matmul FLOPs, other FLOPs)`` per token on the busiest TP rank, recomputation
+    included.
+
+    Block matmuls: ``6·L·h·(d·(2·q_r + 2·kv_r) + 3·I/t)``; attention ``12·L·q_r·d·s``; lm_head
+    ``6·h·V_r`` (tied or not, the matmul runs); norms ``6·(2·L + 1)·h/t``. ``q_r``, ``kv_r``,
+    ``V_r`` are the busiest rank's heads and vocabulary rows
+    (:func:`~lightning_tp.planner.layout.busiest_rank`); ``even=True`` gives the same with
+    ``nh/t``, ``nkv/t`` and ``V/t`` instead, the even split the waste is measured against.
+    """
+    cfg, s, t, layers = inputs.config, inputs.seq_len, inputs.tp, inputs.config.num_hidden_layers
     h, d = cfg.hidden_size, cfg.resolved_head_dim
-    block_linear = (h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-                    + 3 * h * cfg.intermediate_size)
-    attention_fwd = 4 * layers * cfg.num_attention_heads * d * s
-    linear_fpt = 6 * layers * block_linear  # the decoder blocks' matmuls (float8 under float8)
-    other_fpt = model_fpt - linear_fpt  # attention and lm_head (bf16 either way)
+    if even:
+        q, kv, vocab = (cfg.num_attention_heads / t, cfg.num_key_value_heads / t,
+                        cfg.vocab_size / t)
+    else:
+        rank = busiest_rank(cfg, t)
+        q, kv, vocab = rank.q_heads, rank.kv_heads, rank.vocab_rows
+    block_linear = h * d * (2 * q + 2 * kv) + 3 * h * cfg.intermediate_size / t
+    attention_fwd = 4 * layers * q * d * s
+    linear = 6 * layers * block_linear  # the decoder blocks' matmuls (float8 under float8)
+    other = 3 * attention_fwd + 6 * h * vocab + 6 * (2 * layers + 1) * h / t
     if RECOMPUTE[inputs.activation_checkpointing].forward:  # one more forward of every layer
-        linear_fpt += 2 * layers * block_linear
-        other_fpt += attention_fwd
+        linear += 2 * layers * block_linear
+        other += attention_fwd
+    return linear, other
+
+
+def compute_seconds(inputs: PlanInputs, flops: tuple[float, float]) -> float:
+    """Seconds per optimizer step of ``(block matmul, other)`` FLOPs per token on one rank."""
     peak = inputs.accelerator.peak(inputs.precision)
     linear_peak = inputs.accelerator.peak_flops["fp8"] if inputs.float8 else peak
-    compute = (inputs.accumulate * inputs.tokens / inputs.tp
-               * (linear_fpt / linear_peak + other_fpt / peak) / inputs.efficiency)
-    return model_fpt, linear_fpt + other_fpt, compute
+    linear, other = flops
+    return (inputs.accumulate * inputs.tokens * (linear / linear_peak + other / peak)
+            / inputs.efficiency)
+
+
+def _compute_s(inputs: PlanInputs) -> tuple[float, float, float]:
+    """(model FLOPs per token, hardware FLOPs per token, compute seconds per step); hardware
+    FLOPs are the busiest rank's times tp (what the TP group executes if every rank were it)."""
+    flops = rank_flops(inputs)
+    return (inputs.config.flops_per_token(inputs.seq_len), inputs.tp * sum(flops),
+            compute_seconds(inputs, flops))
 
 
 def _fsdp_exposed_s(inputs: PlanInputs, shards: list[ParamShard], fsdp: float, compute: float,

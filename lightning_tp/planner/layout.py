@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_tp.models.config import LlamaConfig
-from lightning_tp.parallel.heads import head_layout, shown_style
+from lightning_tp.parallel.heads import head_layout, head_range, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
 from lightning_tp.planner.inputs import PlanInputs
 
-__all__ = ["ParamShard", "check_shapes", "meta_model", "param_shards", "units"]
+__all__ = ["BusiestRank", "ParamShard", "busiest_rank", "check_shapes", "meta_model",
+           "param_shards", "tp_choices", "units"]
 
 ROOT_UNIT = "<root>"
 """The FSDP2 unit of the parameters outside the decoder blocks (embeddings, final norm, lm_head)."""
@@ -83,11 +84,60 @@ def check_shapes(inputs: PlanInputs) -> None:
     check_model_shapes(model, resolved, inputs.tp)
 
 
+def tp_choices(inputs: PlanInputs) -> list[tuple[int, int]]:
+    """``(tp, dp = world / tp)`` for every tp the search may pick on these devices: dividing the
+    node and the world, passing the strategy's shape rules, dividing the sequence under SP; dp > 1
+    only with FSDP."""
+    from lightning_tp.parallel.shapes import shape_problems  # the strategy's own rules
+
+    out = []
+    for tp in range(1, inputs.devices_per_node + 1):
+        if inputs.devices_per_node % tp or inputs.world % tp:
+            continue
+        if shape_problems(inputs.config, tp) or (inputs.sequence_parallel and inputs.seq_len % tp):
+            continue
+        dp = inputs.world // tp
+        if dp == 1 or inputs.fsdp:
+            out.append((tp, dp))
+    return out
+
+
 def chunk(n: int, parts: int, index: int) -> int:
     """Size of ``torch.chunk``'s piece ``index`` of ``n`` split into ``parts`` (what a DTensor
     ``Shard`` keeps)."""
     size = -(-n // parts)
     return max(0, min(size, n - index * size))
+
+
+@dataclass(frozen=True)
+class BusiestRank:
+    """What the TP rank with the most work computes and keeps, per layer and in the vocabulary
+    tables: the figures memory and compute use (the slowest rank sets the step's pace)."""
+
+    q_heads: int
+    """Query heads on the rank with the most (``ceil(nh / tp)``: whole heads, as even as
+    possible, :func:`lightning_tp.parallel.heads.head_range`)."""
+    kv_heads: int
+    """KV heads that rank computes: ``nkv / tp`` split; one when tp is a multiple of them and
+    divides the query heads; else one copy per local query head."""
+    vocab_rows: int
+    """Embedding and lm_head rows on TP rank 0, ``ceil(V / tp)`` (``torch.chunk``, as DTensor's
+    uneven ``Shard(0)``)."""
+
+
+def busiest_rank(config: LlamaConfig, tp: int) -> BusiestRank:
+    """The busiest TP rank's heads and vocabulary rows under the Llama plan at ``tp``."""
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    layout = head_layout(nh, nkv, tp)
+    q = head_range(nh, tp, 0)[1]  # rank 0 holds one of the extra heads, if any
+    # The selection rule of lightning_tp.parallel.heads.KVHeadsColwise.
+    if not layout.kv_replicated:
+        kv = nkv // tp
+    elif not layout.q_replicated and tp % nkv == 0:
+        kv = 1
+    else:
+        kv = q
+    return BusiestRank(q, kv, chunk(config.vocab_size, tp, 0))
 
 
 @dataclass(frozen=True)

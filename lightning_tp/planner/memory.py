@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lightning_tp.parallel.heads import head_layout
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ParamShard, units
+from lightning_tp.planner.layout import ParamShard, busiest_rank, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT
 
-__all__ = ["fits", "layer_activation_bytes", "memory"]
+__all__ = ["activations", "fits", "layer_activation_bytes", "memory"]
 
 
-def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None) -> dict[str, int]:
+def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
+                           even: bool = False) -> dict[str, float]:
     """Bytes one decoder layer keeps for backward, per micro-batch, on one rank, by tensor.
 
     Counted from what autograd saves in ``lightning_tp.models.llama`` (checked against
@@ -28,27 +30,36 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None) -> di
       in fp32 but does not keep the fp32 copy);
     * each norm output as the colwise projections see it: ``a·E·h`` **whole** (all-gathered under
       SP);
-    * attention: q, k, v and the attention output ``a·E·(2·nh + 2·nkv)·d/t``, log-sum-exp
-      ``4·b·nh·s/t``;
-    * MLP: gate, up, SiLU(gate), SiLU(gate)·up ``4·a·E·I/t``.
+    * attention: q, k, v and the attention output ``a·E·(2·q_r + 2·kv_r)·d``, log-sum-exp
+      ``4·b·q_r·s``, with ``q_r``/``kv_r`` the busiest rank's query / KV heads
+      (:func:`~lightning_tp.planner.layout.busiest_rank`; ``nh/t`` and ``nkv/t`` when tp divides
+      them);
+    * MLP: gate, up, SiLU(gate), SiLU(gate)·up ``4·a·E·I/t``;
+    * replicated projections (heads tp does not divide): the rank's selected weight rows, which
+      ``F.linear`` saves like an input, ``a·h·d·(2·q_r)`` for q/o_proj and ``a·h·d·(2·kv_r)`` for
+      k/v_proj.
 
     ``selective`` keeps the block input, the colwise matmul outputs (q, k, v, gate, up), the
     attention output and log-sum-exp, and the reduce-scatter (all-reduce) outputs of o_proj and
     down_proj; it recomputes norms, RoPE, SiLU, products and all-gathers. ``full`` keeps only the
-    block input.
+    block input. ``even=True``: the same with ``nh/t`` and ``nkv/t`` heads and no replicated
+    projection, the even split the waste is measured against (fractional bytes).
     """
     cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
     ts = t if inputs.sequence_parallel else 1
     e, h, d = inputs.tokens, cfg.hidden_size, cfg.resolved_head_dim
     b, s = inputs.batch_size, inputs.seq_len
-    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    rank = busiest_rank(cfg, t)
+    q_heads, kv_heads = ((cfg.num_attention_heads / t, cfg.num_key_value_heads / t) if even
+                         else (rank.q_heads, rank.kv_heads))
+    q, kv, inter = q_heads * d, kv_heads * d, cfg.intermediate_size
     mode = mode or inputs.activation_checkpointing
     block_input = a * e * h // ts
     if mode == "full":
         return {"block input": block_input}
     parts = {
-        "q, k, v": a * e * (q + 2 * kv) // t,
-        "attention output + lse": a * e * q // t + 4 * b * cfg.num_attention_heads * s // t,
+        "q, k, v": a * e * (q + 2 * kv),
+        "attention output + lse": a * e * q + 4 * b * q_heads * s,
     }
     if mode == "selective":
         parts.update({"block input": block_input,
@@ -60,16 +71,26 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None) -> di
         "2 gathered norm outputs (whole)": 2 * a * e * h,
         "MLP (gate, up, silu, product)": 4 * a * e * inter // t,
     })
+    heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, t)
+    # index_select of a replicated weight makes a new tensor, which the matmul saves (selective
+    # and full recompute it)
+    selected = 2 * q * heads.q_replicated + 2 * kv * heads.kv_replicated
+    if selected and not even:
+        parts["selected rows of replicated projections"] = a * h * selected
     return parts
 
 
-def _activations(inputs: PlanInputs) -> dict[str, int]:
-    """Peak activation bytes per rank for one micro-batch, by part (see docs/planner.md)."""
+def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:
+    """Peak activation bytes per rank for one micro-batch, by part (see docs/planner.md); ``even``
+    as in :func:`layer_activation_bytes`, with ``V/t`` vocabulary rows."""
     cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
     ts = t if inputs.sequence_parallel else 1
     e, h, layers = inputs.tokens, cfg.hidden_size, cfg.num_hidden_layers
-    per_layer = sum(layer_activation_bytes(inputs).values())
-    vocab_t = t if inputs.loss_parallel else 1
+    per_layer = sum(layer_activation_bytes(inputs, even=even).values())
+    # the busiest rank's vocabulary rows, ceil(V / t), under loss parallel; all V without it
+    vocab = busiest_rank(cfg, t).vocab_rows if inputs.loss_parallel else cfg.vocab_size
+    if even and inputs.loss_parallel:
+        vocab = cfg.vocab_size / t
     out = {
         "decoder layers (saved)": layers * per_layer,
         # token ids for the embedding backward; final norm as in a layer; lm_head's whole
@@ -78,20 +99,20 @@ def _activations(inputs: PlanInputs) -> dict[str, int]:
             8 * e + (4 + a) * e * h // ts + 4 * e // ts + a * e * h,
         # fp32 log-probabilities saved by cross entropy (vocab-sharded under loss parallel, whole
         # otherwise)
-        "logits (fp32 log-probs)": 4 * e * cfg.vocab_size // vocab_t,
+        "logits (fp32 log-probs)": 4 * e * vocab,
     }
     # The largest transient: at the start of backward the loss gradient (fp32) and its input
     # gradient (fp32) sit beside the saved log-probs; under checkpointing, one layer's recomputed
     # tensors during its backward.
-    loss_transient = 8 * e * cfg.vocab_size // vocab_t
+    loss_transient = 8 * e * vocab
     recompute = 0
     if inputs.activation_checkpointing != "none":
-        recompute = sum(layer_activation_bytes(inputs, "none").values())
+        recompute = sum(layer_activation_bytes(inputs, "none", even).values())
     out["transient (max of loss backward, one layer's recompute)"] = max(loss_transient, recompute)
     return out
 
 
-def memory(inputs: PlanInputs, shards: list[ParamShard]) -> dict[str, int]:
+def memory(inputs: PlanInputs, shards: list[ParamShard]) -> dict[str, float]:
     """Bytes one rank holds at its peak, by part."""
     stored, compute, grad, optim = BYTES_PER_ELEMENT[inputs.precision]
     local = sum(p.padded_shard for p in shards)
@@ -109,7 +130,7 @@ def memory(inputs: PlanInputs, shards: list[ParamShard]) -> dict[str, int]:
         if inputs.accumulate > 1:
             # unsharded gradients accumulate in the reduce dtype until the last micro-batch
             mem["accumulated unsharded gradients"] = grad * sum(gathered.values()) * inputs.dp
-    mem.update(_activations(inputs))
+    mem.update(activations(inputs))
     return mem
 
 

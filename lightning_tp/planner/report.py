@@ -1,5 +1,5 @@
 """The planner's answer for one layout: :func:`analyze` builds a :class:`PlanReport` (plan rows,
-ranks, memory, activations, collectives, estimate), and :func:`recommend` ranks the other
+ranks, memory, activations, collectives, estimate, waste), and :func:`recommend` ranks the other
 ``(tp, dp, activation checkpointing)`` layouts on the same devices as :class:`Candidate` rows.
 """
 
@@ -15,9 +15,16 @@ from typing import Any
 from lightning_tp.planner.communication import collectives
 from lightning_tp.planner.estimate import estimate
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ParamShard, check_shapes, meta_model, param_shards
+from lightning_tp.planner.layout import (
+    ParamShard,
+    check_shapes,
+    meta_model,
+    param_shards,
+    tp_choices,
+)
 from lightning_tp.planner.memory import fits, layer_activation_bytes, memory
 from lightning_tp.planner.modes import AC_BY_RECOMPUTE, RECOMPUTE
+from lightning_tp.planner.waste import least_waste, waste
 
 __all__ = ["Candidate", "PlanReport", "analyze", "recommend"]
 
@@ -34,6 +41,11 @@ class PlanReport:
     communication: list[dict[str, Any]]
     estimate: dict[str, Any]
     recommendation: list[dict[str, Any]] = field(default_factory=list)
+    waste: dict[str, Any] = field(default_factory=dict)
+    """Head layout and waste at this tp against an even split (:class:`~.waste.Waste`)."""
+    least_waste: dict[str, Any] = field(default_factory=dict)
+    """The tp on these devices that wastes least: ``{"tp", "reason", "by_tp"}`` (empty when
+    ``top`` is 0: no search)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -98,6 +110,8 @@ def analyze(inputs: PlanInputs, top: int = 5) -> PlanReport:
         communication=[dataclasses.asdict(c) for c in comms], estimate=dataclasses.asdict(est),
         recommendation=([dataclasses.asdict(c) for c in recommend(inputs, top=top)]
                         if top else []),
+        waste=dataclasses.asdict(waste(inputs, comms, est.step_s, total)),
+        least_waste=least_waste(inputs) if top else {},
     )
 
 
@@ -142,24 +156,13 @@ class Candidate:
     mfu: float
 
 
-def _shape_ok(inputs: PlanInputs, tp: int) -> bool:
-    from lightning_tp.parallel.shapes import shape_problems  # the strategy's own rules
-
-    return not shape_problems(inputs.config, tp) and not (
-        inputs.sequence_parallel and inputs.seq_len % tp)
-
-
 def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
     """Every (tp, dp = world / tp, activation checkpointing) with tp dividing the node and the
     model's sharded dimensions, the micro-batch per replica kept; those that fit first, fastest
-    first."""
+    first. Replicated projections, their all-reduces and the busiest rank's heads and vocabulary
+    rows are in each candidate's memory and step time."""
     out = []
-    for tp in range(1, inputs.devices_per_node + 1):
-        if inputs.devices_per_node % tp or inputs.world % tp or not _shape_ok(inputs, tp):
-            continue
-        dp = inputs.world // tp
-        if dp > 1 and not inputs.fsdp:
-            continue
+    for tp, dp in tp_choices(inputs):
         for ac in AC_BY_RECOMPUTE:
             cand = inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac,
                                   async_tp=inputs.async_tp and tp > 1)

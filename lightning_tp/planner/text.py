@@ -67,6 +67,37 @@ def _recommendation(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def _waste(w: dict[str, Any], least: dict[str, Any]) -> list[str]:
+    if not w:
+        return []
+    rows = ([[f"{r['projections']} replicated", r["reason"]] for r in w["replicated"]]
+            or [["replicated projections", "none"]])
+    rows += [["query heads (busiest / even)",
+              f"{w['q_heads']} / {w['q_heads_even']:g} ({_pct(w['head_imbalance'])})"],
+             ["KV heads computed (busiest / even)", f"{w['kv_heads']} / {w['kv_heads_even']:g}"],
+             ["vocab rows (busiest / even)",
+              f"{w['vocab_rows']:,} / {w['vocab_rows_even']:,.6g} ({_pct(w['vocab_imbalance'])})"]]
+    rows += [[f"memory: {k}", f"+{v / 2**20:,.1f} MiB"] for k, v in w["memory_bytes"].items()]
+    rows += [["extra all-reduces (weight grads, bwd)",
+              f"{w['all_reduces_per_layer']} per layer, {w['all_reduces_per_step']} per step,"
+              f" {w['all_reduce_bytes_per_rank'] / 2**20:,.1f} MiB sent per rank,"
+              f" {_ms(w['all_reduce_s'], 2)}"],
+             ["compute imbalance", f"+{_ms(w['compute_extra_s'], 2)}"
+                                   f" ({_pct(w['compute_imbalance'])})"],
+             ["step time beyond even", f"+{_ms(w['step_extra_s'], 2)} ({w['time_fraction']:.2%})"],
+             ["waste (memory + step fractions)",
+              f"{w['memory_fraction']:.2%} + {w['time_fraction']:.2%} = {w['score']:.2%}"]]
+    out = ["", f"Head layout and waste at tp {w['tp']} (busiest rank against an even split):",
+           _table(["", "value"], rows)]
+    if least:
+        out.append(f"Least waste on these devices: {least['reason']}.")
+    return out
+
+
 def format_report(report: PlanReport) -> str:
     """The report as the text tables ``lightning-tp plan`` prints."""
     i = report.inputs
@@ -93,4 +124,5 @@ def format_report(report: PlanReport) -> str:
         or [["-"] * 8]))
     out += ["", f"Estimate ({i['accelerator']}, efficiency {i['efficiency']}; TP comm exposed, FSDP"
                 " overlapped):", _estimate_table(report.estimate)]
+    out += _waste(report.waste, report.least_waste)
     return "\n".join(out + _recommendation(report.recommendation))

@@ -22,6 +22,8 @@ The modules, each depending only on those above it:
 * :mod:`~lightning_tp.planner.memory`: :func:`layer_activation_bytes`, the per-rank memory;
 * :mod:`~lightning_tp.planner.communication`: :class:`Collective`, :func:`collectives`;
 * :mod:`~lightning_tp.planner.estimate`: :class:`Estimate`, the step time;
+* :mod:`~lightning_tp.planner.waste`: :class:`Waste`, :func:`~.waste.waste`, :func:`least_waste` (heads
+  and vocabularies tp does not divide);
 * :mod:`~lightning_tp.planner.report`: :class:`PlanReport`, :func:`analyze`, :func:`recommend`;
 * :mod:`~lightning_tp.planner.text`: :func:`format_report`;
 * :mod:`~lightning_tp.planner.cli`: ``lightning-tp plan`` (:func:`main`).
@@ -38,6 +40,7 @@ from lightning_tp.planner.layout import ParamShard, param_shards
 from lightning_tp.planner.memory import layer_activation_bytes
 from lightning_tp.planner.report import Candidate, PlanReport, analyze, recommend
 from lightning_tp.planner.text import format_report
+from lightning_tp.planner.waste import Waste, least_waste
 
 __all__ = [
     "AC_MODES",
@@ -51,11 +54,13 @@ __all__ = [
     "PlanInputs",
     "PlanReport",
     "PlannerError",
+    "Waste",
     "analyze",
     "collectives",
     "compose_inputs",
     "format_report",
     "layer_activation_bytes",
+    "least_waste",
     "main",
     "param_shards",
     "recommend",

@@ -22,8 +22,8 @@ The modules, each depending only on those above it:
 * :mod:`~lightning_tp.planner.memory`: :func:`layer_activation_bytes`, the per-rank memory;
 * :mod:`~lightning_tp.planner.communication`: :class:`Collective`, :func:`collectives`;
 * :mod:`~lightning_tp.planner.estimate`: :class:`Estimate`, the step time;
-* :mod:`~lightning_tp.planner.waste`: :class:`Waste`, :func:`~.waste.waste`, :func:`least_waste` (heads
-  and vocabularies tp does not divide);
+* :mod:`~lightning_tp.planner.waste`: :class:`Waste`, ``waste``, :func:`least_waste` (heads and
+  vocabularies tp does not divide);
 * :mod:`~lightning_tp.planner.report`: :class:`PlanReport`, :func:`analyze`, :func:`recommend`;
 * :mod:`~lightning_tp.planner.text`: :func:`format_report`;
 * :mod:`~lightning_tp.planner.cli`: ``lightning-tp plan`` (:func:`main`).

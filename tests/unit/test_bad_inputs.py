@@ -315,6 +315,13 @@ class _NoHook(L.LightningModule):
         self.layer = torch.nn.Linear(8, 8)
 
 
+def _gguf_onto_user_dir(tmp: Path, f: dict[str, Path]) -> tuple[Callable[[], Any], list[str]]:
+    """``lightning-tp from-gguf`` into a directory of the user's files: refused before the file is read."""
+    (tmp / "m.gguf").write_bytes(b"GGUF")  # never read: the output check comes first
+    out = user_dir(tmp)
+    return _cli("from-gguf", tmp / "m.gguf", out), [str(out), "exists and is not empty", "--overwrite"]
+
+
 def _save_onto(make: Callable[[Path], Path]) -> Callable[[Path, dict[str, Path]], Any]:
     """``trainer.save_checkpoint(path)`` reaches ``strategy.save_checkpoint``: onto a path the user's files hold."""
     def build(tmp: Path, f: dict[str, Path]):
@@ -466,6 +473,10 @@ CASES = [
     Case("export-other-model", "checkpoint", _export_wrong_model, SystemExit),
     Case("import-not-hf", "checkpoint", lambda tmp, f: (_cli("import", f["sharded"], tmp / "imported"),
          [str(f["sharded"] / "config.json"), "Fix: pass a Hugging Face model directory"]), SystemExit),
+    Case("gguf-not-found", "checkpoint", lambda tmp, f: (_cli("from-gguf", "no_such_gguf_package", tmp / "hf"),
+         ["'no_such_gguf_package'", "neither a file, a directory nor an installed package",
+          "Fix: pass a .gguf file"]), SystemExit, CheckpointError),
+    Case("gguf-out-dir-not-empty", "checkpoint", _gguf_onto_user_dir, SystemExit, CheckpointError),
     # ------------------------------------------------------------------ Hydra overrides
     Case("hydra-typo-trainer-key", "hydra", R("pretrain", ["trainer.max_stepz=5"],
          ["trainer.max_stepz=5", "did you mean trainer.max_steps?"]), RecipeConfigError),

@@ -18,7 +18,8 @@ from lightning_tp.errors import ModelShapeError, SequenceLengthError
 from lightning_tp.parallel.heads import KVHeadsColwise
 from lightning_tp.parallel.plans import ResolvedPlan
 
-__all__ = ["check_model_shapes", "install_sequence_check", "shape_problems", "vocab_ranks"]
+__all__ = ["attention_problems", "check_model_shapes", "install_sequence_check", "shape_problems",
+           "vocab_ranks"]
 
 # (config attribute, what it sizes) for every dimension the Llama plan shards over tp.
 _SHARDED_DIMS = (
@@ -71,9 +72,51 @@ def _most_ranks(vocab: int, tp: int) -> int:
     return max(t for t in range(1, tp + 1) if vocab_ranks(vocab, t) == t)
 
 
+# Head counts an attention module may keep as attributes: each rank computes other counts than
+# these when its heads are selected (the native Llama and transformers' attention read theirs from
+# the projections' shapes and `num_key_value_groups`, which `heads.localize_kv_groups` sets).
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
+                     "n_heads", "n_kv_heads", "n_local_heads", "n_local_kv_heads")
+
+
+def attention_problems(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[str]:
+    """One message per attention module whose heads ``tp`` would select per rank (KV heads
+    replicated, or uneven query heads) but which cannot take that layout: it keeps a head count as
+    an attribute, or repeats KV heads without the ``num_key_value_groups`` this rank's layout sets.
+    An even split by head needs neither and is not checked."""
+    found: dict[tuple[str, int, int, str], list[str]] = {}  # (class, q, kv, why) -> module paths
+    for path, style in plan.styles.items():
+        if not isinstance(style, KVHeadsColwise) or not path.endswith(".k_proj"):
+            continue
+        kv = style.num_key_value_heads
+        q = style.num_heads if style.num_heads is not None else kv
+        if tp > q or (q % tp == 0 and kv % tp == 0):
+            continue  # refused by shape_problems / split evenly
+        attention = module.get_submodule(path.rpartition(".")[0])
+        kept = [f"{a}={getattr(attention, a)}" for a in _HEAD_COUNT_ATTRS
+                if isinstance(getattr(attention, a, None), int)]
+        native = type(attention).__module__ == "lightning_tp.models.llama"
+        groups = native or hasattr(attention, "num_key_value_groups")
+        if kept or not groups:
+            why = (f"it keeps {', '.join(kept)}" if kept
+                   else "it has no num_key_value_groups to give the rank's KV-head repeat count")
+            found.setdefault((type(attention).__name__, q, kv, why), []).append(
+                path.rpartition(".")[0])
+    return [f"{paths[0]}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''} ({cls}) cannot"
+            f" take {q} query and {kv} KV heads at tensor_parallel_size={tp}, where each rank"
+            f" computes only its own heads: {why}. Fix: choose a tensor_parallel_size that divides"
+            f" both {q} and {kv} ({_divisors(q, kv)}), or have the attention infer its head counts"
+            f" from the projections' shapes (view(..., -1, head_dim))"
+            for (cls, q, kv, why), paths in found.items()]
+
+
+def _divisors(a: int, b: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(a, b) + 1) if a % d == 0 and b % d == 0)
+
+
 def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     """Raise one :class:`ModelShapeError` listing every dimension of every model root not
-    divisible by ``tp``."""
+    divisible by ``tp`` and every attention module that cannot take its head layout."""
     if tp == 1:
         return
     problems = []
@@ -82,6 +125,8 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
         config = getattr(module.get_submodule(root), "config", None)
         if config is not None:
             problems += shape_problems(config, tp, head_aware)
+    if not problems:
+        problems = attention_problems(module, plan, tp)
     if problems:
         raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
 

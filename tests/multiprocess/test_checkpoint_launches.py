@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ci_deps import require
 from launching import QUIET, launch_env, write_corpus
 from paths import WORKERS
 
@@ -36,6 +37,10 @@ pytestmark = pytest.mark.multiprocess
 
 WORKER = WORKERS / "checkpoint.py"
 RESUME_TOL, RESHARD_TOL = 1e-6, 1e-5
+# Issue 14's layouts in a checkpoint: 9 query heads (5 + 4 at tp 2, 3 + 2 + 2 + 2 at tp 4), 3 KV heads (replicated at
+# both), tied embeddings, and the byte tokenizer's 259-row vocabulary (130 + 129, 65 + 65 + 65 + 64).
+ODD = {"vocab_size": 259, "hidden_size": 72, "intermediate_size": 96, "num_attention_heads": 9,
+       "num_key_value_heads": 3, "head_dim": 8, "tie_word_embeddings": True}
 
 
 def _launch(root: Path, name: str, spec: dict) -> dict:
@@ -58,8 +63,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     a = _launch(root, "A", {"devices": 4, "runs": [
         {"name": "full", "dp": 2, "tp": 2, "max_steps": 6},
         {"name": "stop3", "dp": 2, "tp": 2, "max_steps": 3, "save_dir": "a", "every": 3},
+        {"name": "odd full", "dp": 2, "tp": 2, "max_steps": 5, "model": ODD},
+        {"name": "odd stop3", "dp": 2, "tp": 2, "max_steps": 3, "model": ODD, "save_dir": "odd", "every": 3},
         {"name": "resume", "dp": 2, "tp": 2, "max_steps": 6, "ckpt": "a/last", "save_dir": "b", "every": 1},
-    ], "weights": {"run": "stop3", "file": "weights3.pt"}, "full_file": {"run": "stop3", "file": "lightning3.ckpt"},
+    ], "weights": [{"run": "stop3", "file": "weights3.pt"}, {"run": "odd stop3", "file": "odd3.pt"}],
+        "full_file": {"run": "stop3", "file": "lightning3.ckpt"},
         "faults": [
         {"name": "meta on rank 0", "path": "b/last", "where": "meta", "ranks": [0]},
         {"name": "shards on rank 1", "path": "b/last", "where": "dcp", "ranks": [1]},
@@ -68,7 +76,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lightning_tp import cli
 
     cli.main(["consolidate", str(root / "a" / "last"), str(root / "a.ckpt")])
+    cli.main(["consolidate", str(root / "odd" / "last"), str(root / "odd.ckpt")])
+    cli.main(["export", str(root / "odd" / "last"), str(root / "odd_hf")])
     b = _launch(root, "B", {"devices": 4, "runs": [
+        {"name": "odd (1,4)", "dp": 1, "tp": 4, "max_steps": 5, "model": ODD, "ckpt": "odd/last"},
         {"name": "(1,4)", "dp": 1, "tp": 4, "max_steps": 5, "ckpt": "a/last"},
         {"name": "(4,1)", "dp": 4, "tp": 1, "max_steps": 5, "ckpt": "a/last"},
         {"name": "file (2,2)", "dp": 2, "tp": 2, "max_steps": 5, "ckpt": "a.ckpt"},
@@ -79,6 +90,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copytree(root / "a" / "last", root / "swap" / "last.old")
     c = _launch(root, "C", {"devices": 2, "runs": [
         {"name": "(1,2)", "dp": 1, "tp": 2, "max_steps": 5, "ckpt": "a/last"},
+        {"name": "odd (1,2)", "dp": 1, "tp": 2, "max_steps": 5, "model": ODD, "ckpt": "odd/last"},
         {"name": "incomplete", "dp": 1, "tp": 2, "max_steps": 5, "ckpt": "partial/last", "expect_error": True},
         {"name": "interrupted swap", "dp": 1, "tp": 2, "max_steps": 4, "ckpt": "swap/last"},
     ]})
@@ -95,6 +107,8 @@ def _differences(runs: dict) -> str:
     reshard = {name: max(abs(runs[name]["global_losses"][s] - runs["full"]["global_losses"][s])
                          for s in runs[name]["global_losses"])
                for name in ("(1,4)", "(4,1)", "(1,2)", "file (2,2)", "file (1,4)", "interrupted swap")}
+    reshard.update({name: max(abs(runs[name]["global_losses"][s] - runs["odd full"]["global_losses"][s])
+                              for s in runs[name]["global_losses"]) for name in ("odd (1,4)", "odd (1,2)")})
     return (f"resumed at the same layout vs uninterrupted, worst |loss difference| on any rank: {resume:.1e}"
             f" (allowed {RESUME_TOL:g})\nresharded / from the consolidated file vs uninterrupted, worst |global loss"
             f" difference| (allowed {RESHARD_TOL:g}): " + ", ".join(f"{k} {v:.1e}" for k, v in reshard.items()))
@@ -193,3 +207,36 @@ def test_incomplete_directory_is_refused_and_an_interrupted_swap_recovered(runs:
     recovered = runs["interrupted swap"]
     assert abs(recovered["global_losses"]["4"] - runs["full"]["global_losses"]["4"]) <= RESHARD_TOL
     assert sorted(p.name for p in (runs["root"] / "swap").iterdir()) == ["last"]
+
+
+@pytest.mark.parametrize("layout", ["odd (1,4)", "odd (1,2)"])
+def test_uneven_heads_and_vocabulary_reshard_exactly(runs: dict, layout: str) -> None:
+    """Saved at (2, 2) with 9 query heads as 5 + 4, replicated KV heads and 259 vocabulary rows as 130 + 129; resumed
+    at tp 4 (3 + 2 + 2 + 2 heads, 65 + 65 + 65 + 64 rows) and at tp 2 without FSDP: steps 4 and 5 as uninterrupted."""
+    full, run = runs["odd full"]["global_losses"], runs[layout]
+    assert sorted(run["global_losses"]) == ["4", "5"]
+    for step in ("4", "5"):
+        assert abs(run["global_losses"][step] - full[step]) <= RESHARD_TOL, (layout, step, run["global_losses"], full)
+
+
+def test_uneven_layouts_consolidate_and_export_with_the_models_own_shapes(runs: dict) -> None:
+    """The consolidated file holds the model's shapes (259 rows, whole 9-head projections) and equals the weights
+    gathered in the run; transformers loads the export with logits equal to the plain Llama's."""
+    transformers = require("transformers")
+    from lightning_tp import Llama, LlamaConfig
+
+    state = {k.removeprefix("model."): v for k, v in torch.load(runs["root"] / "odd.ckpt",
+                                                                weights_only=True)["state_dict"].items()}
+    model = Llama(LlamaConfig(**ODD))
+    model.load_state_dict(state, strict=True)
+    assert state["model.embed_tokens.weight"].shape == (259, 72)
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (72, 72)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (24, 72)
+    trained = torch.load(runs["root"] / "odd3.pt", weights_only=True)  # gathered in the worker after step 3
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(runs["root"] / "odd_hf").eval()
+    tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = float((theirs(tokens).logits - model.eval()(tokens)).abs().max())
+    assert err <= 1e-5, err

@@ -307,6 +307,16 @@ def _export_wrong_model(tmp: Path, f: dict[str, Path]):
             ["--model 'small'", "Leave --model out"])
 
 
+def _attention_keeping_head_counts() -> CausalLMModule:
+    """9 query and 3 KV heads (uneven at tp 4), and attention modules that keep ``num_heads`` as an attribute, as
+    many hand-written attentions do: on a rank computing 3 or 2 of the heads that number is wrong."""
+    module = CausalLMModule(dataclasses.replace(get_config("debug"), hidden_size=72, num_attention_heads=9,
+                                                num_key_value_heads=3, head_dim=8))
+    for layer in module.model.model.layers:
+        layer.self_attn.num_heads = 9
+    return module
+
+
 class _NoHook(L.LightningModule):
     """A module that is not a Llama and has no ``configure_model``: nothing would parallelize it."""
 
@@ -383,6 +393,10 @@ CASES = [
     Case("shape-tp-over-query-heads", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          num_attention_heads=2, num_key_value_heads=1, head_dim=32)),
          ["num_attention_heads=2", "tensor_parallel_size=4", "at least one whole query head"]), ModelShapeError),
+    Case("shape-attention-keeps-head-counts", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
+         _attention_keeping_head_counts), ["model.model.layers.0.self_attn and 1 more (LlamaAttention)",
+                                           "9 query and 3 KV heads", "it keeps num_heads=9",
+                                           "divides both 9 and 3 (1, 3)"]), ModelShapeError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          intermediate_size=190)), ["intermediate_size=190", "divides 190"]), ModelShapeError),
     Case("shape-vocab-leaves-a-rank-empty", "model/plan", F(_fit(lambda: TensorParallelStrategy(

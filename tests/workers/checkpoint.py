@@ -7,11 +7,13 @@ loss returned by ``training_step`` at every step on every rank. Global rank 0 wr
 
 SPEC: ``{"root": dir, "corpus": file, "runs": [run, ...], "faults": [fault, ...], "weights": {...}}`` where
 
-* run: ``{"name", "dp", "tp", "max_steps", "ckpt"?: path to resume from, "save_dir"?: ModelCheckpoint dirpath,
-  "every"?: its every_n_train_steps, "expect_error"?: resuming must fail (the message is recorded)}``;
+* run: ``{"name", "dp", "tp", "max_steps", "model"?: CausalLMModule's model (default "debug"), "ckpt"?: path to
+  resume from, "save_dir"?: ModelCheckpoint dirpath, "every"?: its every_n_train_steps, "expect_error"?: resuming
+  must fail (the message is recorded)}``;
 * fault: ``{"name", "path", "where": "meta" | "dcp", "ranks": [...]}``: ``trainer.save_checkpoint(path)`` with the
   last run's trainer, failing on ``ranks`` while writing meta.pt (rank 0 writes it) or the DCP shards;
-* weights: ``{"run": name, "file": path}``: rank 0 saves that run's final full weights (Llama keys) to ``file``;
+* weights: ``{"run": name, "file": path}`` (or a list of them): rank 0 saves that run's final full weights (Llama
+  keys) to ``file``;
 * full_file: ``{"run": name, "file": path}``: after that run, ``trainer.save_checkpoint(file)`` with
   ``save_distributed_checkpoint=False``, i.e. the single file Lightning's ``ModelParallelStrategy`` writes.
 """
@@ -65,7 +67,7 @@ def make_trainer(run: dict[str, Any], world: int, root: Path, recorder: L.Callba
 
 def fit(run: dict[str, Any], spec: dict[str, Any], world: int) -> tuple[L.Trainer, CausalLMModule, dict]:
     root = Path(spec["root"])
-    module = CausalLMModule("debug", init_seed=7, lr=1e-3, warmup_steps=2, max_steps=TOTAL_STEPS)
+    module = CausalLMModule(run.get("model", "debug"), init_seed=7, lr=1e-3, warmup_steps=2, max_steps=TOTAL_STEPS)
     data = PretrainDataModule(spec["corpus"], seq_len=SEQ_LEN, batch_size=GLOBAL_BATCH // run["dp"],
                               val_fraction=0.05, cache_dir=str(root / "cache"))
     recorder = LossRecorder()
@@ -145,9 +147,10 @@ def main() -> None:
     trainer = None
     for run in spec["runs"]:
         trainer, module, results["runs"][run["name"]] = fit(run, spec, world)
-        weights, full_file = spec.get("weights"), spec.get("full_file")
-        if weights and weights["run"] == run["name"]:
-            save_weights(module, str(Path(spec["root"]) / weights["file"]))
+        weights, full_file = spec.get("weights", []), spec.get("full_file")
+        for w in weights if isinstance(weights, list) else [weights]:
+            if w["run"] == run["name"]:
+                save_weights(module, str(Path(spec["root"]) / w["file"]))
         if full_file and full_file["run"] == run["name"]:
             trainer.strategy._save_distributed_checkpoint = False
             trainer.save_checkpoint(Path(spec["root"]) / full_file["file"])

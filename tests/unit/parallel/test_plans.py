@@ -26,7 +26,7 @@ from lightning_tp.parallel.plans import (
     register_plan,
     resolve_plan,
 )
-from lightning_tp.parallel.shapes import check_model_shapes, vocab_ranks
+from lightning_tp.parallel.shapes import attention_problems, check_model_shapes, vocab_ranks
 
 LAYER_MODULES = {
     "input_layernorm": None,
@@ -372,3 +372,22 @@ def test_more_tp_ranks_than_query_heads_says_so() -> None:
     with pytest.raises(ModelShapeError, match="num_attention_heads=4 .*tensor_parallel_size=8, and fewer than it:"
                                               " each rank needs at least one whole query head"):
         check_model_shapes(model, plan, 8)
+
+
+def test_an_attention_that_cannot_take_its_rank_head_layout_is_named() -> None:
+    """Where tp selects heads per rank (9 query / 3 KV heads at tp 4), an attention keeping a head count, or without
+    the num_key_value_groups the rank's repeat count goes into, is refused; an even split (tp 3) needs neither."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=64, hidden_size=72, intermediate_size=32, num_hidden_layers=2, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=8)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+    assert attention_problems(model, plan, 4) == []  # transformers' own attention: shapes and num_key_value_groups
+    del model.model.layers[1].self_attn.num_key_value_groups
+    (problem,) = attention_problems(model, plan, 4)
+    assert problem.startswith("model.layers.1.self_attn (LlamaAttention) cannot take 9 query and 3 KV heads")
+    assert "no num_key_value_groups" in problem and "(1, 3)" in problem
+    assert attention_problems(model, plan, 3) == []
+    with pytest.raises(ModelShapeError, match="no num_key_value_groups"):
+        check_model_shapes(model, plan, 4)

@@ -25,7 +25,7 @@ import torch
 from _ci_deps import locate, require
 from launching import QUIET, launch_env
 from paths import ROOT, WORKERS
-from tolerances import FP32, assert_losses_close, assert_max_err
+from tolerances import REAL, assert_losses_close, assert_max_err
 
 pytestmark = pytest.mark.multiprocess
 
@@ -75,8 +75,9 @@ def trained(hf_dir: Path) -> list[dict]:
         worst_loss = max(abs(a - b) / abs(b) for rank in case["ranks"]
                          for a, b in zip(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], strict=True))
         print(f"\nSmolLM2-135M {case['name']}: loss rel err {worst_loss:.1e}, worst gradient element"
-              f" {max(case['grad_abs_err'].values()):.1e} (of |g| up to {max(case['grad_absmax'].values()):.1e}),"
-              f" {case['seconds']} s")
+              f" {max(case['grad_abs_err'].values()):.1e} (of |g| up to {max(case['grad_absmax'].values()):.1e});"
+              f" vs float64: ours {max(case['grad_err_vs_fp64'].values()):.1e}, one fp32 process"
+              f" {max(case['ref_err_vs_fp64'].values()):.1e}; {case['seconds']} s")
     print(f"SmolLM2-135M launches took {time.perf_counter() - start:.1f} s")
     return results
 
@@ -111,16 +112,23 @@ def test_the_converted_model_answers_as_the_released_one(hf_dir: Path) -> None:
 
 
 def test_smollm2_trains_like_one_process_at_every_layout(trained: list[dict]) -> None:
+    """Losses within 1e-5 relative; every gradient element within 1e-5 of the model's largest gradient (the
+    issue's bound: a 30-layer model's gradients reach ~18, so the tiny models' absolute 1e-6 does not transfer),
+    and no further from the float64 gradients than 10x the single-process fp32 run is: the differences are fp32
+    rounding in another order, not a missing or doubled term (which would be of the gradient's own size)."""
     assert [c["name"] for c in trained] == [c["name"] for c in CASES_4 + CASES_2]
     for case in trained:
         assert len(case["ranks"]) == case["dp"] * case["tp"]
         assert case["num_params"] == 134_515_008
         for rank in case["ranks"]:
-            assert_losses_close(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], FP32.loss_rel,
+            assert_losses_close(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], REAL.loss_rel,
                                 (case["name"], rank["rank"]))
         assert len(case["grad_abs_err"]) == 272  # every parameter: 30 layers x 9, the (tied) embedding, the last norm
-        assert_max_err(case["grad_abs_err"], FP32.grad_abs, case["name"])
-        assert max(case["grad_absmax"].values()) > 1e-2, case["name"]  # real gradients, not ~0
+        scale = max(case["grad_absmax"].values())
+        assert scale > 1e-2, case["name"]  # real gradients, not ~0
+        assert_max_err(case["grad_abs_err"], REAL.grad_rel * scale, case["name"])
+        ours, fp32 = max(case["grad_err_vs_fp64"].values()), max(case["ref_err_vs_fp64"].values())
+        assert ours <= REAL.vs_fp64 * fp32, (case["name"], ours, fp32)
 
 
 def test_every_layout_uses_the_uneven_head_styles(trained: list[dict]) -> None:

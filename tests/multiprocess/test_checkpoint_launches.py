@@ -233,8 +233,10 @@ def test_uneven_layouts_consolidate_and_export_with_the_models_own_shapes(runs: 
     assert state["model.layers.0.self_attn.q_proj.weight"].shape == (72, 72)
     assert state["model.layers.0.self_attn.k_proj.weight"].shape == (24, 72)
     trained = torch.load(runs["root"] / "odd3.pt", weights_only=True)  # gathered in the worker after step 3
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, trained[name]), name
+    assert len(trained) == len(dict(model.named_parameters())) == 20  # lm_head is the (tied) embedding
+    for name, tensor in trained.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     theirs = transformers.AutoModelForCausalLM.from_pretrained(runs["root"] / "odd_hf").eval()
     tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -35,17 +35,28 @@ CASES_4 = [
     {"name": "24:6", "heads": 24, "kv_heads": 6, "dp": 1, "tp": 4},  # even query heads, groups split across ranks
     {"name": "9:3-vocab61-fsdp", "heads": 9, "kv_heads": 3, "dp": 2, "tp": 2, "vocab": 61},  # 5+4 under FSDP2
     {"name": "vocab61-tied", "heads": 8, "kv_heads": 4, "dp": 1, "tp": 4, "vocab": 61, "tied": True},
+    # the issue's other shapes at tp 4, which splits them by head: TinyLlama / Qwen3-30B-A3B 32:4, Qwen2.5-7B 28:4
+    {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 4},
+    {"name": "qwen2.5-7b-28:4", "heads": 28, "kv_heads": 4, "dp": 1, "tp": 4},
 ]
 CASES_2 = [
     {"name": "mqa-4:1", "heads": 4, "kv_heads": 1, "dp": 1, "tp": 2},
     {"name": "smollm2-9:3-no-sp", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 2, "sp": False, "tied": True},
     {"name": "vocab61-no-sp", "heads": 4, "kv_heads": 2, "dp": 1, "tp": 2, "sp": False, "vocab": 61},
+    # every shape the issue lists at tp 2 (split by head there)
+    {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 2},
+    {"name": "qwen2.5-1.5b-12:2", "heads": 12, "kv_heads": 2, "dp": 1, "tp": 2},
+    {"name": "qwen2.5-3b-16:2-tied", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 2, "tied": True},
+    {"name": "qwen2.5-0.5b-14:2", "heads": 14, "kv_heads": 2, "dp": 1, "tp": 2},
+    {"name": "qwen2.5-7b-28:4", "heads": 28, "kv_heads": 4, "dp": 1, "tp": 2},
 ]
 CASES_8 = [  # a node's 8 GPUs; 8 gloo processes, so few and tiny cases
     {"name": "tinyllama-32:4", "heads": 32, "kv_heads": 4, "dp": 1, "tp": 8},  # TinyLlama, Qwen3-30B-A3B at tp 8
     {"name": "16:2-tied-vocab61", "heads": 16, "kv_heads": 2, "dp": 1, "tp": 8, "tied": True, "vocab": 61},
     {"name": "smollm2-9:3-tied", "heads": 9, "kv_heads": 3, "dp": 1, "tp": 8, "tied": True},  # 2+1+...+1
     {"name": "qwen2.5-7b-28:4", "heads": 28, "kv_heads": 4, "dp": 1, "tp": 8},  # 4+4+4+4+3+3+3+3
+    {"name": "qwen2.5-1.5b-12:2", "heads": 12, "kv_heads": 2, "dp": 1, "tp": 8},  # 2+2+2+2+1+1+1+1
+    {"name": "qwen2.5-0.5b-14:2", "heads": 14, "kv_heads": 2, "dp": 1, "tp": 8},  # 2 x 6 + 1 + 1
 ]
 
 
@@ -82,6 +93,13 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         results += result["cases"]
         if result["comm_counts"]:
             COUNTS.update(result["comm_counts"])
+    print("\n| case | (dp, tp) | layout | loss rel err | worst gradient element |\n|---|---|---|---|---|")
+    for c in results:
+        layout = ("uneven query heads" if c["heads"] % c["tp"] else "KV replicated" if c["kv_heads"] % c["tp"]
+                  else "split by head")
+        loss = max(abs(a - b) / abs(b) for r in c["ranks"]
+                   for a, b in zip(r["losses"], c["ref_losses"][str(r["dp_rank"])], strict=True))
+        print(f"| {c['name']} | ({c['dp']}, {c['tp']}) | {layout} | {loss:.1e} | {max(c['grad_abs_err'].values()):.1e} |")
     return results
 
 

@@ -60,7 +60,7 @@ MUTATIONS = [
              "_local(p.grad).clamp_(-float('inf'), float('inf'))",
              (MP, "-k", "value_clipping")),
     Mutation("o-proj-column-parallel", "attention's output projection sharded by columns instead of rows",
-             "lightning_tp/parallel/plans.py",
+             "lightning_tp/parallel/families/llama.py",
              "    o = (RowwiseParallel(output_layouts=between) if heads is None\n"
              "         else HeadsRowwise(heads, output_layouts=between))",
              "    o = ColwiseParallel(output_layouts=between)",

@@ -1,17 +1,13 @@
-"""Tensor-parallel plans as data: a dict from module-path glob to a ``ParallelStyle``.
+"""Tensor-parallel plans as data: a dict from module-path glob to a ``ParallelStyle``, and their
+resolution against a LightningModule's concrete modules.
 
-The Llama plan reaches the Megatron communication minimum per decoder layer and step:
-
-* TP only: forward one all-reduce after ``o_proj`` and one after ``down_proj``; backward one
-  all-reduce of the attention input gradient and one of the MLP input gradient.
-* TP + SP: the all-reduces become an all-gather (before attention / MLP) and a reduce-scatter
-  (after ``o_proj`` / ``down_proj``), forward and backward.
-
-The trick that keeps the backward at one collective per module is ``PrepareModuleInput`` on
-``self_attn`` and ``mlp``: the projections then receive a replicated DTensor, their input gradients
-come back as ``Partial`` DTensors that autograd sums locally, and a single reduction runs at the
-module boundary. Giving each projection a plain tensor instead (as in the per-projection plan
-below) reduces the input gradient once per projection: 3 times for q/k/v, twice for gate/up.
+``plan="auto"`` finds every causal LM inside the module (``model.layers[i].self_attn``/``.mlp`` and
+``lm_head``) and asks its family (:mod:`lightning_tp.parallel.families`) for the plan; the Llama
+family's reaches the Megatron communication minimum per decoder layer
+(:mod:`lightning_tp.parallel.families.llama`). Registered plans (:data:`PLANS`) apply one plan
+function to every model found. Giving each projection a plain tensor instead (as in the
+per-projection plan below) reduces the input gradient once per projection: 3 times for q/k/v,
+twice for gate/up.
 """
 
 from __future__ import annotations
@@ -22,18 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import torch
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-)
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lightning_tp.errors import ModelNotRecognisedError, PlanError
+from lightning_tp.parallel.families import FAMILIES, Family, family_of
+from lightning_tp.parallel.families.base import transformers_classes
+from lightning_tp.parallel.families.llama import LLAMA, llama_plan
 from lightning_tp.parallel.heads import (
     SPLIT_BY_HEAD,
     HeadsColwise,
@@ -42,6 +34,7 @@ from lightning_tp.parallel.heads import (
     head_layout,
     shown_style,
 )
+from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel
 
 __all__ = [
     "PLANS",
@@ -63,120 +56,6 @@ PlanFn = Callable[..., dict[str, ParallelStyle]]
 """``plan(*, sequence_parallel: bool, loss_parallel: bool) -> {glob: style}``, globs relative to the
 model."""
 PlanSpec = Union[str, Mapping[str, ParallelStyle], PlanFn]
-
-
-def _replicate_parameters(_name: str, module: nn.Module, mesh: Any) -> None:
-    """``distribute_module``'s partition function: every parameter of ``module`` a ``Replicate()``
-    DTensor on ``mesh``."""
-    for name, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
-
-
-class ReplicateParallel(ParallelStyle):
-    """Keep a module's parameters whole on every TP rank, but as ``Replicate()`` DTensors.
-
-    Costs no communication. It puts parameters that TP does not shard (norm weights when sequence
-    parallelism is off) on the same mesh as the sharded ones, so after FSDP every parameter lives on
-    one 2D mesh and foreach optimizers and norm computations see a single mesh.
-    """
-
-    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        from torch.distributed.tensor import DTensor
-
-        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
-            return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
-                         if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a
-                         for a in args)
-
-        def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
-            return out.to_local() if isinstance(out, DTensor) else out
-
-        return distribute_module(module, device_mesh, _replicate_parameters, inputs, outputs)
-
-
-class HeadShardedNorm(ParallelStyle):
-    """A norm over ``head_dim`` applied to a rank's own heads (Qwen3's ``q_norm``/``k_norm``).
-
-    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e. ``Shard(2)``
-    of the full heads; the weight is ``Replicate()`` so that its gradient, a partial sum over each
-    rank's heads, is summed over the TP ranks (a plain weight would silently keep only the local
-    heads' share).
-    """
-
-    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        from torch.distributed.tensor import DTensor
-
-        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
-            return (DTensor.from_local(args[0], mesh, [Shard(2)], run_check=False), *args[1:])
-
-        def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
-            return out.to_local()
-
-        return distribute_module(module, device_mesh, _replicate_parameters, inputs, outputs)
-
-
-def llama_plan(
-    *, sequence_parallel: bool = True, loss_parallel: bool = True, qk_norm: bool = False,
-    num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
-) -> dict[str, ParallelStyle]:
-    """The minimum-communication plan for Llama-family models with Hugging Face module names.
-
-    One plan serves the native Llama and transformers' Llama, Mistral, Qwen2 and (``qk_norm=True``)
-    Qwen3. The embedding output stays whole and the sequence is split on entry to the first block (a
-    local slice, no communication): Hugging Face models derive positions and the causal mask from
-    the embedding output's length, which must be the full sequence. Cost against splitting in the
-    embedding itself: one all-reduce instead of a reduce-scatter forward and one all-gather
-    backward, per step, not per layer.
-    """
-    # Activations between blocks are sequence-sharded with SP and replicated without it.
-    between = Shard(1) if sequence_parallel else Replicate()
-    norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
-    # With the head counts, projections whose heads tp cannot split evenly are replicated and each
-    # rank computes its own heads (lightning_tp.parallel.heads); without them, split by head.
-    heads, kv_heads = num_attention_heads, num_key_value_heads
-    q = ColwiseParallel() if heads is None else HeadsColwise(heads)
-    kv = ColwiseParallel() if kv_heads is None else KVHeadsColwise(kv_heads, heads)
-    o = (RowwiseParallel(output_layouts=between) if heads is None
-         else HeadsRowwise(heads, output_layouts=between))
-    plan: dict[str, ParallelStyle] = {
-        "model.embed_tokens": RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Replicate()
-        ),
-        "model.layers.*.input_layernorm": norm,
-        # Attention is called with keyword arguments (`hidden_states=`) by both implementations.
-        "model.layers.*.self_attn": PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": between},
-            desired_input_kwarg_layouts={"hidden_states": Replicate()},
-        ),
-        "model.layers.*.self_attn.q_proj": q,
-        # Split by head; replicated with per-rank head selection when tp exceeds the KV heads.
-        "model.layers.*.self_attn.k_proj": kv,
-        "model.layers.*.self_attn.v_proj": kv,
-        "model.layers.*.self_attn.o_proj": o,
-        "model.layers.*.post_attention_layernorm": norm,
-        "model.layers.*.mlp": PrepareModuleInput(
-            input_layouts=(between,), desired_input_layouts=(Replicate(),)
-        ),
-        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
-        "model.layers.*.mlp.up_proj": ColwiseParallel(),
-        "model.layers.*.mlp.down_proj": RowwiseParallel(output_layouts=between),
-        "model.norm": norm,
-        # Loss parallel keeps the logits vocab-sharded (a DTensor) so cross entropy never gathers
-        # them; without it, the logits are all-gathered into a plain tensor.
-        "lm_head": ColwiseParallel(
-            input_layouts=between,
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        ),
-    }
-    if sequence_parallel:
-        plan["model.layers.0"] = PrepareModuleInput(
-            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
-        )
-    if qk_norm:
-        plan["model.layers.*.self_attn.q_norm"] = HeadShardedNorm()
-        plan["model.layers.*.self_attn.k_norm"] = HeadShardedNorm()
-    return plan
 
 
 def per_projection_llama_plan(
@@ -207,6 +86,7 @@ def per_projection_llama_plan(
 
 
 PLANS: dict[str, PlanFn] = {"llama": llama_plan, "llama_per_projection": per_projection_llama_plan}
+"""Named plans; ``"llama"`` resolves through the Llama family (the model's head counts included)."""
 
 
 def register_plan(name: str, fn: PlanFn, *, override: bool = False) -> None:
@@ -251,22 +131,28 @@ def find_llama(root: nn.Module) -> list[str]:
     return found
 
 
-SUPPORTED_TRANSFORMERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                          "Qwen3ForCausalLM")
+SUPPORTED_TRANSFORMERS = LLAMA.classes
 """transformers classes the Llama plan is known to fit (checked by tests against single-process
-runs)."""
+runs); ``plan="auto"`` covers every family of :data:`~lightning_tp.parallel.families.FAMILIES`."""
 
 
-def _check_supported(model: nn.Module, path: str, plan: str) -> None:
-    cls = type(model)
-    from_transformers = [c for c in cls.__mro__ if c.__module__.startswith("transformers.")]
-    if from_transformers and not any(c.__name__ in SUPPORTED_TRANSFORMERS
-                                     for c in from_transformers):
+def _family(model: nn.Module, path: str, plan: str) -> Family:
+    """The family whose plan ``plan`` applies to ``model``: its own under ``"auto"``, the Llama
+    family's under a registered name; :class:`PlanError` for a transformers class no family
+    covers."""
+    family = family_of(model)
+    covered = [f for f in FAMILIES.values() if plan == "auto" or f is LLAMA]
+    if family in covered:
+        return family
+    if transformers_classes(model) or family is not None:
+        classes = ", ".join(c for f in covered for c in f.classes)
         raise PlanError(
-            f"plan={plan!r} found transformers' {cls.__name__} at {path or '<root>'!r}; it"
-            f" resembles Llama but only {', '.join(SUPPORTED_TRANSFORMERS)} are known to match the"
-            " plan. Pass `plan=` a dict {module glob: ParallelStyle} written for it."
+            f"plan={plan!r} found transformers' {type(model).__name__} at {path or '<root>'!r}; it"
+            f" resembles Llama but only {classes} are known to match"
+            f" {'a family plan' if plan == 'auto' else 'the plan'}. Pass `plan=` a dict"
+            " {module glob: ParallelStyle} written for it."
         )
+    return LLAMA  # a Llama-shaped model of the user's own
 
 
 def _join(prefix: str, path: str) -> str:
@@ -326,22 +212,16 @@ def resolve_plan(
                 " {module glob: ParallelStyle} or a callable, or pass plan=None and parallelize it"
                 " yourself in configure_model()."
             )
-        for root in roots:
-            _check_supported(module.get_submodule(root), root, plan)
-        fn = PLANS["llama" if plan == "auto" else plan]
+        families = {root: _family(module.get_submodule(root), root, plan) for root in roots}
+        fn = None if plan in ("auto", "llama") else PLANS[plan]
         styles: dict[str, ParallelStyle] = {}
         blocks: list[str] = []
         for root in roots:
-            kwargs: dict[str, Any] = {"sequence_parallel": sequence_parallel,
-                                      "loss_parallel": loss_parallel}
-            if fn is llama_plan:
-                config = getattr(module.get_submodule(root), "config", None)
-                for field_name in ("num_attention_heads", "num_key_value_heads"):
-                    if isinstance(getattr(config, field_name, None), int):
-                        kwargs[field_name] = getattr(config, field_name)
-                kwargs["qk_norm"] = hasattr(
-                    module.get_submodule(_join(root, "model.layers.0.self_attn")), "q_norm")
-            styles.update(_match(fn(**kwargs), names, root))
+            modes: dict[str, Any] = {"sequence_parallel": sequence_parallel,
+                                     "loss_parallel": loss_parallel}
+            patterns = (fn(**modes) if fn is not None
+                        else families[root].plan(module.get_submodule(root), **modes))
+            styles.update(_match(patterns, names, root))
             layers = _join(root, "model.layers")
             blocks += [n for n in names
                        if n.startswith(layers + ".") and n.count(".") == layers.count(".") + 1]

@@ -29,10 +29,10 @@ class Case:
     """``build(num_hidden_layers)`` -> a fresh model, the same weights for the same argument."""
     tps: tuple[int, ...] = (2, 4, 8)
     """The tp sizes it runs at (8 runs 8 gloo processes: keep those models very small)."""
-    extra_per_layer: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Collectives per layer beyond the Llama minimum, by phase ("forward"/"backward") and op name as
-    CommDebugMode reports it (e.g. {"backward": {"allreduce_": 2}}), at every tp of ``tps``; documented by the
-    family."""
+    extra_per_layer: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """Collectives per layer beyond the Llama minimum (with SP: 2 all-gathers + 2 reduce-scatters forward and the
+    same backward), by tp, then phase ("forward"/"backward"), then op name as CommDebugMode reports it, e.g.
+    ``{4: {"backward": {"allreduce_": 2}}}``; a tp not listed means exactly the minimum. The family documents them."""
 
 
 def all_cases() -> list[Case]:

@@ -1,0 +1,106 @@
+"""Every model family of the auto plan at tp 2, 4 and 8 (issue 15), against one process and beside transformers' own
+tensor parallelism.
+
+Three launches of ``tests/workers/families.py`` (torchrun, gloo): 2 and 4 ranks side by side, then 8. Each runs the
+cases of ``tests/workers/family_cases`` at its size: tiny transformers models that keep real checkpoints' head
+ratios and module names. Printed with ``-s``: the table of the README's model section (collectives per layer, ours
+and transformers').
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launching import QUIET, launch_env
+from paths import WORKERS
+from tolerances import FP32
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = WORKERS / "families.py"
+MINIMUM = {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}  # per layer with SP, forward and backward
+sys.path.insert(0, str(WORKERS))
+from family_cases import all_cases  # noqa: E402
+
+CASES = all_cases()
+
+
+def _launch(tmp: Path, world: int) -> subprocess.Popen:
+    log = open(tmp / f"world{world}.log", "w")
+    (tmp / f"saved{world}").mkdir()
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                             str(WORKER), str(tmp / f"world{world}.json"), str(tmp / f"saved{world}")],
+                            env=launch_env(**QUIET, TQDM_DISABLE="1"), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait(tmp: Path, world: int, proc: subprocess.Popen) -> list[dict]:
+    try:
+        rc = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "timeout"
+    out = tmp / f"world{world}.json"
+    if rc != 0 or not out.exists():
+        log = (tmp / f"world{world}.log").read_text()[-6000:]
+        pytest.fail(f"families worker at {world} ranks exited with {rc}:\n{log}")
+    return json.loads(out.read_text())["cases"]
+
+
+def _counts(c: dict) -> str:
+    return " / ".join(", ".join(f"{n} {k.removesuffix('_into_tensor').removesuffix('_tensor')}"
+                                for k, n in sorted(c[p].items())) or "none" for p in ("forward", "backward"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("families")
+    procs = {2: _launch(tmp, 2), 4: _launch(tmp, 4)}
+    found = _wait(tmp, 4, procs[4]) + _wait(tmp, 2, procs[2])
+    found += _wait(tmp, 8, _launch(tmp, 8))
+    print("\n| case | tp | loss rel err | worst gradient element | ours per layer (fwd / bwd) |"
+          " transformers' TP per layer (fwd / bwd) |\n|---|---|---|---|---|---|")
+    for c in sorted(found, key=lambda c: (c["name"], c["tp"])):
+        if "error" in c:
+            print(f"| {c['name']} | {c['tp']} | error: {c['error'][:120]} | | | |")
+            continue
+        hf = c["transformers"]
+        theirs = _counts(hf["per_layer"]) if hf["runs"] else f"fails: {hf['error'][:80]}"
+        print(f"| {c['name']} | {c['tp']} | {abs(c['loss'] - c['ref_loss']) / abs(c['ref_loss']):.1e} |"
+              f" {max(c['grad_err'].values()):.1e} | {_counts(c['per_layer'])} | {theirs} |")
+    return found
+
+
+def test_every_case_ran_at_each_of_its_sizes(results: list[dict]) -> None:
+    expected = sorted((c.name, tp) for c in CASES for tp in c.tps)
+    assert sorted((c["name"], c["tp"]) for c in results) == expected
+    errors = {(c["name"], c["tp"]): c["error"] for c in results if "error" in c}
+    assert not errors, errors
+
+
+def test_each_model_resolves_to_its_family(results: list[dict]) -> None:
+    for c in results:
+        assert c.get("family") == c["expected_family"], (c["name"], c.get("family"))
+
+
+def test_losses_logits_and_every_gradient_match_one_process(results: list[dict]) -> None:
+    for c in results:
+        what = (c["name"], c["tp"])
+        assert abs(c["loss"] - c["ref_loss"]) <= FP32.loss_rel * abs(c["ref_loss"]), (what, c["loss"], c["ref_loss"])
+        assert c["logits_err"] <= 1e-5, (what, c["logits_err"])
+        assert not c["grads_missing"], (what, c["grads_missing"])
+        name, worst = max(c["grad_err"].items(), key=lambda kv: kv[1])
+        assert worst <= FP32.grad_abs, (what, name, worst)
+        assert c["grad_absmax"] > 1e-3, what  # the gradients compared are not all ~0
+
+
+def test_collectives_per_layer_are_the_minimum_plus_the_declared_extras(results: list[dict]) -> None:
+    for c in results:
+        for phase in ("forward", "backward"):
+            expected = dict(MINIMUM)
+            for op, n in c["extra"].get(phase, {}).items():
+                expected[op] = expected.get(op, 0) + n
+            assert c["per_layer"][phase] == expected, (c["name"], c["tp"], phase, c["per_layer"][phase])

@@ -94,7 +94,18 @@ def export_main(argv: list[str]) -> None:
                         help="split larger weights into files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
+    from lightning_tp.checkpoint.hf_family import export_transformers, transformers_models
+
     try:
+        if args.model is None and transformers_models(args.checkpoint):
+            done = export_transformers(args.checkpoint, args.out_dir, tokenizer=args.tokenizer,
+                                       dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                       overwrite=args.overwrite)
+            print(f"Exported {args.checkpoint} (transformers {done.model_type},"
+                  f" {done.num_params:,} parameters) to {args.out_dir}:")
+            for file in done.files:
+                print(f"  {file.name}  ({file.stat().st_size:,} bytes)")
+            return
         export = export_checkpoint(args.checkpoint, args.out_dir, model=args.model,
                                    tokenizer=args.tokenizer,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None,

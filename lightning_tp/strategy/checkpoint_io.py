@@ -39,7 +39,22 @@ from lightning_tp.checkpoint.safe_reading import (
 )
 from lightning_tp.errors import CheckpointError, CheckpointPathError
 
-__all__ = ["AtomicCheckpointMixin"]
+__all__ = ["AtomicCheckpointMixin", "transformers_configs"]
+
+
+def transformers_configs(module: Any) -> dict[str, dict[str, Any]]:
+    """``{path: config.to_dict()}`` of the outermost transformers models inside ``module``: what
+    ``lightning-tp export`` needs to write a checkpoint of them in their own family's format."""
+    found: dict[str, dict[str, Any]] = {}
+    for path, sub in module.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in found):
+            continue
+        config = getattr(sub, "config", None)
+        # by the class's ancestry: FSDP2 swaps a module's class for a subclass of its own
+        ours = any(c.__module__.startswith("transformers.") for c in type(sub).__mro__)
+        if ours and hasattr(config, "to_dict") and getattr(config, "model_type", None):
+            found[path] = config.to_dict()
+    return found
 
 
 class AtomicCheckpointMixin:
@@ -101,7 +116,8 @@ class AtomicCheckpointMixin:
             names.append(next(iter(fqns)) if len(fqns) == 1 else name)
         return {"format": 1, "parameter_names": names,
                 "data_parallel_size": self.data_parallel_size,
-                "tensor_parallel_size": self.tensor_parallel_size}
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "transformers": transformers_configs(self.model)}
 
     def _checkpoint_stage(self, what: str, path: Any, staged: Any, fn: Any) -> None:
         """Run one stage of a save on every rank; if it failed anywhere, clean up, raise on all."""

@@ -104,3 +104,62 @@ def test_collectives_per_layer_are_the_minimum_plus_the_declared_extras(results:
             for op, n in c["extra"].get(phase, {}).items():
                 expected[op] = expected.get(op, 0) + n
             assert c["per_layer"][phase] == expected, (c["name"], c["tp"], phase, c["per_layer"][phase])
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_WORKER = WORKERS / "family_checkpoints.py"
+
+
+def _first_per_family() -> list[str]:
+    """One case per family at tp 2 (the checkpoint and export machinery is the family's, not the shape's)."""
+    chosen: dict[str, str] = {}
+    for case in CASES:
+        if 2 in case.tps:
+            chosen.setdefault(case.family, case.name)
+    return sorted(chosen.values())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("family_ckpt")
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"root": str(root), "devices": 2, "cases": _first_per_family()}))
+    with open(root / "log", "w") as log:
+        proc = subprocess.run([sys.executable, str(CHECKPOINT_WORKER), str(root / "out.json"), str(spec)],
+                              env=launch_env(**QUIET, TQDM_DISABLE="1"), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"family checkpoint worker exited with {proc.returncode}:\n{(root / 'log').read_text()[-6000:]}")
+    return {"root": root, "runs": json.loads((root / "out.json").read_text())}
+
+
+def test_every_family_resumes_exactly(checkpoints: dict) -> None:
+    assert sorted(checkpoints["runs"]) == _first_per_family()
+    for name, run in checkpoints["runs"].items():
+        assert sorted(run["stopped"]) == ["1", "2"] and sorted(run["resumed"]) == ["3", "4"], (name, run)
+        for step in ("1", "2"):
+            assert run["stopped"][step] == run["full"][step], (name, step)
+        for step in ("3", "4"):
+            assert abs(run["resumed"][step] - run["full"][step]) <= FP32.loss_rel * abs(run["full"][step]), (name, run)
+        assert run["full"]["4"] != run["full"]["1"], name  # it trains
+
+
+def test_every_family_exports_what_transformers_loads_with_equal_logits(checkpoints: dict) -> None:
+    import torch
+    from _ci_deps import require
+
+    transformers = require("transformers")
+    from lightning_tp import cli
+
+    by_name = {c.name: c for c in CASES}
+    for name in checkpoints["runs"]:
+        out = checkpoints["root"] / f"{name}-hf"
+        cli.main(["export", str(checkpoints["root"] / name / "last"), str(out)])
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert type(loaded).__name__ == type(by_name[name].build(1)).__name__, (name, type(loaded).__name__)
+        saved = torch.load(checkpoints["root"] / name / "logits.pt", weights_only=True)
+        with torch.no_grad():
+            err = float((loaded(input_ids=saved["ids"]).logits - saved["logits"]).abs().max())
+        print(f"\n{name}: export → from_pretrained logits differ by {err:.1e}")
+        assert err <= 1e-5, (name, err)

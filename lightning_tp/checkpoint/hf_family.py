@@ -1,0 +1,95 @@
+"""Export a checkpoint of a transformers model trained through the strategy (any family of the
+auto plan: Gemma, Phi-3, OLMo-2, Granite, Mixtral, ...) in that family's own format.
+
+The strategy records each transformers model's ``config.to_dict()`` in the checkpoint
+(``meta.pt``, entry ``lightning_tp/transformers``). :func:`export_transformers` rebuilds the model
+from it on the meta device (``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config``, no
+remote code), fills it with the consolidated weights (checked: every key, every shape) and writes it
+with transformers' own ``save_pretrained``, so ``AutoModelForCausalLM.from_pretrained`` loads it as
+that family. The native ``Llama``'s checkpoints go through :func:`.hf_export.export_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_tp.checkpoint.hf_config import TOKENIZER_FILES
+from lightning_tp.checkpoint.hf_export import consolidated_state_dict
+from lightning_tp.checkpoint.layout import LAYOUT_KEY, META_FILE, atomic_write
+from lightning_tp.checkpoint.safe_reading import read_meta
+from lightning_tp.errors import CheckpointError
+
+__all__ = ["FamilyExport", "export_transformers", "transformers_models"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyExport:
+    """What :func:`export_transformers` wrote."""
+
+    model_type: str
+    num_params: int
+    files: list[Path]
+    tokenizer: str | None
+
+
+def transformers_models(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
+    """``{module path: config dict}`` of the transformers models a checkpoint directory holds
+    (``{}`` for a native Llama's, or a checkpoint without ``meta.pt``)."""
+    path = Path(checkpoint)
+    if not (path / META_FILE).is_file():
+        return {}
+    layout = read_meta(path, weights_only=True).get(LAYOUT_KEY) or {}
+    return dict(layout.get("transformers") or {})
+
+
+def export_transformers(checkpoint: str | Path, out_dir: str | Path, *, root: str | None = None,
+                        tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
+                        overwrite: bool = False) -> FamilyExport:
+    """Write the transformers model at ``root`` (the only one if None) of the sharded checkpoint
+    ``checkpoint`` as a Hugging Face directory ``out_dir``, with the tokenizer files of
+    ``tokenizer`` if given. An existing non-empty ``out_dir`` is refused unless ``overwrite``."""
+    import transformers
+
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    models = transformers_models(checkpoint)
+    if root is None and len(models) == 1:
+        root = next(iter(models))
+    if root not in models:
+        raise CheckpointError(f"{str(checkpoint)!r} holds transformers models at {sorted(models)}"
+                              f" (root={root!r}). Fix: pass one of them as the root.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"Cannot export to {str(out)!r}: it exists and is not empty. Fix:"
+                              " choose another directory, or pass overwrite=True (--overwrite).")
+    config_dict = dict(models[root])
+    model_type = config_dict.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    state = consolidated_state_dict(checkpoint, prefix=f"{root}." if root else "")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = [k for k in expected if k not in state and getattr(config, "tie_word_embeddings", False)]
+    problems = [f"{k}: missing" for k in expected if k not in state and k not in tied]
+    problems += [f"{k}: unexpected" for k in state if k not in expected]
+    problems += [f"{k}: {tuple(v.shape)} in the checkpoint, {expected[k]} in the model"
+                 for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    if problems:
+        raise CheckpointError(f"The weights in {str(checkpoint)!r} do not fit"
+                              f" {type(model).__name__} from its recorded config:"
+                              f" {'; '.join(problems[:8])}.")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    files = [Path(tokenizer) / f for f in TOKENIZER_FILES
+             if tokenizer and (Path(tokenizer) / f).is_file()]
+    with atomic_write(out, directory=True) as staged:
+        model.save_pretrained(staged)
+        for f in files:
+            shutil.copyfile(f, staged / f.name)
+    return FamilyExport(model_type, sum(p.numel() for p in model.parameters()),
+                        sorted(out.iterdir()), str(tokenizer) if files else None)

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from lightning_tp.errors import ModelNotRecognisedError, PlanError
 from lightning_tp.parallel.families import FAMILIES, Family, family_of
 from lightning_tp.parallel.families.base import transformers_classes
+from lightning_tp.parallel.families.derived import derived_family
 from lightning_tp.parallel.families.llama import LLAMA, llama_plan
 from lightning_tp.parallel.heads import (
     SPLIT_BY_HEAD,
@@ -138,12 +139,15 @@ runs); ``plan="auto"`` covers every family of :data:`~lightning_tp.parallel.fami
 
 def _family(model: nn.Module, path: str, plan: str) -> Family:
     """The family whose plan ``plan`` applies to ``model``: its own under ``"auto"``, the Llama
-    family's under a registered name; :class:`PlanError` for a transformers class no family
-    covers."""
+    family's under a registered name; under ``"auto"`` a transformers class no family covers gets
+    a plan derived from its ``base_model_tp_plan`` (:mod:`~.families.derived`, which raises
+    :class:`PlanError` when that cannot be exact); :class:`PlanError` for one under a name."""
     family = family_of(model)
     covered = [f for f in FAMILIES.values() if plan == "auto" or f is LLAMA]
     if family in covered:
         return family
+    if plan == "auto" and family is None and transformers_classes(model):
+        return derived_family(model)
     if transformers_classes(model) or family is not None:
         classes = ", ".join(c for f in covered for c in f.classes)
         raise PlanError(

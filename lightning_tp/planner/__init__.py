@@ -16,9 +16,13 @@ The modules, each depending only on those above it:
 
 * :mod:`~lightning_tp.planner.modes`: bytes per element of each precision, what each
   activation-checkpointing mode recomputes;
+* :mod:`~lightning_tp.planner.errors`: :class:`PlannerError`;
+* :mod:`~lightning_tp.planner.checkpoint`: the ``checkpoint=`` input, a Hugging Face config's model
+  on the meta device and the plan ``plan="auto"`` gives it;
 * :mod:`~lightning_tp.planner.inputs`: :class:`PlanInputs`, the Hydra schema :class:`PlanConfig`,
   :func:`compose_inputs`;
-* :mod:`~lightning_tp.planner.layout`: the meta model, :class:`ParamShard`, :func:`param_shards`;
+* :mod:`~lightning_tp.planner.layout`: the meta model (a preset's native Llama or a checkpoint's),
+  :class:`ParamShard`, :func:`param_shards`;
 * :mod:`~lightning_tp.planner.memory`: :func:`layer_activation_bytes`, the per-rank memory;
 * :mod:`~lightning_tp.planner.communication`: :class:`Collective`, :func:`collectives`;
 * :mod:`~lightning_tp.planner.estimate`: :class:`Estimate`, the step time;

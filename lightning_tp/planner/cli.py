@@ -20,7 +20,9 @@ Estimate memory, communication and step time of a layout without a GPU, and reco
   lightning-tp plan model=llama3_70b strategy.tensor_parallel_size=8 \\
       strategy.data_parallel_size=32 strategy.activation_checkpointing=full accelerator=h100 \\
       link=ib_ndr
-Keys: model (a preset; model.<field> overrides), strategy.* (tensor_parallel_size,
+  lightning-tp plan checkpoint=/models/Helium-2B strategy.tensor_parallel_size=4
+Keys: model (a preset; model.<field> overrides), checkpoint (a Hugging Face model directory or its
+config.json, planned instead of model), strategy.* (tensor_parallel_size,
 data_parallel_size, sequence_parallel, loss_parallel, fsdp, reshard_after_forward,
 activation_checkpointing, float8, async_tp), trainer.precision / accumulate_grad_batches / devices /
 num_nodes, data.seq_len, data.batch_size, accelerator, link, intra_node_link, devices_per_node,

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning_tp.config import AC_MODES, ParallelConfig, check_precision
-from lightning_tp.errors import LightningTPError, MeshConfigError, PrecisionConfigError
+from lightning_tp.errors import MeshConfigError, PrecisionConfigError
 from lightning_tp.hardware import Accelerator, Link, get_accelerator, get_link, load_hardware
 from lightning_tp.models.config import LlamaConfig, get_config
+from lightning_tp.planner.checkpoint import checkpoint_model
+from lightning_tp.planner.errors import PlannerError
 from lightning_tp.planner.modes import AC_BY_RECOMPUTE
 from lightning_tp.recipes.config import (
     CONF_DIR,
@@ -34,16 +36,14 @@ _STRATEGY = ParallelConfig()
 """The strategy's defaults, which :class:`PlanInputs` shares for the modes both describe."""
 
 
-class PlannerError(LightningTPError):
-    """A planner input is unknown or inconsistent (the message names the key, the value and the
-    fix)."""
-
-
 @dataclass
 class PlanConfig:
     """Hydra schema of ``conf/plan.yaml``: the recipe groups plus what only the planner needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: Optional[str] = None
+    """A Hugging Face model directory or its config.json: the model to plan, instead of
+    ``model`` (any family ``plan="auto"`` covers or derives; :mod:`.checkpoint`)."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """The strategy's arguments (the recipes' schema, activation checkpointing, float8 and async TP
     included)."""
@@ -100,6 +100,9 @@ class PlanInputs:
     efficiency: float = 0.4
     memory_headroom: float = 0.1
     model_name: str = "custom"
+    checkpoint: Optional[str] = None
+    """The Hugging Face model directory or config.json planned (its transformers model on the
+    meta device); None: the native Llama of ``config``."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -201,11 +204,16 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
     per_node = cfg.devices_per_node or (devices if isinstance(devices, int)
                                         else acc.devices_per_node)
     tp, dp = _sizes(cfg, per_node)
-    overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
-    try:
-        config = get_config(cfg.model.name, **overrides)
-    except KeyError as e:
-        raise PlannerError(f"model={cfg.model.name!r}: {e.args[0]}") from None
+    checkpoint, name = cfg.get("checkpoint"), cfg.model.name
+    if checkpoint:  # the model is the checkpoint's; model.* does not apply
+        found = checkpoint_model(str(checkpoint))
+        config, name = found.config, f"{found.path.parent.name} ({found.model_type})"
+    else:
+        overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+        try:
+            config = get_config(cfg.model.name, **overrides)
+        except KeyError as e:
+            raise PlannerError(f"model={cfg.model.name!r}: {e.args[0]}") from None
     strategy = cfg.strategy
     return PlanInputs(
         config=config, tp=tp, dp=dp, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
@@ -216,5 +224,6 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
         activation_checkpointing=strategy.activation_checkpointing, float8=strategy.float8,
         async_tp=strategy.async_tp, devices_per_node=per_node,
         efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
-        memory_headroom=cfg.memory_headroom, model_name=cfg.model.name,
+        memory_headroom=cfg.memory_headroom, model_name=name,
+        checkpoint=str(checkpoint) if checkpoint else None,
     )

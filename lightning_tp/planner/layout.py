@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_tp.models.config import LlamaConfig
 from lightning_tp.parallel.heads import head_layout, head_range, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
+from lightning_tp.planner.checkpoint import checkpoint_model
 from lightning_tp.planner.inputs import PlanInputs
 
 __all__ = ["BusiestRank", "ParamShard", "busiest_rank", "check_shapes", "meta_model",
-           "param_shards", "tp_choices", "units"]
+           "num_params", "param_shards", "plan_source", "tp_choices", "units"]
 
 ROOT_UNIT = "<root>"
 """The FSDP2 unit of the parameters outside the decoder blocks (embeddings, final norm, lm_head)."""
@@ -47,15 +49,17 @@ class _PlanKey:
     config: LlamaConfig
     sequence_parallel: bool
     loss_parallel: bool
+    checkpoint: Optional[str] = None
 
     def __hash__(self) -> int:
         fields = tuple(_frozen(getattr(self.config, f.name))
                        for f in dataclasses.fields(self.config))
-        return hash((fields, self.sequence_parallel, self.loss_parallel))
+        return hash((fields, self.sequence_parallel, self.loss_parallel, self.checkpoint))
 
     @classmethod
     def of(cls, inputs: PlanInputs) -> _PlanKey:
-        return cls(inputs.config, inputs.sequence_parallel, inputs.loss_parallel)
+        return cls(inputs.config, inputs.sequence_parallel, inputs.loss_parallel,
+                   inputs.checkpoint)
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,15 +69,34 @@ def _meta_model(key: _PlanKey) -> tuple[Any, Any]:
     from lightning_tp.models.llama import Llama
     from lightning_tp.parallel.plans import resolve_plan
 
-    with torch.device("meta"):
-        model = Llama(key.config)
-    return model, resolve_plan(model, "auto", sequence_parallel=key.sequence_parallel,
-                               loss_parallel=key.loss_parallel)
+    if key.checkpoint is not None:  # the checkpoint's transformers model, its family's plan
+        model = checkpoint_model(key.checkpoint).model
+    else:
+        with torch.device("meta"):
+            model = Llama(key.config)
+    with warnings.catch_warnings():  # a derived plan's warning: the report names its extras
+        warnings.simplefilter("ignore")
+        return model, resolve_plan(model, "auto", sequence_parallel=key.sequence_parallel,
+                                   loss_parallel=key.loss_parallel)
 
 
 def meta_model(inputs: PlanInputs) -> tuple[Any, Any]:
     """The model on the meta device (no memory) and the strategy's plan resolved against it."""
     return _meta_model(_PlanKey.of(inputs))
+
+
+def plan_source(inputs: PlanInputs) -> str:
+    """Which plan the model gets: its family's, or one derived from its ``base_model_tp_plan``."""
+    if inputs.checkpoint is None:
+        return "family 'llama' (the native Llama of the model preset)"
+    return checkpoint_model(inputs.checkpoint).family
+
+
+def num_params(inputs: PlanInputs) -> int:
+    """Parameters of the planned model: counted from a checkpoint's model, else the config's."""
+    if inputs.checkpoint is None:
+        return inputs.config.num_params
+    return checkpoint_model(inputs.checkpoint).num_params
 
 
 def check_shapes(inputs: PlanInputs) -> None:

@@ -19,7 +19,9 @@ from lightning_tp.planner.layout import (
     ParamShard,
     check_shapes,
     meta_model,
+    num_params,
     param_shards,
+    plan_source,
     tp_choices,
 )
 from lightning_tp.planner.memory import fits, layer_activation_bytes, memory
@@ -77,7 +79,9 @@ def _plan_rows(inputs: PlanInputs, shards: list[ParamShard]) -> list[dict[str, A
     shown = {"model.embed_tokens", "model.norm", "lm_head"}
     dp_eff = inputs.dp if inputs.fsdp else 1
     model, resolved = meta_model(inputs)
-    by_module = {p.module: p for p in shards}
+    by_module: dict[str, ParamShard] = {}
+    for p in shards:  # a module's first parameter (its weight, not its bias)
+        by_module.setdefault(p.module, p)
     rows = []
     order = {name: n for n, (name, _) in enumerate(model.named_modules())}
     for path in sorted(resolved.styles, key=order.__getitem__):
@@ -140,7 +144,8 @@ def _describe_inputs(inputs: PlanInputs) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(inputs).items() if k not in objects}
     d.update(accelerator=inputs.accelerator.name, intra_link=inputs.intra_link.name,
              inter_link=inputs.inter_link.name, world=inputs.world,
-             num_params=inputs.config.num_params, device_memory=inputs.accelerator.memory_bytes)
+             num_params=num_params(inputs), device_memory=inputs.accelerator.memory_bytes,
+             plan_source=plan_source(inputs))
     return d
 
 

@@ -35,7 +35,7 @@ def _heading(i: dict[str, Any]) -> str:
             f" {i['seq_len']}, micro-batch {i['batch_size']} x {i['accumulate']},"
             f" SP={i['sequence_parallel']}, loss parallel={i['loss_parallel']}, FSDP={i['fsdp']},"
             f" activation checkpointing={i['activation_checkpointing']}, float8={i['float8']},"
-            f" async TP={i['async_tp']}")
+            f" async TP={i['async_tp']}\nPlan source: {i['plan_source']}")
 
 
 def _estimate_table(e: dict[str, Any]) -> str:

@@ -40,6 +40,27 @@ from lightning_tp.parallel.plans import resolve_plan  # noqa: E402
 from lightning_tp.parallel.shapes import check_model_shapes  # noqa: E402
 
 
+def _count_modules_called_twice() -> None:
+    """torch 2.13's ``CommDebugMode`` registers a forward hook per call of a module and fails (``IndexError`` in
+    its module tracker) when one runs twice in a forward, as Gemma-3's ``rotary_emb`` does (once per layer type).
+    Drop the previous call's hook first; the collectives counted are unchanged."""
+    from torch.distributed.tensor.debug import _comm_mode
+
+    tracker = _comm_mode._CommModeModuleTracker
+    original = tracker._fw_pre_hook
+
+    def pre_hook(self: Any, mod: torch.nn.Module, inputs: Any) -> Any:
+        old = self.register_forward_hook_handles.get(self._get_mod_name(mod))
+        if old is not None:
+            old.remove()
+        return original(self, mod, inputs)
+
+    tracker._fw_pre_hook = pre_hook
+
+
+_count_modules_called_twice()
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone()
 

@@ -37,6 +37,16 @@ class FamilyExport:
     tokenizer: str | None
 
 
+def _merged(tensor: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """``tensor`` as ``shape`` when that only merges two adjacent dimensions of it."""
+    if shape is None or tuple(tensor.shape) == shape or tensor.ndim != len(shape) + 1:
+        return tensor
+    for i in range(len(shape)):
+        if tuple(tensor.flatten(i, i + 1).shape) == shape:
+            return tensor.flatten(i, i + 1)
+    return tensor
+
+
 def transformers_models(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
     """``{module path: config dict}`` of the transformers models a checkpoint directory holds
     (``{}`` for a native Llama's, or a checkpoint without ``meta.pt``)."""
@@ -72,6 +82,9 @@ def export_transformers(checkpoint: str | Path, out_dir: str | Path, *, root: st
         model = transformers.AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(checkpoint, prefix=f"{root}." if root else "")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # A style may keep a weight with two of its dimensions apart (the fused experts' gate_up_proj
+    # as (E, 2, I, H), lightning_tp.parallel.experts): written in the model's own shape.
+    state = {k: _merged(v, expected.get(k)) for k, v in state.items()}
     tied = [k for k in expected if k not in state and getattr(config, "tie_word_embeddings", False)]
     problems = [f"{k}: missing" for k in expected if k not in state and k not in tied]
     problems += [f"{k}: unexpected" for k in state if k not in expected]

@@ -132,7 +132,8 @@ class _TPExperts:
 
     def forward(self, hidden_states: Any, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         x = _local_input(hidden_states, "experts")
-        local = _LocalView(self, gate_up_proj=self.gate_up_proj.to_local(),
+        gate_up = self.gate_up_proj.to_local()  # (E, 2, I/tp, H): this rank's gate rows, up rows
+        local = _LocalView(self, gate_up_proj=gate_up.flatten(1, 2),
                            down_proj=self.down_proj.to_local())
         return self.base.forward(local, x, top_k_index, top_k_weights)
 
@@ -176,15 +177,25 @@ class ExpertsParallel(ParallelStyle):
                 f" (gate_up_proj {tuple(gate_up.shape)}) is not divisible by"
                 f" tensor_parallel_size={tp}. Fix: choose a tensor_parallel_size that divides"
                 f" {intermediate}.")
-        # (E, 2, I, H) split on I, viewed back as the model's (E, 2I, H): a strided shard.
+        # Kept as (E, 2, I, H) split on I, a plain Shard(2) that distributed checkpoints save and
+        # reshard (viewed as the model's (E, 2I, H) it would be a strided shard, which they
+        # refuse); the forward views the local block back. `lightning-tp export` writes the
+        # model's shape, and a state dict of that shape loads (the pre-hook below).
         split = distribute_tensor(gate_up.detach().view(experts, 2, intermediate, hidden),
                                   device_mesh, [Shard(2)])
-        module.gate_up_proj = nn.Parameter(split.view(experts, fused, hidden),
-                                           gate_up.requires_grad)
+        module.gate_up_proj = nn.Parameter(split, gate_up.requires_grad)
+        module._register_load_state_dict_pre_hook(_unfuse_gate_up)
         module.down_proj = nn.Parameter(distribute_tensor(down.detach(), device_mesh, [Shard(2)]),
                                         down.requires_grad)
         module.__class__ = _subclass(_TPExperts, type(module))
         return module
+
+
+def _unfuse_gate_up(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Accept the model's own (E, 2I, H) ``gate_up_proj`` in a state dict, as (E, 2, I, H)."""
+    value = state_dict.get(prefix + "gate_up_proj")
+    if isinstance(value, Tensor) and value.ndim == 3:
+        state_dict[prefix + "gate_up_proj"] = value.unflatten(1, (2, value.shape[1] // 2))
 
 
 def _expert_weights(module: nn.Module) -> tuple[Tensor, Tensor]:

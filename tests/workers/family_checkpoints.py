@@ -2,8 +2,8 @@
 ``TensorParallelStrategy`` (issue 15): ``python tests/workers/family_checkpoints.py OUT.json SPEC.json``.
 
 SPEC: ``{"root": dir, "devices": N, "cases": [case name, ...]}`` (names from ``tests/workers/family_cases``). For
-each case, at tp = N, on one batch per epoch: an uninterrupted 4-step AdamW run; a 2-step run that saves ``ROOT/NAME/last``; a run resumed
-from it to step 4. Rank 0 records the losses, and the logits that the weights of the saved step give in one process
+each case, at tp = N, on one batch per epoch: an uninterrupted 4-step AdamW run; a 2-step run that saves
+``ROOT/NAME/last``; a run resumed from it to step 4. Rank 0 records the losses, and the logits that the weights of the saved step give in one process
 (``ROOT/NAME/logits.pt``), for the export test to compare with.
 """
 

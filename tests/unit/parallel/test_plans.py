@@ -358,11 +358,16 @@ def test_auto_plan_accepts_supported_transformers_models_and_refuses_others() ->
     with torch.device("meta"):
         mine = MyLlama(transformers.LlamaConfig(**small))
         gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(**small, head_dim=8))
+        stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(**small))
     assert resolve_plan(mine, "auto", sequence_parallel=False, loss_parallel=False).styles
-    # Gemma looks like Llama from the outside (model.layers[i].self_attn/mlp, lm_head) but is not known to
-    # match the plan: refused, not guessed.
+    # Gemma has a family of its own under "auto", but the named Llama plan does not take it
+    assert resolve_plan(gemma, "auto", sequence_parallel=True, loss_parallel=True).styles
     with pytest.raises(PlanError, match="GemmaForCausalLM.*plan="):
-        resolve_plan(gemma, "auto", sequence_parallel=True, loss_parallel=True)
+        resolve_plan(gemma, "llama", sequence_parallel=True, loss_parallel=True)
+    # StableLM looks like Llama from the outside (model.layers[i].self_attn/mlp, lm_head), but no family covers it
+    # and it has no tp plan to derive one from: refused, not guessed
+    with pytest.raises(PlanError, match="StableLmForCausalLM"):
+        resolve_plan(stablelm, "auto", sequence_parallel=True, loss_parallel=True)
 
 
 def test_more_tp_ranks_than_query_heads_says_so() -> None:

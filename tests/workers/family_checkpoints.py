@@ -3,8 +3,8 @@
 
 SPEC: ``{"root": dir, "devices": N, "cases": [case name, ...]}`` (names from ``tests/workers/family_cases``). For
 each case, at tp = N, on one batch per epoch: an uninterrupted 4-step AdamW run; a 2-step run that saves
-``ROOT/NAME/last``; a run resumed from it to step 4. Rank 0 records the losses, and the logits that the weights of the saved step give in one process
-(``ROOT/NAME/logits.pt``), for the export test to compare with.
+``ROOT/NAME/last``; a run resumed from it to step 4. Rank 0 records the losses, and the logits that the weights of
+the saved step give in one process (``ROOT/NAME/logits.pt``), for the export test to compare with.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def main() -> None:
         resumed = fit(build, devices, STEPS, ckpt=root / name / "last")
         if dist.get_rank() == 0:
             plain = build(2)
-            plain.load_state_dict(weights)
+            shapes = {k: v.shape for k, v in plain.state_dict().items()}  # (E, 2, I, H) experts back to (E, 2I, H)
+            plain.load_state_dict({k: v.reshape(shapes[k]) for k, v in weights.items()})
             x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(9))
             with torch.no_grad():
                 torch.save({"ids": x, "logits": plain(input_ids=x).logits}, root / name / "logits.pt")

@@ -99,6 +99,4 @@ def phi3_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,
     return plan
 
 
-PHI3 = register_family(Family(
-    "phi3", ("Phi3ForCausalLM",), phi3_plan,
-    extras="none: qkv_proj and gate_up_proj are split by whole units, no gather"))
+PHI3 = register_family(Family("phi3", ("Phi3ForCausalLM",), phi3_plan))  # no extra collectives

@@ -24,7 +24,7 @@ from lightning_tp.checkpoint.layout import LAYOUT_KEY, META_FILE, atomic_write
 from lightning_tp.checkpoint.safe_reading import read_meta
 from lightning_tp.errors import CheckpointError
 
-__all__ = ["FamilyExport", "export_transformers", "transformers_models"]
+__all__ = ["FamilyExport", "export_transformers", "model_layout", "transformers_models"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,23 +37,34 @@ class FamilyExport:
     tokenizer: str | None
 
 
-def _merged(tensor: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
-    """``tensor`` as ``shape`` when that only merges two adjacent dimensions of it."""
-    if shape is None or tuple(tensor.shape) == shape or tensor.ndim != len(shape) + 1:
-        return tensor
-    for i in range(len(shape)):
-        if tuple(tensor.flatten(i, i + 1).shape) == shape:
-            return tensor.flatten(i, i + 1)
-    return tensor
+def model_layout(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (full tensors as the parallelized ``model`` keeps them) in the model's own layout:
+    a style of the auto plan may keep a weight in another shape or row order (``model_layout``
+    of the fused projections of :mod:`lightning_tp.parallel.fused`, the experts of
+    :mod:`lightning_tp.parallel.experts`); its rule does not depend on tp."""
+    from lightning_tp.parallel.plans import resolve_plan
+
+    plan = resolve_plan(model, "auto", sequence_parallel=False, loss_parallel=False)
+    out = dict(state)
+    for path, style in plan.styles.items():
+        if hasattr(style, "model_layout"):
+            for name, _ in model.get_submodule(path).named_parameters(recurse=False):
+                if f"{path}.{name}" in out:
+                    out[f"{path}.{name}"] = style.model_layout(name, out[f"{path}.{name}"])
+    return out
 
 
 def transformers_models(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
     """``{module path: config dict}`` of the transformers models a checkpoint directory holds
-    (``{}`` for a native Llama's, or a checkpoint without ``meta.pt``)."""
+    (``{}`` for a native Llama's, a checkpoint without ``meta.pt``, or one whose ``meta.pt`` cannot
+    be read with ``weights_only``)."""
     path = Path(checkpoint)
     if not (path / META_FILE).is_file():
         return {}
-    layout = read_meta(path, weights_only=True).get(LAYOUT_KEY) or {}
+    try:
+        layout = read_meta(path, weights_only=True).get(LAYOUT_KEY) or {}
+    except Exception:  # noqa: BLE001 - not readable safely: the native export path says why
+        return {}
     return dict(layout.get("transformers") or {})
 
 
@@ -82,9 +93,7 @@ def export_transformers(checkpoint: str | Path, out_dir: str | Path, *, root: st
         model = transformers.AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(checkpoint, prefix=f"{root}." if root else "")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # A style may keep a weight with two of its dimensions apart (the fused experts' gate_up_proj
-    # as (E, 2, I, H), lightning_tp.parallel.experts): written in the model's own shape.
-    state = {k: _merged(v, expected.get(k)) for k, v in state.items()}
+    state = model_layout(model, state)
     tied = [k for k in expected if k not in state and getattr(config, "tie_word_embeddings", False)]
     problems = [f"{k}: missing" for k in expected if k not in state and k not in tied]
     problems += [f"{k}: unexpected" for k in state if k not in expected]

@@ -190,6 +190,11 @@ class ExpertsParallel(ParallelStyle):
         module.__class__ = _subclass(_TPExperts, type(module))
         return module
 
+    def model_layout(self, name: str, full: Tensor) -> Tensor:
+        """The full tensor ``name`` in the model's own shape: ``gate_up_proj`` (E, 2, I, H) as
+        (E, 2I, H); ``down_proj`` unchanged."""
+        return full.flatten(1, 2) if name == "gate_up_proj" and full.ndim == 4 else full
+
 
 def _unfuse_gate_up(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Accept the model's own (E, 2I, H) ``gate_up_proj`` in a state dict, as (E, 2, I, H)."""

@@ -97,6 +97,11 @@ class FusedColwise(ColwiseParallel):
         module.fused_parts, module.fused_units = self.parts, self.units
         return module
 
+    def model_layout(self, name: str, full: Tensor) -> Tensor:
+        """The full tensor ``name`` (``weight``/``bias``) as the parallelized module keeps it
+        (rows grouped by unit), in the model's own row order (what an export writes)."""
+        return full.index_select(0, original_rows(self.parts, self.units).to(full.device))
+
 
 class _FusedLinear:
     """Forward of a :class:`FusedColwise` projection: the local shard, reordered part by part."""

@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 sys.path.insert(0, str(Path(__file__).parent))
 from family_cases import BATCH, SEQ, VOCAB, Case, all_cases  # noqa: E402
 
+from lightning_tp.checkpoint.hf_family import model_layout  # noqa: E402
 from lightning_tp.parallel.families import family_of  # noqa: E402
 from lightning_tp.parallel.parallelize import apply_tensor_parallel  # noqa: E402
 from lightning_tp.parallel.plans import resolve_plan  # noqa: E402
@@ -106,19 +107,20 @@ def per_layer(one: dict, two: dict) -> dict[str, dict[str, int]]:
 
 
 def parity(case: Case, mesh: Any) -> dict[str, Any]:
-    """Gradients are compared in the model's own shapes (a style may keep a weight with two dimensions apart: the
-    fused experts' (E, 2, I, H) gate_up_proj)."""
+    """Gradients are compared in the model's own layout (a style may keep a weight in another row order or shape:
+    Phi-3's fused projections, the experts' (E, 2, I, H) gate_up_proj)."""
     model = case.build(2)
     reference = copy.deepcopy(model)
     family = family_of(model)
     ours(model, mesh)
     logits, loss = step(model)
-    grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    # in the model's own layout (the fused projections' row order, the experts' shape: model_layout of their styles)
+    grads = model_layout(reference, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     ref_logits, ref_loss = step(reference)
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     return {"family": family.name if family else None, "loss": float(loss), "ref_loss": float(ref_loss),
             "logits_err": float((full(logits) - ref_logits.detach()).abs().max()),
-            "grad_err": {n: float((grads[n].reshape(g.shape) - g).abs().max()) for n, g in ref_grads.items()},
+            "grad_err": {n: float((grads[n] - g).abs().max()) for n, g in ref_grads.items()},
             "grad_absmax": max(float(g.abs().max()) for g in ref_grads.values()),
             "grads_missing": sorted(set(ref_grads) - set(grads))}
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from family_cases import BATCH, SEQ, VOCAB, all_cases  # noqa: E402
 
 from lightning_tp import TensorParallelStrategy  # noqa: E402
+from lightning_tp.checkpoint.hf_family import model_layout  # noqa: E402
 
 STEPS, LR = 4, 1e-3
 
@@ -79,8 +80,7 @@ def main() -> None:
         resumed = fit(build, devices, STEPS, ckpt=root / name / "last")
         if dist.get_rank() == 0:
             plain = build(2)
-            shapes = {k: v.shape for k, v in plain.state_dict().items()}  # (E, 2, I, H) experts back to (E, 2I, H)
-            plain.load_state_dict({k: v.reshape(shapes[k]) for k, v in weights.items()})
+            plain.load_state_dict(model_layout(plain, weights))  # Phi-3's fused rows, the experts' shape
             x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(9))
             with torch.no_grad():
                 torch.save({"ids": x, "logits": plain(input_ids=x).logits}, root / name / "logits.pt")

@@ -217,6 +217,21 @@ class Job:
         return self.log.read_text(errors="replace")[-6000:]
 
 
+def worker_output(proc: subprocess.Popen, out: Path, log: Path, what: str, timeout: float = 900) -> Any:
+    """The JSON a launched worker wrote to ``out``, once ``proc`` has ended; the test fails with the end of ``log``
+    if it exits non-zero, writes nothing or outlives ``timeout`` (then it is killed)."""
+    import json
+
+    try:
+        rc: Any = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "timeout"
+    if rc != 0 or not out.exists():
+        pytest.fail(f"{what} exited with {rc}:\n{log.read_text()[-6000:]}")
+    return json.loads(out.read_text())
+
+
 def last_lines(log: str, n: int = 4) -> str:
     return "\n".join([line for line in log.splitlines() if line.strip()][-n:])
 

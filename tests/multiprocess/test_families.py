@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import QUIET, launch_env
+from launching import QUIET, launch_env, worker_output
 from paths import WORKERS
 from tolerances import FP32
 
@@ -38,16 +38,8 @@ def _launch(tmp: Path, world: int) -> subprocess.Popen:
 
 
 def _wait(tmp: Path, world: int, proc: subprocess.Popen) -> list[dict]:
-    try:
-        rc = proc.wait(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = "timeout"
-    out = tmp / f"world{world}.json"
-    if rc != 0 or not out.exists():
-        log = (tmp / f"world{world}.log").read_text()[-6000:]
-        pytest.fail(f"families worker at {world} ranks exited with {rc}:\n{log}")
-    return json.loads(out.read_text())["cases"]
+    return worker_output(proc, tmp / f"world{world}.json", tmp / f"world{world}.log",
+                         f"families worker at {world} ranks")["cases"]
 
 
 def _counts(c: dict) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import QUIET, launch_env
+from launching import QUIET, launch_env, worker_output
 from paths import WORKERS
 from tolerances import FP32, assert_losses_close, assert_max_err
 
@@ -81,15 +81,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     procs["world8"] = _launch(tmp, "world8", {"devices": 8, "cases": CASES_8})
     results = []
     for name, proc in procs.items():
-        try:
-            rc = proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "timeout"
-        out = tmp / f"{name}.out.json"
-        if rc != 0 or not out.exists():
-            pytest.fail(f"worker {name} exited with {rc}:\n{(tmp / f'{name}.log').read_text()[-6000:]}")
-        result = json.loads(out.read_text())
+        result = worker_output(proc, tmp / f"{name}.out.json", tmp / f"{name}.log", f"worker {name}", timeout=600)
         results += result["cases"]
         if result["comm_counts"]:
             COUNTS.update(result["comm_counts"])

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from _ci_deps import locate, require
-from launching import QUIET, launch_env
+from launching import QUIET, launch_env, worker_output
 from paths import ROOT, WORKERS
 from tolerances import REAL, assert_losses_close, assert_max_err
 
@@ -62,15 +62,7 @@ def trained(hf_dir: Path) -> list[dict]:
              "world2": _launch(tmp, "world2", {"hf_dir": str(hf_dir), "devices": 2, "cases": CASES_2})}
     results = []
     for name, proc in procs.items():
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "timeout"
-        out = tmp / f"{name}.out.json"
-        if rc != 0 or not out.exists():
-            pytest.fail(f"worker {name} exited with {rc}:\n{(tmp / f'{name}.log').read_text()[-6000:]}")
-        results += json.loads(out.read_text())["cases"]
+        results += worker_output(proc, tmp / f"{name}.out.json", tmp / f"{name}.log", f"worker {name}")["cases"]
     for case in results:
         worst_loss = max(abs(a - b) / abs(b) for rank in case["ranks"]
                          for a, b in zip(rank["losses"], case["ref_losses"][str(rank["dp_rank"])], strict=True))

@@ -146,18 +146,6 @@ def test_the_layer_calls_attention_by_keyword_and_mlp_positionally(kind: str) ->
     assert model.lm_head.weight is embed.weight  # tied
 
 
-@pytest.fixture
-def mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sp", [True, False], ids=["sp", "no_sp"])
 def test_plan_applied_on_one_rank_matches_the_model(mesh, kind: str, sp: bool) -> None:

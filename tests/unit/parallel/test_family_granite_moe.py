@@ -166,18 +166,6 @@ def _record_calls(layer: nn.Module, seen: dict, moe: bool) -> None:
         layer.mlp.experts.register_forward_pre_hook(lambda m, a: seen.update(experts=len(a)))
 
 
-@pytest.fixture
-def mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 

@@ -132,18 +132,6 @@ def test_each_rank_holds_its_own_share_of_every_part(parts, units: int, tp: int)
         assert held.tolist() == want  # [part 0 of rank | part 1 of rank | ...], the model's own split works
 
 
-@pytest.fixture
-def mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("build", [lambda: phi3(8, 2, device="cpu"), lambda: olmo2(device="cpu")],
                          ids=["phi3", "olmo2"])
 @pytest.mark.parametrize("sp", [True, False], ids=["sp", "no_sp"])

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_tp.errors import ModelShapeError, SequenceLengthError
+from lightning_tp.parallel.families.base import family_of
 from lightning_tp.parallel.heads import KVHeadsColwise
 from lightning_tp.parallel.plans import ResolvedPlan
 
@@ -29,13 +30,15 @@ _SHARDED_DIMS = (
 )
 
 
-def shape_problems(config: Any, tp: int, head_aware: bool = True) -> list[str]:
+def shape_problems(config: Any, tp: int, head_aware: bool = True,
+                   dims: tuple[tuple[str, str], ...] = ()) -> list[str]:
     """One message per dimension of a model ``config`` that the Llama plan cannot split over
     ``tp``. With ``head_aware`` (the Llama plan's styles of :mod:`lightning_tp.parallel.heads`),
     query and KV heads that tp does not divide are fine, as long as every rank gets at least one
-    whole query head."""
+    whole query head. ``dims`` (a family's ``sharded_dims``) replaces the Llama plan's
+    dimensions and what they size."""
     problems = []
-    for attr, what in _SHARDED_DIMS:
+    for attr, what in dims or _SHARDED_DIMS:
         value = getattr(config, attr, None)
         if not isinstance(value, int):
             continue
@@ -122,9 +125,12 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     problems = []
     head_aware = any(isinstance(style, KVHeadsColwise) for style in plan.styles.values())
     for root in plan.roots:
-        config = getattr(module.get_submodule(root), "config", None)
+        model = module.get_submodule(root)
+        config = getattr(model, "config", None)
+        family = family_of(model)
         if config is not None:
-            problems += shape_problems(config, tp, head_aware)
+            problems += shape_problems(config, tp, head_aware,
+                                       family.sharded_dims if family else ())
     if not problems:
         problems = attention_problems(module, plan, tp)
     if problems:

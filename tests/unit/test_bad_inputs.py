@@ -317,6 +317,23 @@ def _attention_keeping_head_counts() -> CausalLMModule:
     return module
 
 
+class _Transformers(L.LightningModule):
+    """A user's module around a tiny transformers model built in ``__init__``."""
+
+    def __init__(self, family: str) -> None:
+        super().__init__()
+        import transformers
+
+        small = dict(vocab_size=128, intermediate_size=32, num_hidden_layers=1, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=1)
+        if family == "phi3":  # Phi-3-medium's 40 query / 10 KV heads
+            self.model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                **small, hidden_size=160, num_attention_heads=40, num_key_value_heads=10))
+        else:  # StableLM: Llama-shaped, but no family and no tp plan to derive one from
+            self.model = transformers.StableLmForCausalLM(transformers.StableLmConfig(
+                **small, hidden_size=32, num_attention_heads=4, num_key_value_heads=4))
+
+
 class _NoHook(L.LightningModule):
     """A module that is not a Llama and has no ``configure_model``: nothing would parallelize it."""
 
@@ -397,6 +414,11 @@ CASES = [
          _attention_keeping_head_counts), ["model.model.layers.0.self_attn and 1 more (LlamaAttention)",
                                            "9 query and 3 KV heads", "it keeps num_heads=9",
                                            "divides both 9 and 3 (1, 3)"]), ModelShapeError),
+    Case("shape-fused-projection-cannot-split", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
+         lambda: _Transformers("phi3")), ["num_key_value_heads=10", "self_attn.qkv_proj is split by whole KV groups",
+                                          "tensor_parallel_size=4", "divides 10"]), ModelShapeError),
+    Case("plan-structure-no-rule-fits", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
+         lambda: _Transformers("stablelm")), ["StableLmForCausalLM", "Pass `plan=` a dict"]), PlanError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(
          intermediate_size=190)), ["intermediate_size=190", "divides 190"]), ModelShapeError),
     Case("shape-vocab-leaves-a-rank-empty", "model/plan", F(_fit(lambda: TensorParallelStrategy(

@@ -32,6 +32,9 @@ class Family:
     """The collectives per layer beyond the Llama minimum, in words ("" when none)."""
     native: tuple[type[nn.Module], ...] = ()
     """This package's own model classes the family covers (the native ``Llama``)."""
+    sharded_dims: tuple[tuple[str, str], ...] = ()
+    """``(config field, what it sizes)`` for each dimension the plan splits over tp, naming the
+    family's own modules in the shape errors (empty: the Llama family's)."""
 
 
 FAMILIES: dict[str, Family] = {}

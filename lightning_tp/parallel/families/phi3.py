@@ -99,4 +99,10 @@ def phi3_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,
     return plan
 
 
-PHI3 = register_family(Family("phi3", ("Phi3ForCausalLM",), phi3_plan))  # no extra collectives
+_UNITS = "self_attn.qkv_proj is split by whole KV groups: its query heads, its key and value head"
+PHI3 = register_family(Family(  # no extra collectives
+    "phi3", ("Phi3ForCausalLM",), phi3_plan,
+    sharded_dims=(("num_attention_heads", f"query heads ({_UNITS})"),
+                  ("num_key_value_heads", f"key/value heads ({_UNITS})"),
+                  ("intermediate_size", "MLP width (mlp.gate_up_proj and mlp.down_proj are split"
+                                        " along it)"))))

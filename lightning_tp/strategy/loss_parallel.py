@@ -39,5 +39,7 @@ class VocabParallelCrossEntropy(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.cross_entropy and args and isinstance(args[0], DTensor):
             with loss_parallel():
-                return full(func(*args, **kwargs))
+                # a new tensor, not a view of the DTensor's: a caller may add to it in place
+                # (transformers adds the MoE load-balancing loss with `+=`)
+                return full(func(*args, **kwargs)).clone()
         return func(*args, **kwargs)

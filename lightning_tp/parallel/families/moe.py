@@ -65,4 +65,11 @@ def moe_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,
 
 MOE = register_family(Family(
     "moe", ("MixtralForCausalLM", "Qwen3MoeForCausalLM"), moe_plan,
-    extras="one all-reduce of the router weight gradient per MoE layer, backward"))
+    extras="one all-reduce of the router weight gradient per MoE layer, backward",
+    sharded_dims=(
+        ("num_attention_heads", "query heads (q_proj/o_proj are split by whole heads)"),
+        ("num_key_value_heads", "key/value heads (k_proj/v_proj are split by head)"),
+        ("intermediate_size", "MLP width (Mixtral's experts and Qwen3-MoE's dense layers are"
+                              " split along it)"),
+        ("moe_intermediate_size", "expert width (Qwen3-MoE's experts' gate/up/down are split"
+                                  " along it)"))))

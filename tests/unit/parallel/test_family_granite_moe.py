@@ -226,3 +226,37 @@ def test_granite_multipliers_change_the_model() -> None:
                 elif hasattr(module, name):
                     setattr(module, name, neutral)
         assert not torch.allclose(model(ids).logits, base), name
+
+
+def test_an_expert_width_tp_does_not_divide_is_refused_before_sharding() -> None:
+    from lightning_tp.errors import ModelShapeError
+    from lightning_tp.parallel.shapes import check_model_shapes
+
+    with torch.device("meta"):
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=30, num_hidden_layers=1,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2))
+    plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+    check_model_shapes(model, plan, 2)
+    with pytest.raises(ModelShapeError, match="moe_intermediate_size=30 .*expert width.*divides 30"):
+        check_model_shapes(model, plan, 4)
+
+
+def test_the_vocab_parallel_loss_can_be_added_to_in_place(mesh) -> None:
+    """transformers adds the MoE load-balancing loss to the cross entropy with ``+=``: the loss the mode returns
+    is a tensor of its own, not a view."""
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from lightning_tp.strategy.loss_parallel import VocabParallelCrossEntropy
+
+    logits = torch.randn(6, 16, requires_grad=True)
+    sharded = distribute_tensor(logits, mesh, [Shard(-1)])
+    target = torch.randint(0, 16, (6,))
+    with VocabParallelCrossEntropy():
+        loss = F.cross_entropy(sharded, target)
+        loss += 0.5
+    with loss_parallel():  # the strategy's backward runs under it
+        loss.backward()
+    expected = torch.nn.functional.cross_entropy(logits.detach(), target) + 0.5
+    torch.testing.assert_close(loss.detach(), expected)

@@ -190,6 +190,12 @@ class ExpertsParallel(ParallelStyle):
         module.__class__ = _subclass(_TPExperts, type(module))
         return module
 
+    def shard_dim(self, name: str, param_ndim: int) -> int | None:
+        """The dimension of the model's own (unsharded) parameter ``name`` split over tp: the
+        intermediate one, ``2I`` of ``gate_up_proj`` (E, 2I, H) and ``I`` of ``down_proj``
+        (E, H, I) (for the planner's and ``describe_plan``'s shapes)."""
+        return {"gate_up_proj": 1, "down_proj": 2}.get(name)
+
     def model_layout(self, name: str, full: Tensor) -> Tensor:
         """The full tensor ``name`` in the model's own shape: ``gate_up_proj`` (E, 2, I, H) as
         (E, 2I, H); ``down_proj`` unchanged."""

@@ -252,7 +252,7 @@ def resolve_plan(
 
 
 def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int,
-                 tp: int | None = None) -> int | None:
+                 tp: int | None = None, name: str | None = None) -> int | None:
     """The dimension of a parameter that a tensor-parallel ``style`` shards over ``tp`` ranks, or
     None if replicated.
 
@@ -260,10 +260,13 @@ def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int,
     1 (the head-aware styles of :mod:`lightning_tp.parallel.heads` too, unless their heads do not
     split evenly over ``tp``: then they replicate);
     ``RowwiseParallel`` shards a Linear's weight on dim 1 (its bias is replicated) and an
-    Embedding's weight on dim 0; any other style (``SequenceParallel``, :class:`ReplicateParallel`)
-    replicates.
+    Embedding's weight on dim 0; a style with its own ``shard_dim(name, param_ndim)`` (the experts
+    of :mod:`lightning_tp.parallel.experts`) says it per parameter ``name``; any other style
+    (``SequenceParallel``, :class:`ReplicateParallel`) replicates.
     """
     embedding = isinstance(module, nn.Embedding)
+    if hasattr(style, "shard_dim") and name is not None:
+        return style.shard_dim(name, param_ndim)
     if isinstance(style, (HeadsColwise, KVHeadsColwise, HeadsRowwise)) and tp is not None:
         layout = head_layout(style.num_heads or style.num_key_value_heads,
                              getattr(style, "num_key_value_heads", style.num_heads), tp)
@@ -289,7 +292,7 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
         params = {}
         for name, param in target.named_parameters(recurse=False):
             local = list(param.shape)
-            dim = tp_shard_dim(style, target, param.ndim, tp)
+            dim = tp_shard_dim(style, target, param.ndim, tp, name)
             if dim is not None:
                 local[dim] = -(-local[dim] // tp)
             params[name] = (tuple(param.shape), tuple(local))

@@ -208,7 +208,8 @@ def _param_layout(key: _PlanKey) -> tuple[_Row, ...]:
         style = resolved.styles.get(owner)
         unit = next((b for b in blocks if name.startswith(b + ".")), ROOT_UNIT)
         rows.append((name, owner, type(style).__name__ if style else "-", unit, tuple(param.shape),
-                     tp_shard_dim(style, model.get_submodule(owner), param.ndim)))
+                     tp_shard_dim(style, model.get_submodule(owner), param.ndim,
+                                  name=name.rpartition(".")[2])))
     return tuple(rows)
 
 

@@ -260,3 +260,19 @@ def test_the_vocab_parallel_loss_can_be_added_to_in_place(mesh) -> None:
         loss.backward()
     expected = torch.nn.functional.cross_entropy(logits.detach(), target) + 0.5
     torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_the_plan_table_and_the_planner_see_the_experts_split() -> None:
+    """describe_plan (and the planner, through tp_shard_dim) report each expert's intermediate dimension over tp,
+    the router whole."""
+    from lightning_tp.parallel.plans import describe_plan
+
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+    plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+    rows = {r["module"]: r["params"] for r in describe_plan(model, plan, 4)}
+    assert rows["model.layers.0.mlp.experts"] == {"gate_up_proj": ((4, 128, 64), (4, 32, 64)),
+                                                   "down_proj": ((4, 64, 64), (4, 64, 16))}
+    assert rows["model.layers.0.mlp.gate"] == {"weight": ((4, 64), (4, 64))}

@@ -36,8 +36,10 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel
 
 from lightning_tp.errors import ModelShapeError, PlanError
+from lightning_tp.parallel.heads import _replicate, _select, head_layout, rank_heads
 
-__all__ = ["FusedColwise", "grouped_rows", "original_rows", "restore_fused_rows"]
+__all__ = ["FusedColwise", "FusedHeadsColwise", "grouped_rows", "original_rows",
+           "restore_fused_rows"]
 
 
 def grouped_rows(parts: tuple[int, ...], units: int) -> Tensor:
@@ -101,6 +103,44 @@ class FusedColwise(ColwiseParallel):
         """The full tensor ``name`` (``weight``/``bias``) as the parallelized module keeps it
         (rows grouped by unit), in the model's own row order (what an export writes)."""
         return full.index_select(0, original_rows(self.parts, self.units).to(full.device))
+
+
+class FusedHeadsColwise(FusedColwise):
+    """Phi-3's ``qkv_proj`` (``num_heads`` query, ``num_key_value_heads`` KV heads of
+    ``head_dim``): split by whole KV groups when tp divides both head counts; otherwise (fewer KV
+    heads than tp, or query heads tp does not divide) replicated, each rank computing the rows of
+    its own query heads and of the KV heads they use
+    (:func:`~lightning_tp.parallel.heads.rank_heads`), as ``q_proj``/``k_proj``/``v_proj`` do under
+    the Llama plan. The replicated weight keeps the
+    grouped row order too, so a checkpoint holds the same tensor at every tp and reshards between
+    the two layouts. Cost when replicated: one all-reduce of the weight gradient per layer, in
+    backward, and the weight not divided by tp."""
+
+    def __init__(self, num_heads: int, num_key_value_heads: int, head_dim: int) -> None:
+        q, kv = num_heads, num_key_value_heads
+        super().__init__((q * head_dim, kv * head_dim, kv * head_dim), kv,
+                         what="self_attn.qkv_proj")
+        self.num_heads, self.num_key_value_heads, self.head_dim = q, kv, head_dim
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        tp, q, kv, d = device_mesh.size(), self.num_heads, self.num_key_value_heads, self.head_dim
+        if not head_layout(q, kv, tp).kv_replicated:
+            return super()._apply(module, device_mesh)
+        if not isinstance(module, nn.Linear) or module.out_features != sum(self.parts):
+            raise PlanError(f"{self.what}: FusedHeadsColwise needs an nn.Linear with"
+                            f" {sum(self.parts)} output rows, got {module!r}.")
+        grouped = grouped_rows(self.parts, self.units)
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(
+                param.detach().index_select(0, grouped.to(param.device)), param.requires_grad))
+        _replicate(self, module, device_mesh)
+        query, key_value = rank_heads(q, kv, tp, device_mesh.get_local_rank())
+        # rows of the model's own [q | k | v] order this rank computes, found in the grouped order
+        wanted = ([h * d + t for h in query for t in range(d)]
+                  + [(q + h) * d + t for h in key_value for t in range(d)]
+                  + [(q + kv + h) * d + t for h in key_value for t in range(d)])
+        position = original_rows(self.parts, self.units)
+        return _select(module, device_mesh, position[wanted].tolist(), 0)
 
 
 class _FusedLinear:

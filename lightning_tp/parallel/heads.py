@@ -52,6 +52,7 @@ __all__ = [
     "head_layout",
     "head_range",
     "localize_kv_groups",
+    "rank_heads",
     "shown_style",
 ]
 
@@ -83,6 +84,18 @@ def head_layout(num_heads: int, num_key_value_heads: int, tp: int) -> HeadLayout
             f" {num_heads}.")
     q_replicated = num_heads % tp != 0
     return HeadLayout(q_replicated, q_replicated or num_key_value_heads % tp != 0)
+
+
+def rank_heads(num_heads: int, num_key_value_heads: int, tp: int,
+               rank: int) -> tuple[list[int], list[int]]:
+    """``(query heads, KV heads)`` that TP rank ``rank`` computes when its heads are selected: its
+    :func:`head_range` of query heads, and the one KV head they share (tp a multiple of the KV
+    heads, query heads split evenly) or else one KV head per local query head, the one it uses."""
+    q, kv = num_heads, num_key_value_heads
+    first, n = head_range(q, tp, rank)
+    if not head_layout(q, kv, tp).q_replicated and tp % kv == 0:
+        return list(range(first, first + n)), [rank // (tp // kv)]
+    return list(range(first, first + n)), [i // (q // kv) for i in range(first, first + n)]
 
 
 SPLIT_BY_HEAD = {"HeadsColwise": "ColwiseParallel", "KVHeadsColwise": "ColwiseParallel",
@@ -153,12 +166,7 @@ class KVHeadsColwise(ColwiseParallel):
         if not layout.kv_replicated:
             return super()._apply(module, device_mesh)
         head_dim = module.out_features // kv
-        rank = device_mesh.get_local_rank()
-        first, n = head_range(q, tp, rank)
-        if not layout.q_replicated and tp % kv == 0:
-            heads = [rank // (tp // kv)]  # every local query head uses this one KV head
-        else:
-            heads = [i // (q // kv) for i in range(first, first + n)]  # one per local query head
+        _, heads = rank_heads(q, kv, tp, device_mesh.get_local_rank())
         _replicate(self, module, device_mesh)
         rows = [h * head_dim + d for h in heads for d in range(head_dim)]
         return _select(module, device_mesh, rows, 0)

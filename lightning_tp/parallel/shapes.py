@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_tp.errors import ModelShapeError, SequenceLengthError
 from lightning_tp.parallel.families.base import family_of
+from lightning_tp.parallel.fused import FusedHeadsColwise
 from lightning_tp.parallel.heads import KVHeadsColwise
 from lightning_tp.parallel.plans import ResolvedPlan
 
@@ -123,7 +124,8 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     if tp == 1:
         return
     problems = []
-    head_aware = any(isinstance(style, KVHeadsColwise) for style in plan.styles.values())
+    head_aware = any(isinstance(style, (KVHeadsColwise, FusedHeadsColwise))
+                     for style in plan.styles.values())
     for root in plan.roots:
         model = module.get_submodule(root)
         config = getattr(model, "config", None)

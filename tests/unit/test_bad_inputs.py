@@ -326,9 +326,9 @@ class _Transformers(L.LightningModule):
 
         small = dict(vocab_size=128, intermediate_size=32, num_hidden_layers=1, pad_token_id=0, eos_token_id=1,
                      bos_token_id=1)
-        if family == "phi3":  # Phi-3-medium's 40 query / 10 KV heads
+        if family == "phi3":  # a fused gate_up_proj of 2 x 30 rows, which tp 4 cannot split into gate/up pairs
             self.model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
-                **small, hidden_size=160, num_attention_heads=40, num_key_value_heads=10))
+                **{**small, "intermediate_size": 30}, hidden_size=32, num_attention_heads=8, num_key_value_heads=2))
         else:  # StableLM: Llama-shaped, but no family and no tp plan to derive one from
             self.model = transformers.StableLmForCausalLM(transformers.StableLmConfig(
                 **small, hidden_size=32, num_attention_heads=4, num_key_value_heads=4))
@@ -415,8 +415,8 @@ CASES = [
                                            "9 query and 3 KV heads", "it keeps num_heads=9",
                                            "divides both 9 and 3 (1, 3)"]), ModelShapeError),
     Case("shape-fused-projection-cannot-split", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
-         lambda: _Transformers("phi3")), ["num_key_value_heads=10", "self_attn.qkv_proj is split by whole KV groups",
-                                          "tensor_parallel_size=4", "divides 10"]), ModelShapeError),
+         lambda: _Transformers("phi3")), ["intermediate_size=30", "mlp.gate_up_proj and mlp.down_proj",
+                                          "tensor_parallel_size=4", "divides 30"]), ModelShapeError),
     Case("plan-structure-no-rule-fits", "model/plan", F(_fit(lambda: TensorParallelStrategy(),
          lambda: _Transformers("stablelm")), ["StableLmForCausalLM", "Pass `plan=` a dict"]), PlanError),
     Case("shape-intermediate-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(), _llama(

@@ -29,10 +29,10 @@ from typing import Any
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInput
 
-from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.families.base import Family, register_family
 from lightning_tp.parallel.families.llama import llama_plan
-from lightning_tp.parallel.fused import FusedColwise
+from lightning_tp.parallel.fused import FusedColwise, FusedHeadsColwise
+from lightning_tp.parallel.heads import head_layout, rank_heads
 
 __all__ = ["PHI3", "LocalHeadsAttention", "phi3_plan"]
 
@@ -65,14 +65,15 @@ class LocalHeadsAttention(PrepareModuleInput):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         tp = device_mesh.size()
         q, kv = self.num_attention_heads, self.num_key_value_heads
-        if q % tp or kv % tp:
-            raise ModelShapeError(
-                f"{type(module).__name__} has {q} query and {kv} KV heads, which"
-                f" tensor_parallel_size={tp} does not both divide; its fused qkv_proj is split by"
-                f" whole KV groups. Fix: choose a tensor_parallel_size that divides {kv}.")
+        if head_layout(q, kv, tp).kv_replicated:  # this rank's heads selected (FusedHeadsColwise)
+            query, key_value = rank_heads(q, kv, tp, device_mesh.get_local_rank())
+            local_q, local_kv = len(query), len(key_value)
+        else:  # split by whole KV groups
+            local_q, local_kv = q // tp, kv // tp
         module = super()._apply(module, device_mesh)
-        module.num_key_value_heads = kv // tp
-        module.config = _LocalHeadsConfig(module.config, q // tp)
+        module.num_key_value_heads = local_kv
+        module.num_key_value_groups = local_q // local_kv
+        module.config = _LocalHeadsConfig(module.config, local_q)
         return module
 
 
@@ -83,7 +84,8 @@ def phi3_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,
     q, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // q
     width = config.intermediate_size
-    plan = llama_plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    plan = llama_plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+                      num_attention_heads=q, num_key_value_heads=kv)  # o_proj: HeadsRowwise
     attention = plan.pop("model.layers.*.self_attn")
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
                  "mlp.up_proj"):
@@ -92,16 +94,18 @@ def phi3_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,
         q, kv, input_kwarg_layouts=attention.input_kwarg_layouts,
         desired_input_kwarg_layouts=attention.desired_input_kwarg_layouts)
     # One unit per KV group: its q // kv query heads, its key head, its value head.
-    plan["model.layers.*.self_attn.qkv_proj"] = FusedColwise(
-        (q * head_dim, kv * head_dim, kv * head_dim), kv, what="self_attn.qkv_proj")
+    plan["model.layers.*.self_attn.qkv_proj"] = FusedHeadsColwise(q, kv, head_dim)
     plan["model.layers.*.mlp.gate_up_proj"] = FusedColwise(
         (width, width), width, what="mlp.gate_up_proj")
     return plan
 
 
-_UNITS = "self_attn.qkv_proj is split by whole KV groups: its query heads, its key and value head"
-PHI3 = register_family(Family(  # no extra collectives
+_UNITS = ("self_attn.qkv_proj is split by whole KV groups, or replicated with each rank's heads"
+          " selected")
+PHI3 = register_family(Family(
     "phi3", ("Phi3ForCausalLM",), phi3_plan,
+    extras="with KV heads or query heads tp does not divide: one all-reduce of the qkv_proj weight"
+           " gradient per layer in backward, one more for o_proj when the query heads are uneven",
     sharded_dims=(("num_attention_heads", f"query heads ({_UNITS})"),
                   ("num_key_value_heads", f"key/value heads ({_UNITS})"),
                   ("intermediate_size", "MLP width (mlp.gate_up_proj and mlp.down_proj are split"

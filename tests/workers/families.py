@@ -158,7 +158,10 @@ def run(case: Case, mesh: Any, root: Path) -> dict[str, Any]:
         result["per_layer"] = per_layer(counts(ours(case.build(1), mesh)), counts(ours(case.build(2), mesh)))
     except Exception as e:  # noqa: BLE001 - recorded, checked by the test
         result["error"] = f"{type(e).__name__}: {e}"
-    result["transformers"] = transformers_tp(case, mesh, root)
+    # transformers' own TP at 2 and 4 ranks only: at 8 (the costliest launch) it fails for every case whose KV heads
+    # are fewer than 8, as it does at 4 (the measured table in the README)
+    result["transformers"] = (transformers_tp(case, mesh, root) if mesh.size() < 8
+                              else {"runs": False, "error": "not run at tp 8"})
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 

@@ -28,7 +28,8 @@ class Case:
     build: Callable[[int], nn.Module]
     """``build(num_hidden_layers)`` -> a fresh model, the same weights for the same argument."""
     tps: tuple[int, ...] = (2, 4, 8)
-    """The tp sizes it runs at (8 runs 8 gloo processes: keep those models very small)."""
+    """The tp sizes it runs at (8 runs 8 gloo processes, the launch that costs most: keep those models very small,
+    and run at 8 the cases whose layout changes there, e.g. KV heads replicated from tp 8 on)."""
     extra_per_layer: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
     """Collectives per layer beyond the Llama minimum (with SP: 2 all-gathers + 2 reduce-scatters forward and the
     same backward), by tp, then phase ("forward"/"backward"), then op name as CommDebugMode reports it, e.g.

@@ -24,11 +24,11 @@ def _phi3(heads: int, kv: int, head_dim: int = 2):
 # The fused qkv_proj replicated with each rank's heads selected: its weight gradient all-reduced (one per layer), and
 # o_proj's too when the query heads are uneven.
 CASES = [
-    Case("phi3-mini-8:8", "phi3", _phi3(8, 8)),
+    Case("phi3-mini-8:8", "phi3", _phi3(8, 8), tps=(2, 4)),
     # 10 KV heads: split at tp 2, replicated at 4 and 8 (one KV copy per local query head)
     Case("phi3-medium-40:10", "phi3", _phi3(40, 10), extra_per_layer={4: {"backward": {"allreduce_": 1}},
                                                                      8: {"backward": {"allreduce_": 1}}}),
-    Case("phi3.5-mini-24:8", "phi3", _phi3(24, 8)),
+    Case("phi3.5-mini-24:8", "phi3", _phi3(24, 8), tps=(2, 4)),
     # 9 query heads (as SmolLM2's): uneven at every tp
     Case("phi3-9:3", "phi3", _phi3(9, 3), extra_per_layer={tp: {"backward": {"allreduce_": 2}} for tp in (2, 4, 8)}),
 ]

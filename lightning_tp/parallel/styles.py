@@ -46,17 +46,23 @@ class ReplicateParallel(ParallelStyle):
 class HeadShardedNorm(ParallelStyle):
     """A norm over ``head_dim`` applied to a rank's own heads (Qwen3's ``q_norm``/``k_norm``).
 
-    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e. ``Shard(2)``
-    of the full heads; the weight is ``Replicate()`` so that its gradient, a partial sum over each
-    rank's heads, is summed over the TP ranks (a plain weight would silently keep only the local
-    heads' share).
+    Its input is the local ``(bs, seqlen, n_local_heads, head_dim)`` projection, i.e.
+    ``Shard(heads_dim)`` of the full heads; the weight is ``Replicate()`` so that its gradient, a
+    partial sum over each rank's heads, is summed over the TP ranks (a plain weight would silently
+    keep only the local heads' share).
     """
+
+    heads_dim = 2
+    """The input's heads dimension (a subclass for a norm applied after the heads are
+    transposed forward sets 1)."""
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         from torch.distributed.tensor import DTensor
 
+        placement = [Shard(self.heads_dim)]
+
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
-            return (DTensor.from_local(args[0], mesh, [Shard(2)], run_check=False), *args[1:])
+            return (DTensor.from_local(args[0], mesh, placement, run_check=False), *args[1:])
 
         def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
             return out.to_local()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_tp.models.config import LlamaConfig
-from lightning_tp.parallel.heads import head_layout, head_range, shown_style
+from lightning_tp.parallel.heads import head_layout, rank_heads, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
 from lightning_tp.planner.checkpoint import checkpoint_model
 from lightning_tp.planner.inputs import PlanInputs
@@ -152,14 +152,11 @@ def busiest_rank(config: LlamaConfig, tp: int) -> BusiestRank:
     """The busiest TP rank's heads and vocabulary rows under the Llama plan at ``tp``."""
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     layout = head_layout(nh, nkv, tp)
-    q = head_range(nh, tp, 0)[1]  # rank 0 holds one of the extra heads, if any
-    # The selection rule of lightning_tp.parallel.heads.KVHeadsColwise.
     if not layout.kv_replicated:
-        kv = nkv // tp
-    elif not layout.q_replicated and tp % nkv == 0:
-        kv = 1
-    else:
-        kv = q
+        q, kv = nh // tp, nkv // tp
+    else:  # rank 0 holds one of the extra heads, if any; the styles' own selection rule
+        query, key_value = rank_heads(nh, nkv, tp, 0)
+        q, kv = len(query), len(key_value)
     return BusiestRank(q, kv, chunk(config.vocab_size, tp, 0))
 
 

@@ -39,12 +39,11 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor import Shard, distribute_module
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from lightning_tp.parallel.families.base import Family, register_family
 from lightning_tp.parallel.families.llama import head_counts, llama_plan
-from lightning_tp.parallel.styles import ReplicateParallel, replicate_parameters
+from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel
 
 __all__ = ["GEMMA", "GEMMA_CLASSES", "HeadsFirstNorm", "gemma_plan"]
 
@@ -56,26 +55,13 @@ _OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 norm instead)."""
 
 
-class HeadsFirstNorm(ParallelStyle):
+class HeadsFirstNorm(HeadShardedNorm):
     """A norm over ``head_dim`` of a rank's own heads laid out ``(bs, n_local_heads, seqlen,
-    head_dim)`` (Gemma-3's ``q_norm``/``k_norm``, applied after the heads are transposed forward).
+    head_dim)`` (Gemma-3's ``q_norm``/``k_norm``, applied after the heads are transposed forward):
+    :class:`~lightning_tp.parallel.styles.HeadShardedNorm` with the heads on dim 1, not 2 (which
+    would label the sequence dim sharded)."""
 
-    The input is ``Shard(1)`` of the full heads; the weight is ``Replicate()`` so that its
-    gradient, a partial sum over each rank's heads, is a ``Partial`` DTensor summed over the TP
-    ranks (a plain weight would silently keep only the local heads' share). A Qwen3-style
-    :class:`~lightning_tp.parallel.styles.HeadShardedNorm` would label the sequence dim sharded.
-    """
-
-    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        from torch.distributed.tensor import DTensor
-
-        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
-            return (DTensor.from_local(args[0], mesh, [Shard(1)], run_check=False), *args[1:])
-
-        def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
-            return out.to_local()
-
-        return distribute_module(module, device_mesh, replicate_parameters, inputs, outputs)
+    heads_dim = 1
 
 
 def gemma_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool,

@@ -25,15 +25,21 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 def apply_fsdp(module: nn.Module, plan: ResolvedPlan, dp_mesh: Any, mp_policy: Any = None,
-               reshard_after_forward: bool = True) -> list[nn.Module]:
+               reshard_after_forward: bool = True, shard_frozen: bool = True) -> list[nn.Module]:
     """FSDP2 per decoder block, then per model root, then any other direct child that still holds
     parameters.
+
+    ``shard_frozen=False`` (LoRA) leaves parameters that do not require gradients out of FSDP2:
+    they stay whole over the data-parallel ranks (TP-sharded only), are never all-gathered and get
+    no gradient or optimizer state; FSDP2 shards what trains.
 
     The LightningModule itself is never wrapped: Lightning calls ``training_step``, not
     ``forward``, so a root-level FSDP unit would never unshard. Returns the modules made into FSDP
     units.
     """
     kwargs: dict[str, Any] = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    if not shard_frozen:
+        kwargs["ignored_params"] = {p for p in module.parameters() if not p.requires_grad}
     units: list[nn.Module] = []
     for path in plan.blocks:
         # The last block's parameters are needed again at the start of backward; keeping them
@@ -46,6 +52,7 @@ def apply_fsdp(module: nn.Module, plan: ResolvedPlan, dp_mesh: Any, mp_policy: A
         units.append(fully_shard(module.get_submodule(path),
                                  reshard_after_forward=reshard_after_forward, **kwargs))
     managed = {id(p) for unit in units for p in unit.parameters()}
+    managed |= {id(p) for p in kwargs.get("ignored_params", ())}
     for _, child in module.named_children():
         if any(id(p) not in managed for p in child.parameters()):
             units.append(fully_shard(child, reshard_after_forward=reshard_after_forward, **kwargs))

@@ -24,11 +24,12 @@ from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
 from lightning_tp.parallel.heads import localize_kv_groups
+from lightning_tp.parallel.lora import adapt_styles, lora_layers
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check
 
-__all__ = ["apply_tensor_parallel", "convert_to_float8", "materialize", "parallelize"]
+__all__ = ["apply_tensor_parallel", "convert_to_float8", "freeze_in", "materialize", "parallelize"]
 
 
 def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, mesh: Any,
@@ -51,6 +52,9 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
         materialize(module, plan, device, seed)
     if convert_dtype is not None:
         convert_dtype(module)
+    adapters = bool(lora_layers(module))
+    if adapters and mp_policy is not None and mp_policy.param_dtype is not None:
+        freeze_in(module, mp_policy.param_dtype)
     if config.float8:
         convert_to_float8(module, plan)
     if tp > 1:
@@ -61,7 +65,8 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
     if config.compile:
         compile_blocks(module, plan)
     if config.fsdp:
-        apply_fsdp(module, plan, dp_mesh, mp_policy, config.reshard_after_forward)
+        apply_fsdp(module, plan, dp_mesh, mp_policy, config.reshard_after_forward,
+                   shard_frozen=not adapters)
     materialize(module, plan, device, seed)
     if config.sequence_parallel and tp > 1:
         install_sequence_check(module, plan, tp)
@@ -71,7 +76,12 @@ def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -
     """Shard ``module`` in place with ``plan.styles`` over the 1D ``tp_mesh``; keeps tied weights
     tied."""
     tied = _tied_parameters(module)
-    parallelize_module(module, tp_mesh, plan.styles)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    parallelize_module(module, tp_mesh, adapt_styles(module, plan.styles))
+    # torch's styles register new parameters that require gradients: keep frozen what was
+    for name, param in module.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     localize_kv_groups(module)  # transformers' attention: query heads per local KV head
     # Each style creates its own DTensor parameter, which unties shared weights (Llama's tied
     # embedding and lm_head are both sharded on dim 0, so one sharded tensor can serve both).
@@ -87,6 +97,14 @@ def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -
                     " sharding or untie them (tie_word_embeddings=False)."
                 )
             setattr(mod, attr, shared)
+
+
+def freeze_in(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen floating-point parameters of ``module`` in ``dtype`` (the LoRA base under
+    ``bf16-mixed``: one 16-bit copy, never a 32-bit master, as it never steps)."""
+    for param in module.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def _tied_parameters(module: nn.Module) -> dict[str, list[str]]:

@@ -39,7 +39,7 @@ from lightning_tp.checkpoint.safe_reading import (
 )
 from lightning_tp.errors import CheckpointError, CheckpointPathError
 
-__all__ = ["AtomicCheckpointMixin", "transformers_configs"]
+__all__ = ["AtomicCheckpointMixin", "peft_configs", "transformers_configs"]
 
 
 def transformers_configs(module: Any) -> dict[str, dict[str, Any]]:
@@ -55,6 +55,27 @@ def transformers_configs(module: Any) -> dict[str, dict[str, Any]]:
         if ours and hasattr(config, "to_dict") and getattr(config, "model_type", None):
             found[path] = config.to_dict()
     return found
+
+
+def peft_configs(module: Any) -> dict[str, dict[str, Any]]:
+    """``{path: {adapter name: config as JSON values}}`` of the PEFT models inside ``module``: what
+    ``lightning-tp export --adapters`` writes as ``adapter_config.json``."""
+    import json
+
+    found: dict[str, dict[str, Any]] = {}
+    for path, sub in module.named_modules():
+        peft = any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.")
+                   for c in type(sub).__mro__)
+        if peft and isinstance(getattr(sub, "peft_config", None), dict):
+            found[path] = {name: json.loads(json.dumps(config.to_dict(), default=sorted))
+                           for name, config in sub.peft_config.items()}
+    return found
+
+
+def _has_adapters(module: Any) -> bool:
+    from lightning_tp.parallel.lora import lora_layers
+
+    return module is not None and bool(lora_layers(module))
 
 
 class AtomicCheckpointMixin:
@@ -117,7 +138,20 @@ class AtomicCheckpointMixin:
         return {"format": 1, "parameter_names": names,
                 "data_parallel_size": self.data_parallel_size,
                 "tensor_parallel_size": self.tensor_parallel_size,
-                "transformers": transformers_configs(self.model)}
+                "transformers": transformers_configs(self.model),
+                "adapters_only": _has_adapters(self.model), "peft": peft_configs(self.model)}
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The model's state (sharded, or full on rank 0 as the parent's); with LoRA adapters, only
+        what trains: the frozen base is not written (it is the checkpoint fine-tuning started
+        from)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self.model is not None
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint,
+                                   cpu_offload=True, ignore_frozen_params=_has_adapters(self.model))
+        return get_model_state_dict(self.model, options=options)
 
     def _checkpoint_stage(self, what: str, path: Any, staged: Any, fn: Any) -> None:
         """Run one stage of a save on every rank; if it failed anywhere, clean up, raise on all."""
@@ -194,10 +228,15 @@ class AtomicCheckpointMixin:
                 load(state, checkpoint_id=path)
 
         assert self.model is not None and self.lightning_module is not None
-        module_state = {"state_dict": get_model_state_dict(self.model)}
+        adapters_only = bool(read_meta(path, weights_only=weights_only).get(
+            LAYOUT_KEY, {}).get("adapters_only", False))
+        module_state = {"state_dict": get_model_state_dict(
+            self.model, options=StateDictOptions(ignore_frozen_params=adapters_only))}
         read(module_state)
-        self.model.load_state_dict(module_state["state_dict"],
-                                   strict=self.lightning_module.strict_loading)
+        # An adapter checkpoint is read for the trained parameters only (DCP refuses a requested
+        # key it does not hold): the frozen base stays as the model was built.
+        strict = self.lightning_module.strict_loading and not adapters_only
+        self.model.load_state_dict(module_state["state_dict"], strict=strict)
         for idx, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}

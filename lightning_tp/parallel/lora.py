@@ -1,0 +1,254 @@
+"""LoRA adapters (PEFT's ``lora.Linear``) next to tensor-parallel base layers, sharded so that a
+decoder layer keeps its communication minimum.
+
+A PEFT model wraps each targeted projection: ``q_proj`` becomes a ``lora.Linear`` holding
+``base_layer`` (the original ``nn.Linear``), ``lora_A[name]`` (``in → r``) and ``lora_B[name]``
+(``r → out``), and computes ``base_layer(x) + lora_B(lora_A(dropout(x))) · scaling``. The auto plan
+finds the family's style for ``q_proj`` and hands the wrapper to :func:`lora_style`, which derives
+the adapters' sharding from the base's:
+
+* **Column-parallel base** (q/k/v, gate/up; :class:`LoraColwise`): the input ``x`` is the whole
+  (replicated) activation, the output is split by rows. ``lora_A`` is replicated, ``lora_B`` split
+  by rows exactly as the base (the same style: head-aware, fused or plain), so ``B·A·x`` lands on
+  the rank that holds those output rows. Forward: no communication. Backward: the gradient of
+  ``A·x`` is a partial sum over the ranks (each holds some output rows), so the input gradient
+  joins the base's partial sum, reduced once at the attention / MLP boundary as before; ``A``'s
+  weight gradient is a partial sum, reduced over the TP group once per step (``r·in`` elements).
+* **Row-parallel base** (o_proj, down_proj; :class:`LoraRowwise`): the input is split by columns and
+  the output is a partial sum that the base reduces (all-reduce, or reduce-scatter under SP).
+  ``lora_A`` is split by columns like the base, so ``A·x`` is a partial sum too; ``lora_B`` is
+  replicated and linear, so ``B·(A·x)`` is still a partial sum, and it is added to the base's
+  *before* the one reduction: forward and backward move exactly the bytes of the base alone.
+  ``B``'s weight gradient is then a partial sum (its input ``A·x`` differs per rank), reduced over
+  the TP group once per step (``out·r`` elements).
+
+Per decoder layer with every projection adapted: no extra collective on activations, forward or
+backward; per step, one small all-reduce per adapted projection of its replicated factor's gradient
+(FSDP2 does it when it reduces gradients, or the optimizer step without FSDP2).
+
+What is refused (:class:`~lightning_tp.errors.PlanError`, at plan time): adapters on a module the
+plan does not split as a column- or row-parallel ``nn.Linear`` (embeddings, ``lm_head``, norms,
+experts), DoRA and other LoRA variants, ``lora_bias``, ``fan_in_fan_out`` and merged adapters.
+Dropout on CPU draws each rank's mask from its own generator (seed the ranks alike); on GPUs
+DTensor's RNG tracker coordinates it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from lightning_tp.errors import PlanError
+from lightning_tp.parallel.heads import HeadsRowwise, _replicate, _Select, head_layout, head_range
+from lightning_tp.parallel.styles import replicate_parameters
+
+__all__ = ["LoraColwise", "LoraRowwise", "adapt_styles", "is_lora_layer", "lora_layers",
+           "lora_style"]
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PEFT's LoRA layers (by ancestry; PEFT is not imported)."""
+    return any(c.__name__ == "LoraLayer" and c.__module__.startswith("peft.")
+               for c in type(module).__mro__)
+
+
+def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """``{path: layer}`` of every PEFT LoRA layer inside ``module``."""
+    return {name: m for name, m in module.named_modules() if is_lora_layer(m)}
+
+
+def _check_supported(path: str, layer: nn.Module) -> None:
+    problems = []
+    if not isinstance(getattr(layer, "base_layer", None), nn.Linear):
+        problems.append(f"its base layer is a {type(getattr(layer, 'base_layer', None)).__name__},"
+                        " not an nn.Linear")
+    if getattr(layer, "lora_variant", None):
+        problems.append(f"it uses a LoRA variant ({', '.join(sorted(layer.lora_variant))}:"
+                        " DoRA or similar); use plain LoRA (use_dora=False)")
+    if any(getattr(layer, "lora_bias", {}).values()):
+        problems.append("it has lora_bias=True; use lora_bias=False")
+    if getattr(layer, "fan_in_fan_out", False):
+        problems.append("it has fan_in_fan_out=True (Conv1D weights); the plan shards nn.Linear")
+    if getattr(layer, "merged", False):
+        problems.append("its adapters are merged into the base; unmerge them before training")
+    if getattr(layer, "lora_embedding_A", None):
+        problems.append("it has embedding adapters")
+    if problems:
+        raise PlanError(f"LoRA layer {path!r} cannot be tensor-parallel: " + "; ".join(problems)
+                        + ".")
+
+
+def lora_style(path: str, layer: nn.Module, base: ParallelStyle) -> ParallelStyle:
+    """The style for the PEFT wrapper ``layer`` at ``path`` whose base the plan gives ``base``;
+    :class:`PlanError` when the adapters cannot follow that style."""
+    _check_supported(path, layer)
+    linear_like = isinstance(base, (ColwiseParallel, RowwiseParallel))
+    if linear_like and getattr(base, "input_layouts", (Replicate(),))[0] != (
+            Replicate() if isinstance(base, ColwiseParallel) else Shard(-1)):
+        linear_like = False  # lm_head: its input arrives sequence-sharded
+    if isinstance(base, ColwiseParallel) and linear_like:
+        return LoraColwise(base)
+    if isinstance(base, RowwiseParallel) and linear_like:
+        return LoraRowwise(base)
+    raise PlanError(
+        f"LoRA adapters on {path!r}, which the plan gives {type(base).__name__}: adapters can"
+        " follow a column- or row-parallel projection only (the attention and MLP projections)."
+        " Fix: leave it out of LoraConfig(target_modules=...), e.g. target_modules=['q_proj',"
+        " 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'].")
+
+
+def adapt_styles(module: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """``styles`` (exact paths in ``module``) with each PEFT LoRA layer's base style replaced by
+    its :func:`lora_style`; :class:`PlanError` for an adapted module the plan leaves whole."""
+    layers = lora_layers(module)
+    if not layers:
+        return styles
+    adapted = dict(styles)
+    unplanned = []
+    for path, layer in layers.items():
+        base = adapted.pop(f"{path}.base_layer", None) or adapted.get(path)
+        if base is None:
+            unplanned.append(path)
+            continue
+        adapted[path] = lora_style(path, layer, base)
+    inside = [p for p in adapted for layer in layers if p.startswith(layer + ".")]
+    if unplanned or inside:
+        what = (f"modules the plan does not shard ({', '.join(unplanned[:3])}"
+                f"{' ...' if len(unplanned) > 3 else ''})" if unplanned
+                else f"plan entries inside LoRA layers ({', '.join(inside[:3])})")
+        raise PlanError(
+            f"LoRA adapters sit on {what}; adapters can only follow a projection the plan splits."
+            " Fix: target the attention and MLP projections in LoraConfig(target_modules=...), or"
+            " give the plan an entry for the wrapped module itself (its base style).")
+    return adapted
+
+
+def _whole_input(_module: nn.Module, args: tuple, mesh: Any) -> tuple:
+    # The attention / MLP input arrives as a replicated DTensor (the plan's PrepareModuleInput); a
+    # plain tensor (a plan without it) is the same replicated activation.
+    x = args[0]
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return (x, *args[1:])
+
+
+class LoraColwise(ParallelStyle):
+    """A PEFT ``lora.Linear`` over a column-parallel base: ``base_layer`` and ``lora_B`` take the
+    base's style (the same output rows on each rank), ``lora_A`` is replicated and hands ``lora_B``
+    a replicated DTensor, so its gradient's partial sums meet the base's at the block boundary."""
+
+    def __init__(self, base: ColwiseParallel) -> None:
+        super().__init__()
+        self.base = base
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        self.base._apply(module.base_layer, device_mesh)
+        for name in module.lora_A:
+            distribute_module(module.lora_A[name], device_mesh, replicate_parameters,
+                              _whole_input)
+            self.base._apply(module.lora_B[name], device_mesh)
+        return module
+
+
+class LoraRowwise(ParallelStyle):
+    """A PEFT ``lora.Linear`` over a row-parallel base: ``base_layer`` and ``lora_A`` split by input
+    columns (or, for query heads tp does not divide, replicated with the rank's head columns
+    selected, as :class:`~lightning_tp.parallel.heads.HeadsRowwise`), ``lora_B`` replicated; the
+    base's and the adapters' partial sums are added and reduced once to the base's output
+    layout."""
+
+    def __init__(self, base: RowwiseParallel) -> None:
+        super().__init__()
+        self.base = base
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        base = self.base
+        tp, rank = device_mesh.size(), device_mesh.get_local_rank()
+        linear: nn.Linear = module.base_layer
+        columns = None
+        if isinstance(base, HeadsRowwise) and head_layout(base.num_heads, base.num_heads,
+                                                          tp).q_replicated:
+            if linear.bias is not None:
+                raise PlanError("Uneven query heads need an o_proj without bias (the Llama"
+                                " family's).")
+            head_dim = linear.in_features // base.num_heads
+            first, n = head_range(base.num_heads, tp, rank)
+            columns = list(range(first * head_dim, (first + n) * head_dim))
+        for owner in (linear, *module.lora_A.values()):
+            if columns is not None:
+                _replicate(base, owner, device_mesh)
+                continue
+            for name, param in list(owner.named_parameters(recurse=False)):
+                placement = Shard(1) if name == "weight" else Replicate()
+                owner.register_parameter(name, nn.Parameter(
+                    distribute_tensor(param, device_mesh, [placement]), param.requires_grad))
+        for lora_b in module.lora_B.values():
+            for name, param in list(lora_b.named_parameters(recurse=False)):
+                lora_b.register_parameter(name, nn.Parameter(
+                    distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad))
+        module.__class__ = _tensor_parallel(type(module))
+        module.tp_mesh, module.output_layout = device_mesh, base.output_layouts[0]
+        module.head_columns = columns
+        return module
+
+
+class _RowParallelLora:
+    """Forward of a row-parallel ``lora.Linear``: PEFT's sum of the base and the active adapters,
+    computed on the rank's columns and reduced once."""
+
+    tp_mesh: Any
+    output_layout: Any
+    head_columns: list[int] | None
+
+    def _columns(self, weight: Tensor) -> Tensor:
+        """The rank's columns of a weight split like the base's input."""
+        local = weight.to_local()
+        if self.head_columns is None:
+            return local
+        index = getattr(self, "_head_index", None)
+        if index is None or index.device != local.device:
+            import torch
+
+            index = self._head_index = torch.tensor(self.head_columns, device=local.device)
+        return _Select.apply(local, index, 1, self.tp_mesh.get_group())
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise PlanError("Mixed-adapter batches (adapter_names=) are not supported under tensor"
+                            " parallelism.")
+        if isinstance(x, DTensor):
+            x = x.redistribute(self.tp_mesh, [Shard(-1)]).to_local()
+        base = self.base_layer
+        partial = F.linear(x, self._columns(base.weight))
+        dtype = partial.dtype
+        if not self.disable_adapters:
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue
+                a = self._columns(self.lora_A[adapter].weight)
+                # B sees a partial sum; its weight gradient is one too, summed over the ranks
+                b = self.lora_B[adapter].weight.to_local(grad_placements=(Partial(),))
+                h = self.lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
+                partial = partial + F.linear(F.linear(h, a), b) * self.scaling[adapter]
+        out = DTensor.from_local(partial.to(dtype), self.tp_mesh, [Partial()], run_check=False)
+        out = out.redistribute(self.tp_mesh, [self.output_layout])
+        if base.bias is not None:
+            out = out + base.bias
+        return out.to_local()
+
+
+@functools.cache
+def _tensor_parallel(cls: type) -> type:
+    return type(f"TensorParallel{cls.__name__}", (_RowParallelLora, cls), {"__module__": __name__})

@@ -55,7 +55,7 @@ from lightning_tp.parallel.heads import HeadsRowwise, _replicate, _Select, head_
 from lightning_tp.parallel.styles import replicate_parameters
 
 __all__ = ["LoraColwise", "LoraRowwise", "adapt_styles", "is_lora_layer", "lora_layers",
-           "lora_style"]
+           "lora_style", "reset_adapters"]
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -67,6 +67,32 @@ def is_lora_layer(module: nn.Module) -> bool:
 def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
     """``{path: layer}`` of every PEFT LoRA layer inside ``module``."""
     return {name: m for name, m in module.named_modules() if is_lora_layer(m)}
+
+
+def reset_adapters(module: nn.Module, seed: int | None = None,
+                   only: set[int] | None = None) -> int:
+    """Initialise the LoRA adapters inside ``module`` (those whose layer's ``id`` is in ``only``,
+    if given) as their PEFT config says (``init_lora_weights``: ``A`` random, ``B`` zero by
+    default), after a base model's ``init_weights`` overwrote them with a projection's init;
+    ``seed`` makes every rank draw the same ``A``. Returns the number of adapters initialised."""
+    import torch
+
+    done: set[tuple[int, str]] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        for owner in module.modules():
+            configs = getattr(owner, "peft_config", None)
+            if not isinstance(configs, dict):
+                continue
+            for layer in lora_layers(owner).values():
+                for name in layer.lora_A:
+                    if (id(layer), name) in done or (only is not None and id(layer) not in only):
+                        continue
+                    config = configs.get(name)
+                    layer.reset_lora_parameters(
+                        name, True if config is None else config.init_lora_weights)
+                    done.add((id(layer), name))
+    return len(done)
 
 
 def _check_supported(path: str, layer: nn.Module) -> None:

@@ -24,7 +24,7 @@ from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
 from lightning_tp.parallel.heads import localize_kv_groups
-from lightning_tp.parallel.lora import adapt_styles, lora_layers
+from lightning_tp.parallel.lora import adapt_styles, lora_layers, reset_adapters
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check
@@ -154,6 +154,8 @@ def materialize(module: nn.Module, plan: ResolvedPlan, device: torch.device,
             else:
                 init()
             done.update(id(m) for m in root.modules())
+    # PEFT adapters inside a root that just initialised itself: their own init, not a projection's
+    reset_adapters(module, seed, only=done)
     missing = []
     for m in meta_modules:
         if id(m) in done:

@@ -33,6 +33,7 @@ __all__ = [
     "LoggerConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "PeftConfig",
     "PretrainConfig",
     "PretrainDataConfig",
     "RecipeConfigError",
@@ -212,6 +213,28 @@ class FinetuneDataConfig:
     num_workers: int = 0
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every projection of a Llama-family decoder layer: what ``peft=lora`` adapts by default."""
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (``peft=lora``, group ``conf/peft``); ``peft=none`` trains
+    every weight. LoRA uses PEFT's ``LoraConfig`` (the ``lora`` extra): the base stays frozen and
+    only ``rank``-wide adapters next to ``target_modules`` train."""
+
+    method: str = "none"
+    """``none`` (full fine-tuning) or ``lora``."""
+    rank: int = 16
+    """LoRA rank ``r`` (``LoraConfig(r=...)``)."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the adapters' output is multiplied by ``alpha / rank``."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input (``LoraConfig(lora_dropout=...)``)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names (the last path component) that get adapters."""
+
+
 @dataclass
 class _RunConfig:
     model: ModelConfig = MISSING
@@ -247,6 +270,8 @@ class PretrainConfig(_RunConfig):
 @dataclass
 class FinetuneConfig(_RunConfig):
     data: FinetuneDataConfig = MISSING
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """``peft=lora`` (with ``peft.rank=``, ``peft.alpha=``, ...) trains LoRA adapters only."""
     checkpoint: Optional[str] = None
     """Weights to start from: this project's sharded checkpoint (e.g. out/pretrain/last) or a
     Hugging Face model directory (config.json + safetensors; its config replaces ``model``);

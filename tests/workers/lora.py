@@ -2,7 +2,7 @@
 ``python tests/workers/lora.py OUT.json SPEC.json``.
 
 SPEC: ``{"devices": world size, "dir": a scratch directory, "cases": [{"name", "dp", "tp", "model",
-"resume_from"?}, ...], "collectives": bool}``. Each case wraps a small transformers Llama in
+"resume_from"?}, ...], "collectives": bool, "bf16": bool}``. Each case wraps a small transformers Llama in
 ``peft.get_peft_model`` (every projection targeted, both factors random so that every adapter gradient is
 non-zero), trains it with AdamW under ``TensorParallelStrategy()`` defaults (SP, loss parallel, FSDP2) for
 ``EPOCHS`` epochs of ``STEPS_PER_EPOCH`` steps, saving a checkpoint after the first epoch and resuming a fresh
@@ -14,7 +14,9 @@ against the full model's.
 
 ``"collectives": true`` also counts the collectives per decoder layer (``CommDebugMode``, a 2-layer model minus a
 1-layer one, forward and backward) with LoRA and without, for both models. One launch runs every case of a
-world size.
+world size. ``"bf16": true`` trains one epoch under ``bf16-mixed`` and reports the parameters' dtypes. Every case
+also writes its final checkpoint (``DIR/<name>-final``) and the final model's logits on one sample, for the
+exported adapters to reproduce.
 """
 
 from __future__ import annotations
@@ -92,10 +94,12 @@ class Lit(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=LR)  # as users write it: frozen parameters included
 
 
-def fit(case: dict[str, Any], spec: dict[str, Any], epochs: int, ckpt: str | None) -> tuple[Lit, L.Trainer]:
+def fit(case: dict[str, Any], spec: dict[str, Any], epochs: int, ckpt: str | None,
+        precision: str = "32-true") -> tuple[Lit, L.Trainer]:
     module = Lit(case["model"])
     trainer = L.Trainer(accelerator="cpu", devices=spec["devices"], max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision=precision, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         strategy=TensorParallelStrategy(data_parallel_size=case["dp"], tensor_parallel_size=case["tp"]))
     loader = DataLoader(TensorDataset(samples()), batch_size=GLOBAL_BATCH // case["dp"])
     trainer.fit(module, loader, ckpt_path=ckpt)
@@ -143,6 +147,7 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
         base_before = {n: full(p) for n, p in first.named_parameters() if not p.requires_grad}
         trainer.save_checkpoint(ckpt)
         second, trainer = fit(case, spec, EPOCHS, str(ckpt))
+    trainer.save_checkpoint(Path(spec["dir"]) / f"{case['name']}-final")
     frozen = [(n, p) for n, p in second.named_parameters() if not p.requires_grad]
     opt = trainer.optimizers[0]
     stateful = {id(p) for p in opt.state if opt.state[p]}
@@ -159,6 +164,8 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
                                   if p.requires_grad and isinstance(p, DTensor)}),
     }
     base_after = {n: full(p) for n, p in frozen}
+    with torch.no_grad():  # what the exported adapters must reproduce (after the report: FSDP2 keeps the last
+        logits = full(second.model(input_ids=samples()[:1, :-1]).logits)  # block unsharded after a forward)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, report)
     seconds = time.perf_counter() - start
@@ -171,7 +178,7 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
     ref["losses"] = ref["losses"][offset:]
     grad_err = [max(float((g[n] - ref["grads"][i + offset][n]).abs().max()) for n in g) for i, g in enumerate(grads)]
     pristine = build(case["model"])
-    result = {**case, "ranks": everyone, "ref_losses": ref["losses"], "grad_err": grad_err,
+    result = {**case, "ranks": everyone, "logits": logits.tolist(), "ref_losses": ref["losses"], "grad_err": grad_err,
               "grad_absmax": max(float(g.abs().max()) for step in ref["grads"] for g in step.values()),
               "adapters": len(ref["grads"][0]), "seconds": round(seconds, 1),
               "base_identical": all(torch.equal(base_after[f"model.{n}"], full(p))
@@ -179,14 +186,28 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
     if first:
         result["base_identical"] = result["base_identical"] and all(
             torch.equal(base_before[n], base_after[n]) for n in base_after)
-        keys = sorted(torch.distributed.checkpoint.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+        metadata = torch.distributed.checkpoint.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        keys = sorted(metadata)
+        tensors = [m for m in metadata.values() if hasattr(m, "size")]
         result["checkpoint"] = {
             "model_keys": [k for k in keys if k.startswith("state_dict.")],
             "optimizer_keys": len([k for k in keys if k.startswith("optimizer_")]),
             "bytes": dir_bytes(ckpt),
+            "tensor_bytes": sum(m.size.numel() * torch.empty((), dtype=m.properties.dtype).element_size()
+                                for m in tensors),
             "full_model_bytes": sum(p.numel() * p.element_size() for p in pristine.parameters()),
             "adapter_bytes": sum(p.numel() * p.element_size() for p in pristine.parameters() if p.requires_grad)}
     return result
+
+
+def bf16_check(spec: dict[str, Any]) -> dict[str, Any]:
+    """One epoch under ``bf16-mixed``: the frozen base must be held in bf16 only, the adapters as fp32 masters."""
+    case = {"name": "bf16", "dp": 1, "tp": spec["devices"], "model": "8:4"}
+    module, trainer = fit(case, spec, 1, None, precision="bf16-mixed")
+    params = list(module.parameters())
+    return {"frozen_dtypes": sorted({str(p.dtype) for p in params if not p.requires_grad}),
+            "trained_dtypes": sorted({str(p.dtype) for p in params if p.requires_grad}),
+            "losses": module.losses}
 
 
 def collectives(tp: int) -> dict[str, Any]:
@@ -232,9 +253,10 @@ def main() -> None:
         results.append(run_case(case, spec))
         dist.barrier()  # rank 0's reference runs while the others wait here, not inside the next fit
     extra = collectives(dist.get_world_size()) if spec.get("collectives") else None
+    bf16 = bf16_check(spec) if spec.get("bf16") else None
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"cases": results, "collectives": extra}, f)
+            json.dump({"cases": results, "collectives": extra, "bf16": bf16}, f)
 
 
 if __name__ == "__main__":

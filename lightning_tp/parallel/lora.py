@@ -55,7 +55,7 @@ from lightning_tp.parallel.heads import HeadsRowwise, _replicate, _Select, head_
 from lightning_tp.parallel.styles import replicate_parameters
 
 __all__ = ["LoraColwise", "LoraRowwise", "adapt_styles", "is_lora_layer", "lora_layers",
-           "lora_style", "reset_adapters"]
+           "lora_style", "reset_adapters", "sub_styles"]
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -159,6 +159,18 @@ def adapt_styles(module: nn.Module, styles: dict[str, ParallelStyle]) -> dict[st
             " Fix: target the attention and MLP projections in LoraConfig(target_modules=...), or"
             " give the plan an entry for the wrapped module itself (its base style).")
     return adapted
+
+
+def sub_styles(style: ParallelStyle, layer: nn.Module) -> dict[str, ParallelStyle | None]:
+    """``{path inside the PEFT layer: the style its parameters are split by}`` for a
+    :class:`LoraColwise` / :class:`LoraRowwise` ``style`` (``None``: replicated), so that shapes
+    per rank can be read with :func:`~lightning_tp.parallel.plans.tp_shard_dim` without a mesh."""
+    column = isinstance(style, LoraColwise)
+    styles: dict[str, ParallelStyle | None] = {"base_layer": style.base}
+    for name in layer.lora_A:
+        styles[f"lora_A.{name}"] = None if column else style.base
+        styles[f"lora_B.{name}"] = style.base if column else None
+    return styles
 
 
 def _whole_input(_module: nn.Module, args: tuple, mesh: Any) -> tuple:

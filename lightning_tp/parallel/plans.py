@@ -113,8 +113,9 @@ class ResolvedPlan:
 def _is_llama(module: nn.Module) -> bool:
     inner = getattr(module, "model", None)
     layers = getattr(inner, "layers", None)
-    if (not isinstance(getattr(module, "lm_head", None), nn.Linear)
-            or not isinstance(layers, nn.ModuleList)):
+    head = getattr(module, "lm_head", None)
+    head = getattr(head, "base_layer", head)  # a PEFT LoRA layer wraps it
+    if not isinstance(head, nn.Linear) or not isinstance(layers, nn.ModuleList):
         return False
     return len(layers) > 0 and all(hasattr(layer, "self_attn") and hasattr(layer, "mlp")
                                    for layer in layers)
@@ -286,24 +287,34 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
     Computed from the styles, without a process group, so a notebook can show the plan before
     training.
     """
+    from lightning_tp.parallel.lora import LoraColwise, LoraRowwise, adapt_styles, sub_styles
+
     rows = []
-    for path, style in plan.styles.items():
+    for path, style in adapt_styles(module, plan.styles).items():
         target = module.get_submodule(path)
+        # a PEFT LoRA layer: its base and adapters, each split as the style says
+        owners = (sub_styles(style, target) if isinstance(style, (LoraColwise, LoraRowwise))
+                  else {"": style})
         params = {}
-        for name, param in target.named_parameters(recurse=False):
-            local = list(param.shape)
-            dim = tp_shard_dim(style, target, param.ndim, tp, name)
-            if dim is not None:
-                local[dim] = -(-local[dim] // tp)
-            params[name] = (tuple(param.shape), tuple(local))
-        layouts = {k: v for k, v in vars(style).items() if "layout" in k and v}
-        shown = type(style).__name__
+        for owner_path, owner_style in owners.items():
+            owner = target.get_submodule(owner_path)
+            for name, param in owner.named_parameters(recurse=False):
+                local = list(param.shape)
+                dim = (None if owner_style is None
+                       else tp_shard_dim(owner_style, owner, param.ndim, tp, name))
+                if dim is not None:
+                    local[dim] = -(-local[dim] // tp)
+                params[_join(owner_path, name)] = (tuple(param.shape), tuple(local))
+        lora = "" not in owners
+        base = style.base if lora else style
+        layouts = {k: v for k, v in vars(base).items() if "layout" in k and v}
+        shown = type(base).__name__
         if shown in SPLIT_BY_HEAD:
             config = next((getattr(module.get_submodule(root), "config", None)
                            for root in plan.roots if path.startswith(root)), None)
             if config is not None:
                 shown = shown_style(shown, head_layout(config.num_attention_heads,
                                                        config.num_key_value_heads, tp))[0]
-        rows.append({"module": path, "style": shown, "params": params,
-                     "layouts": {k: str(v) for k, v in layouts.items()}})
+        rows.append({"module": path, "style": f"LoRA on {shown}" if lora else shown,
+                     "params": params, "layouts": {k: str(v) for k, v in layouts.items()}})
     return rows

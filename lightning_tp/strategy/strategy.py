@@ -46,6 +46,7 @@ from lightning_tp.launch import ForkLauncher, ScriptLauncher, record_failure
 from lightning_tp.launch.preflight import check_features
 from lightning_tp.parallel.dtensor import full_outputs
 from lightning_tp.parallel.fsdp import mixed_precision_policy
+from lightning_tp.parallel.lora import adapt_styles
 from lightning_tp.parallel.ownership import (
     has_parameters,
     no_plan_found,
@@ -217,6 +218,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
                             loss_parallel=self.loss_parallel)
         check_model_shapes(module, plan, int(self._tensor_parallel_size))
+        if int(self._tensor_parallel_size) > 1:
+            adapt_styles(module, plan.styles)  # PEFT adapters: each must follow a split projection
         return plan
 
     @override

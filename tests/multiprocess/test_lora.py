@@ -6,7 +6,8 @@ defaults (SP, loss parallel, FSDP2) and AdamW, checkpointed after the first epoc
 
 * 4 ranks: (dp, tp) = (2, 2) on 8 query / 4 KV heads; (1, 4) resumed from the (2, 2) checkpoint (resharding);
   (1, 4) on SmolLM2's 9 query / 3 KV heads (uneven query heads, KV heads selected per rank).
-* 2 ranks: (1, 2) on 9:3, the collectives per layer with and without LoRA, and one epoch under ``bf16-mixed``.
+* 2 ranks: (1, 2) on 9:3, also without FSDP2; (1, 2) without SP and loss parallel; (2, 1); the collectives per
+  layer with and without LoRA, and one epoch under ``bf16-mixed``.
 
 Checked against the same PEFT model trained in one process on the same samples: the loss of every step on every
 rank, every adapter gradient element at every step; the frozen base bit-identical before and after, without
@@ -35,7 +36,13 @@ TOL = 1e-5  # the issue's bound, on losses and on every adapter gradient element
 CASES_4 = [{"name": "(2,2)", "dp": 2, "tp": 2, "model": "8:4"},
            {"name": "(1,4) from (2,2)", "dp": 1, "tp": 4, "model": "8:4", "resume_from": "(2,2)"},
            {"name": "(1,4)", "dp": 1, "tp": 4, "model": "9:3"}]
-CASES_2 = [{"name": "(1,2)", "dp": 1, "tp": 2, "model": "9:3"}]
+CASES_2 = [{"name": "(1,2)", "dp": 1, "tp": 2, "model": "9:3"},
+           # the other paths the adapters' gradients take: no FSDP2 (the optimizer step reduces the replicated
+           # factors' partial gradients), TP without SP and loss parallel, data parallelism alone
+           {"name": "(1,2) no FSDP2", "dp": 1, "tp": 2, "model": "9:3", "strategy": {"fsdp": False}},
+           {"name": "(1,2) TP only", "dp": 1, "tp": 2, "model": "8:4",
+            "strategy": {"sequence_parallel": False, "loss_parallel": False}},
+           {"name": "(2,1)", "dp": 2, "tp": 1, "model": "8:4"}]
 ADAPTERS = 28  # 2 layers x 7 projections x (A, B)
 
 
@@ -81,8 +88,10 @@ def test_frozen_base_is_untouched_and_holds_no_training_state(runs: dict) -> Non
             assert rank["frozen_grads"] == 0 and rank["frozen_with_state"] == 0, case["name"]
             assert rank["trainable_with_state"] == ADAPTERS, case["name"]
             # FSDP2 shards what trains; the frozen base is sharded by TP alone
-            assert rank["frozen_meshes"] == ["('tensor_parallel',)"], case["name"]
-            assert rank["trained_meshes"] == ["('data_parallel', 'tensor_parallel')"], case["name"]
+            fsdp, tp = case.get("strategy", {}).get("fsdp", True), case["tp"] > 1
+            assert rank["frozen_meshes"] == (["('tensor_parallel',)"] if tp else []), case["name"]
+            trained = "('data_parallel', 'tensor_parallel')" if tp else "('data_parallel',)"
+            assert rank["trained_meshes"] == ([trained] if fsdp else ["('tensor_parallel',)"]), case["name"]
     assert runs["bf16"]["frozen_dtypes"] == ["torch.bfloat16"]
     assert runs["bf16"]["trained_dtypes"] == ["torch.float32"]
 

@@ -1,16 +1,16 @@
 """Multi-process worker for LoRA under tensor parallelism (issue 16):
 ``python tests/workers/lora.py OUT.json SPEC.json``.
 
-SPEC: ``{"devices": world size, "dir": a scratch directory, "cases": [{"name", "dp", "tp", "model",
-"resume_from"?}, ...], "collectives": bool, "bf16": bool}``. Each case wraps a small transformers Llama in
-``peft.get_peft_model`` (every projection targeted, both factors random so that every adapter gradient is
-non-zero), trains it with AdamW under ``TensorParallelStrategy()`` defaults (SP, loss parallel, FSDP2) for
-``EPOCHS`` epochs of ``STEPS_PER_EPOCH`` steps, saving a checkpoint after the first epoch and resuming a fresh
-model from it for the second. A case with ``resume_from`` starts instead from the checkpoint another case wrote
-at another (dp, tp). Rank 0 then runs the same PEFT model in one process on the same samples and reports: the
+SPEC: ``{"devices": world size, "dir": a scratch directory, "cases": [{"name", "dp", "tp", "model", "resume_from"?,
+"strategy"?: more TensorParallelStrategy arguments}, ...], "collectives": bool, "bf16": bool}``. Each case wraps a
+small transformers Llama in ``peft.get_peft_model`` (every projection targeted, both factors random so that every
+adapter gradient is non-zero), trains it with AdamW under ``TensorParallelStrategy()`` defaults (SP, loss parallel,
+FSDP2) for ``EPOCHS`` epochs of ``STEPS_PER_EPOCH`` steps, saving a checkpoint after the first epoch and resuming a
+fresh model from it for the second. A case with ``resume_from`` starts instead from the checkpoint another case
+wrote at another (dp, tp). Rank 0 then runs the same PEFT model in one process on the same samples and reports: the
 loss of every step on every rank, every adapter gradient element at every step, whether the frozen base is
-bit-identical before and after and never had a gradient or optimizer state, the checkpoint's keys and bytes
-against the full model's.
+bit-identical before and after and never had a gradient or optimizer state, the checkpoint's keys and bytes against
+the full model's.
 
 ``"collectives": true`` also counts the collectives per decoder layer (``CommDebugMode``, a 2-layer model minus a
 1-layer one, forward and backward) with LoRA and without, for both models. One launch runs every case of a
@@ -100,7 +100,8 @@ def fit(case: dict[str, Any], spec: dict[str, Any], epochs: int, ckpt: str | Non
     trainer = L.Trainer(accelerator="cpu", devices=spec["devices"], max_epochs=epochs, logger=False,
                         precision=precision, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False,
-                        strategy=TensorParallelStrategy(data_parallel_size=case["dp"], tensor_parallel_size=case["tp"]))
+                        strategy=TensorParallelStrategy(data_parallel_size=case["dp"], tensor_parallel_size=case["tp"],
+                                                        **case.get("strategy", {})))
     loader = DataLoader(TensorDataset(samples()), batch_size=GLOBAL_BATCH // case["dp"])
     trainer.fit(module, loader, ckpt_path=ckpt)
     return module, trainer

@@ -1,4 +1,4 @@
-"""``python -m benchmarks {comm,activations,throughput,efficiency,gpu,all} [--quick] [--json OUT]``.
+"""``python -m benchmarks {comm,activations,throughput,efficiency,lora,gpu,all} [--quick] [--json OUT]``.
 
 Each command launches its own ranks (``OMP_NUM_THREADS`` set per rank), prints a markdown report with
 the measured ratios, and with ``--json`` also writes the raw measurements. ``--quick`` shrinks models,
@@ -8,6 +8,7 @@ steps and pairs so that every path runs in seconds (the smoke test uses it; its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from typing import Any
@@ -17,11 +18,12 @@ from benchmarks._common import launch, machine
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    p.add_argument("command", choices=["comm", "activations", "memory", "throughput", "efficiency", "cpu", "gpu",
-                                       "all"],
+    p.add_argument("command", choices=["comm", "activations", "memory", "throughput", "efficiency", "cpu", "lora",
+                                       "gpu", "all"],
                    help="comm: collectives/bytes per layer; activations: saved bytes per layer vs Korthikanti;"
                         " throughput: ours vs Lightning's ModelParallelStrategy; efficiency: tp=2 vs tp=1;"
                         " memory: comm + activations in one launch; cpu: throughput + efficiency in one launch;"
+                        " lora: LoRA vs full fine-tuning (tokens/s, memory per rank, collectives);"
                         " gpu: single-device tokens/s and MFU; all: every CPU benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one pair: checks the paths, not the speed")
     p.add_argument("--json", metavar="OUT", help="also write the raw results to OUT")
@@ -54,7 +56,7 @@ def _throughput_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from benchmarks import activations, comm, throughput
+    from benchmarks import activations, comm, lora, throughput
 
     print(f"Machine: {machine()}\n", flush=True)
     results: dict[str, Any] = {}
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu_tasks.append({"task": "vs_stock", **opts})
     if cmd in ("efficiency", "cpu", "all"):
         cpu_tasks.append({"task": "efficiency", **opts})
+    if cmd == "lora" or (cmd == "all" and importlib.util.find_spec("peft") is not None):
+        cpu_tasks.append({"task": "lora", **opts, "warmup_runs": 0 if args.quick else 1,
+                          "variants": ["lora", "full"] if args.quick else list(lora.VARIANTS)})
+    elif cmd == "all":
+        print('lora: skipped, PEFT is not installed (pip install "lightning-tp[lora]")\n', flush=True)
     if memory_tasks and args.world == 2:
         cpu_tasks = memory_tasks + cpu_tasks  # one launch pays the imports once
     elif memory_tasks:
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps or (2 if args.quick else 20), warmup=args.warmup if args.warmup is not None else 3,
             compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     reports = {"comm": comm.report, "activations": activations.report, "vs_stock": throughput.report_vs_stock,
-               "efficiency": throughput.report_efficiency, "gpu": throughput.report_single_device}
+               "efficiency": throughput.report_efficiency, "lora": lora.report, "gpu": throughput.report_single_device}
     for name, result in results.items():
         print(reports[name](result) + "\n", flush=True)
     if args.json:

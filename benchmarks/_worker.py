@@ -15,10 +15,10 @@ def main() -> None:
     spec = json.loads(open(spec_path).read())
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    from benchmarks import activations, comm, throughput
+    from benchmarks import activations, comm, lora, throughput
 
     runners = {"comm": comm.measure, "activations": activations.measure, "vs_stock": throughput.measure_vs_stock,
-               "efficiency": throughput.measure_efficiency}
+               "efficiency": throughput.measure_efficiency, "lora": lora.measure}
     results: dict[str, Any] = {}
     for task in spec["tasks"]:
         options = dict(task)

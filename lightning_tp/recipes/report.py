@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "format_bytes",
     "format_count",
     "format_duration",
     "format_loss",
@@ -47,6 +48,17 @@ def format_count(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) < 10 else f"{value:,.0f}"
 
 
+def format_bytes(value: float | None) -> str:
+    """``512 B``, ``14.6 MB``, ``538 MB``, ``1.2 GB`` (powers of 1000); ``?`` when unknown."""
+    if value is None or not math.isfinite(value):
+        return "?"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(value) >= size:
+            scaled = value / size
+            return f"{scaled:.1f} {unit}" if scaled < 100 else f"{scaled:,.0f} {unit}"
+    return f"{value:.0f} B"
+
+
 def format_loss(value: float | None) -> str:
     """A loss to 2 decimals (``6.38``); ``?`` when unknown."""
     if value is None or not math.isfinite(value):
@@ -69,6 +81,16 @@ def summary_lines(summary: dict[str, Any], *, sizes: tuple[int, int] | None = No
     if summary.get("tokens_per_sec") is not None:
         parts.append(f"{format_count(summary['tokens_per_sec'])} tokens/s")
     lines = ["[lightning-tp] " + "; ".join(parts)]
+    counts, lora = summary.get("parameters") or {}, summary.get("lora")
+    if lora and counts.get("total"):
+        share = counts["trainable"] / counts["total"]
+        line = (f"[lightning-tp] LoRA rank {lora['rank']}: {counts['trainable']:,} of"
+                f" {counts['total']:,} parameters trained ({share:.2%})")
+        if summary.get("checkpoint_bytes") and counts.get("total_bytes"):
+            line += (f"; checkpoint {format_bytes(summary['checkpoint_bytes'])} (adapters and"
+                     f" their optimizer state) against {format_bytes(counts['total_bytes'])} of"
+                     " weights in the full model")
+        lines.append(line)
     if summary.get("sample") is not None:
         temperature, top_k = summary.get("sample_temperature", 0), summary.get("sample_top_k")
         how = "greedy"

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_tp.checkpoint.hf import config_from_hf
@@ -26,10 +27,11 @@ from lightning_tp.data.tokenizers import check_tokenizer
 from lightning_tp.errors import CheckpointError, SequenceLengthError
 from lightning_tp.launch.preflight import check_devices
 from lightning_tp.models import LlamaConfig, get_config
+from lightning_tp.recipes import lora as lora_checks
 from lightning_tp.recipes import report
 from lightning_tp.training.callbacks import ThroughputMonitor
 from lightning_tp.training.generate import check_sampling, generate
-from lightning_tp.training.module import CausalLMModule
+from lightning_tp.training.module import CausalLMModule, parameter_counts
 
 __all__ = ["model_config", "run"]
 
@@ -243,6 +245,15 @@ def _write_loss_curve(out_dir: Path, metrics_csv: Path | None, summary: dict[str
     return None if path is None else str(path)
 
 
+def _size(path: Path) -> int | None:
+    """Bytes of the files under ``path`` (a checkpoint directory or file); None if absent."""
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     """Fit a :class:`CausalLMModule` as ``cfg`` says; returns (and on rank 0 writes) a summary.
 
@@ -269,6 +280,12 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
                               f" model directory with tokenizer files (checkpoint={checkpoint!r})."
                               " Fix: set checkpoint=DIR of such a directory, or"
                               " data.tokenizer=byte or the path of a tokenizer.json.")
+    # peft=lora (finetune only): settings and targets against the model, and what resume= holds
+    lora = lora_checks.lora_settings(cfg.peft, checkpoint) if "peft" in cfg else None
+    if lora is not None:
+        lora_checks.check_lora_targets(llama, lora)
+    resume = _resume_path(cfg.resume, out_dir)
+    lora_checks.check_resume(resume, lora)
     # plain lists/dicts, not OmegaConf containers: checkpoints store the data module's arguments
     datamodule = _instantiate(cfg.data, _convert_="all", **data_overrides)
     check_tokenizer(datamodule.tokenizer, llama.vocab_size)
@@ -285,8 +302,11 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     module = CausalLMModule(
         model=llama, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
         betas=tuple(cfg.optimizer.betas), warmup_steps=cfg.scheduler.warmup_steps,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio, init_seed=cfg.seed, lora=lora,
     )
+    counts = parameter_counts(module)
+    if lora is not None:
+        rank_zero_info(lora_checks.describe(lora, counts))
     if checkpoint is not None:
         # Names, shapes and shard files against the meta-device model: another model's, another
         # shape's or a truncated checkpoint fails here, not in every rank after the launch.
@@ -309,10 +329,12 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         logger=_loggers(cfg.logger, out_dir) or False, default_root_dir=str(out_dir),
     )
     _check_sequence_length(trainer.strategy, cfg.data.seq_len)
+    if lora is not None:
+        lora_checks.check_lora_plan(module, trainer.strategy, lora)
     # Resolved here, before any rank starts, so that every process (forked ones too) names the
     # same version.
     metrics_csv = _metrics_csv(trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, out_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
     sample = None
     if cfg.sample_prompt:
@@ -334,9 +356,12 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
         **{f"sample_{k}": v for k, v in sampling.items()},
         "world_size": trainer.world_size,
         "loss_curve": None,
+        "parameters": counts,
+        "lora": lora,
     }
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
+        summary["checkpoint_bytes"] = _size(out_dir / "last")
         sizes = _sizes(trainer.strategy)
         summary["loss_curve"] = _write_loss_curve(out_dir, metrics_csv, summary, sizes)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

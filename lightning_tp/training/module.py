@@ -13,6 +13,9 @@ any plain single-device or DDP strategy:
   :func:`torch.nn.functional.cross_entropy`.
 * Logged metrics are reduced over the **data-parallel** ranks only (tensor-parallel ranks hold
   replicas of the same loss and must not be counted twice).
+* With ``lora=`` the network is PEFT's ``get_peft_model(Llama, LoraConfig(...))``, built on meta
+  like the plain one: the strategy's plan shards the base and the adapters together, and only the
+  adapters train (:func:`lora_model`; PEFT is the ``lora`` extra, imported only then).
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_tp.errors import UnsupportedFeatureError
 from lightning_tp.models import Llama, LlamaConfig, get_config
 from lightning_tp.parallel.dtensor import full
 
-__all__ = ["CausalLMModule", "TokenMeanLoss", "split_batch", "warmup_cosine_factor",
-           "weight_decay_groups"]
+__all__ = ["LORA_INSTALL", "CausalLMModule", "TokenMeanLoss", "import_peft", "lora_model",
+           "parameter_counts", "split_batch", "warmup_cosine_factor", "weight_decay_groups"]
+
+LORA_INSTALL = 'pip install "lightning-tp[lora]"'
+"""What installs PEFT, the optional dependency of LoRA."""
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int,
@@ -141,6 +148,46 @@ class TokenMeanLoss(Metric):
         return {"loss": self.totals[0] / self.totals[1], "tokens": self.totals[1]}
 
 
+def import_peft(what: str = "LoRA") -> Any:
+    """The ``peft`` package; :class:`UnsupportedFeatureError` naming the install command when it is
+    missing (``what`` says who needs it)."""
+    try:
+        import peft
+    except ImportError as e:
+        raise UnsupportedFeatureError(
+            f"{what} needs PEFT (the `peft` package), which is not installed ({e}). Fix:"
+            f" {LORA_INSTALL}, or fine-tune every weight (peft=none).") from e
+    return peft
+
+
+def lora_model(model: nn.Module, *, rank: int, alpha: float, dropout: float,
+               target_modules: Sequence[str], base: str | None = None) -> nn.Module:
+    """``peft.get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+    target_modules=...))``: ``model``'s weights frozen, rank-``rank`` adapters beside each module
+    named (by its last path component) in ``target_modules``. On a meta ``model`` the adapters are
+    meta too; whoever materialises the model initialises them by their config
+    (:func:`lightning_tp.parallel.lora.reset_adapters`). ``base`` (the checkpoint the base weights
+    come from) becomes the config's ``base_model_name_or_path``, which adapter exports record."""
+    peft = import_peft()
+    config = peft.LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=float(dropout),
+                             target_modules=list(target_modules))
+    wrapped = peft.get_peft_model(model, config)
+    # get_peft_model sets it from the model's `name_or_path`, which a native Llama does not have
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    return wrapped
+
+
+def parameter_counts(module: nn.Module) -> dict[str, int]:
+    """``{"trainable", "total"}`` elements of ``module``'s parameters and ``"total_bytes"`` of them
+    in their dtypes (tied ones once; full sizes, also for sharded or meta parameters)."""
+    trainable = total = total_bytes = 0
+    for param in module.parameters():
+        total += param.numel()
+        total_bytes += param.numel() * param.element_size()
+        trainable += param.numel() if param.requires_grad else 0
+    return {"trainable": trainable, "total": total, "total_bytes": total_bytes}
+
+
 def _resolve_config(model: str | LlamaConfig | Mapping[str, Any]) -> LlamaConfig:
     if isinstance(model, LlamaConfig):
         return model
@@ -170,6 +217,9 @@ class CausalLMModule(L.LightningModule):
             the model, and used here when the model is built without a device mesh.
         llama: an already-built (and initialised) network to train instead of building one; its
             config wins over ``model``. It is not saved as a hyper-parameter; its config is.
+        lora: LoRA instead of full fine-tuning: the keyword arguments of :func:`lora_model`
+            (``rank``, ``alpha``, ``dropout``, ``target_modules``, optionally ``base``) as plain
+            data (a hyper-parameter). The network becomes the PEFT model; only the adapters train.
 
     Batches are ``{"input_ids": (bs, seqlen), "labels": (bs, seqlen)}`` or ``(input_ids, labels)``,
     with labels already shifted (``labels[:, t]`` is the target of position ``t``).
@@ -188,6 +238,7 @@ class CausalLMModule(L.LightningModule):
         init_seed: int | None = None,
         *,
         llama: nn.Module | None = None,
+        lora: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if llama is not None and isinstance(getattr(llama, "config", None), LlamaConfig):
@@ -209,6 +260,7 @@ class CausalLMModule(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "ignore_index": ignore_index,
                 "init_seed": init_seed,
+                "lora": None if lora is None else dict(lora),
             }
         )
         self.init_seed = init_seed
@@ -219,6 +271,8 @@ class CausalLMModule(L.LightningModule):
             # later, once.
             with torch.device("meta"):
                 llama = Llama(self.config)
+        if lora is not None:
+            llama = lora_model(llama, **lora)
         self.model: nn.Module = llama
         # Metrics are created lazily on first use, i.e. after the strategy has materialised the
         # module: `Module.to_empty()` would otherwise overwrite their states *and* defaults with
@@ -238,8 +292,11 @@ class CausalLMModule(L.LightningModule):
         this module's device here.
         """
         if self._mesh() is None and any(p.is_meta for p in self.model.parameters()):
+            from lightning_tp.parallel.lora import reset_adapters
+
             self.model.to_empty(device=self.device)
-            self.model.init_weights(seed=self.init_seed)
+            self.model.init_weights(seed=self.init_seed)  # a PeftModel forwards it to the Llama
+            reset_adapters(self.model, self.init_seed)  # their own init, not a projection's
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits (bs, seqlen, vocab); a vocab-sharded DTensor under loss parallel."""

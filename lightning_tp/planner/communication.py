@@ -1,19 +1,21 @@
 """Collectives one rank runs per optimizer step, and their time on the link each group uses.
 
 Owns :class:`Collective`, :func:`collectives` (tensor-parallel traffic per layer and outside the
-layers, and FSDP2's all-gathers and reduce-scatters), the ring cost of one collective
-(:func:`ring_bytes`) and which link a group runs over (:func:`group_link`).
+layers, FSDP2's all-gathers and reduce-scatters, and under LoRA the all-reduces of the adapters'
+replicated factors), the ring cost of one collective (:func:`ring_bytes`) and which link a group
+runs over (:func:`group_link`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from lightning_tp.hardware import Link
 from lightning_tp.parallel.heads import head_layout
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, param_shards, units
+from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, adapters, param_shards, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 
 __all__ = ["Collective", "collectives", "group_link", "replicated_gradients", "ring_bytes"]
@@ -57,11 +59,26 @@ def replicated_gradients(inputs: PlanInputs) -> list[tuple[str, int, int]]:
 
     The gradient has the dtype of the weight the layer multiplies by: FSDP2's ``param_dtype``
     (the compute dtype, bf16 under ``bf16-mixed``) with FSDP, else the stored parameter's.
+
+    Under LoRA the frozen weight has no gradient; the adapter factor that follows a replicated
+    base (``lora_B`` of q/k/v, ``lora_A`` of o_proj) is selected the same way, and its gradient
+    is all-reduced instead (``out·r`` or ``r·in`` elements).
     """
     cfg = inputs.config
     heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, inputs.tp)
     element = BYTES_PER_ELEMENT[inputs.precision]
     size = element.compute if inputs.fsdp else element.stored
+    if inputs.lora is not None:
+        found = adapters(inputs)
+        groups: dict[tuple[str, int], list[str]] = {}
+        for x in found:
+            factor = x.selected_factor
+            if x.unit == found[0].unit and factor is not None:
+                name = f"LoRA {factor.name.rpartition('.lora_')[2][0]}"
+                groups.setdefault((name, math.prod(factor.shape) * size), []).append(
+                    x.module.rpartition(".")[2])
+        return [(f"{'/'.join(names)} {name}", len(names), nbytes)
+                for (name, nbytes), names in groups.items()]
     per_head = cfg.resolved_head_dim * cfg.hidden_size * size
     out = []
     if heads.kv_replicated:
@@ -107,6 +124,26 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
     return rows
 
 
+def _lora_rows(inputs: PlanInputs) -> list[tuple[str, str, str, int, int]]:
+    """Under LoRA at tp > 1: the factor each adapter keeps whole on every TP rank (``lora_A`` of
+    a column-parallel base, ``lora_B`` of a row-parallel one) gets a partial sum for gradient,
+    summed over the TP group once per step, when FSDP2 redistributes the gradient to the
+    parameter's placement before reducing it (the optimizer step without FSDP2).
+
+    Its dtype: the compute dtype (the unsharded bf16 parameter's gradient) with FSDP and one
+    micro-batch, the reduce dtype when FSDP2 accumulated micro-batches, else the stored one.
+    """
+    found = adapters(inputs)
+    if not found:
+        return []
+    element = BYTES_PER_ELEMENT[inputs.precision]
+    size = (element.stored if not inputs.fsdp
+            else element.compute if inputs.accumulate == 1 else element.grad)
+    total = sum(math.prod(x.replicated_factor.shape) for x in found) * size
+    return [("tp", "all_reduce", "LoRA replicated factors' gradients (once per step)",
+             len(found), total)]
+
+
 def collectives(inputs: PlanInputs,
                 shards: Optional[list[ParamShard]] = None) -> list[Collective]:
     """Collectives per optimizer step per rank: TP (per layer and outside the layers) and FSDP2."""
@@ -116,9 +153,11 @@ def collectives(inputs: PlanInputs,
     if t > 1:
         rows += [("tp", kind, where, calls * m, calls * m * size)
                  for kind, where, calls, size in _tp_rows(inputs)]
+        rows += _lora_rows(inputs)
     if inputs.fsdp and inputs.dp > 1:
         element = BYTES_PER_ELEMENT[inputs.precision]
-        per_unit = units(shards if shards is not None else param_shards(inputs))
+        per_unit = {u: n for u, n in units(shards if shards is not None
+                                           else param_shards(inputs)).items() if n}
         gathered = {u: n * inputs.dp for u, n in per_unit.items()}  # whole TP-local unit, padded
         total = sum(gathered.values())
         rows.append(("dp", "all_gather", "parameters, forward (every micro-batch)",

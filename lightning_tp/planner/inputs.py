@@ -23,14 +23,16 @@ from lightning_tp.planner.errors import PlannerError
 from lightning_tp.planner.modes import AC_BY_RECOMPUTE
 from lightning_tp.recipes.config import (
     CONF_DIR,
+    LORA_TARGETS,
     ModelConfig,
+    PeftConfig,
     PretrainDataConfig,
     StrategyConfig,
     TrainerConfig,
     compose_config,
 )
 
-__all__ = ["PlanConfig", "PlanInputs", "PlannerError", "compose_inputs", "resolve_inputs"]
+__all__ = ["Lora", "PlanConfig", "PlanInputs", "PlannerError", "compose_inputs", "resolve_inputs"]
 
 _STRATEGY = ParallelConfig()
 """The strategy's defaults, which :class:`PlanInputs` shares for the modes both describe."""
@@ -49,6 +51,9 @@ class PlanConfig:
     included)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """``peft=none`` (every weight trains) or ``peft=lora`` (the finetune recipe's group: the base
+    frozen, rank-``peft.rank`` adapters on ``peft.target_modules``)."""
     accelerator: str = "h100"
     """Name in lightning_tp.hardware.ACCELERATORS (h100, h200, a100, or one you add)."""
     link: str = "auto"
@@ -68,6 +73,34 @@ class PlanConfig:
     """text | json."""
     top: int = 5
     """How many ranked candidates the recommendation lists."""
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA as the strategy trains it (:mod:`lightning_tp.parallel.lora`): the base frozen, an
+    ``r × in`` factor ``lora_A`` and an ``out × r`` factor ``lora_B`` next to every projection
+    whose name is in ``target_modules``."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    """Scaling numerator (``alpha / rank``); reported, it costs nothing."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input: above 0 each adapted projection keeps its own dropped
+    copy of its input and a mask for backward."""
+    target_modules: tuple[str, ...] = tuple(LORA_TARGETS)
+    """Module names PEFT matches (a path equal to one, or ending in ``.`` + one)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            out.append(f"peft.rank={self.rank!r} must be a positive int")
+        if not 0 <= self.dropout < 1:
+            out.append(f"peft.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules or not all(isinstance(t, str) and t
+                                              for t in self.target_modules):
+            out.append(f"peft.target_modules={list(self.target_modules)!r} must be a non-empty"
+                       f" list of module names, e.g. {LORA_TARGETS}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -103,6 +136,8 @@ class PlanInputs:
     checkpoint: Optional[str] = None
     """The Hugging Face model directory or config.json planned (its transformers model on the
     meta device); None: the native Llama of ``config``."""
+    lora: Optional[Lora] = None
+    """LoRA fine-tuning (``peft=lora``); None: every weight trains."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -144,6 +179,8 @@ class PlanInputs:
             problems.append(f"data.seq_len={self.seq_len} is not divisible by"
                             f" tensor_parallel_size={self.tp} under sequence parallelism: use a"
                             f" multiple of {self.tp} or strategy.sequence_parallel=false")
+        if self.lora is not None:
+            problems += self.lora.problems()
         if problems:
             raise PlannerError("Invalid plan inputs: " + "; ".join(problems) + ".")
 
@@ -173,7 +210,7 @@ def compose_inputs(overrides: Sequence[str]) -> tuple[PlanInputs, Any]:
         keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
         raise PlannerError(f"Cannot compose the planner config from {keys}: {e} Keys are those of"
                            " conf/plan.yaml (`lightning-tp plan --cfg` prints them); groups: model,"
-                           " strategy, trainer, data.") from None
+                           " strategy, trainer, data, peft.") from None
     return resolve_inputs(cfg), cfg
 
 
@@ -225,5 +262,16 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
         async_tp=strategy.async_tp, devices_per_node=per_node,
         efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
         memory_headroom=cfg.memory_headroom, model_name=name,
-        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint=str(checkpoint) if checkpoint else None, lora=_lora(cfg.get("peft")),
     )
+
+
+def _lora(peft: Any) -> Optional[Lora]:
+    """:class:`Lora` of the ``peft`` group, None for ``peft.method=none``."""
+    if peft is None or peft.method == "none":
+        return None
+    if peft.method != "lora":
+        raise PlannerError(f"peft.method={peft.method!r}: the planner models 'none' (every weight"
+                           " trains) and 'lora'; use peft=none or peft=lora.")
+    return Lora(rank=peft.rank, alpha=float(peft.alpha), dropout=float(peft.dropout),
+                target_modules=tuple(peft.target_modules))

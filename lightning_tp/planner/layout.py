@@ -1,10 +1,12 @@
 """The model on the meta device under the strategy's plan, and what each rank stores of it.
 
 Owns :class:`ParamShard` and :func:`param_shards` (each parameter's tensor-parallel and FSDP2 shard
-sizes), the FSDP2 units they form, and the strategy's shape check. Nothing is allocated: the model
-is built on the meta device and the plan is resolved against it with
-:func:`lightning_tp.parallel.plans.resolve_plan`; which dimension a style shards is
-:func:`lightning_tp.parallel.plans.tp_shard_dim`, the rule ``describe_plan`` uses too.
+sizes), the FSDP2 units they form, the LoRA adapters (:class:`Adapter`, :func:`adapters`) and the
+strategy's shape check. Nothing is allocated: the model is built on the meta device and the plan is
+resolved against it with :func:`lightning_tp.parallel.plans.resolve_plan`; which dimension a style
+shards is :func:`lightning_tp.parallel.plans.tp_shard_dim`, the rule ``describe_plan`` uses too,
+and which side of a projection an adapter follows is
+:func:`lightning_tp.parallel.lora.lora_style`, the rule training uses.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from lightning_tp.errors import PlanError
 from lightning_tp.models.config import LlamaConfig
 from lightning_tp.parallel.heads import head_layout, rank_heads, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
 from lightning_tp.planner.checkpoint import checkpoint_model
+from lightning_tp.planner.errors import PlannerError
 from lightning_tp.planner.inputs import PlanInputs
 
-__all__ = ["BusiestRank", "ParamShard", "busiest_rank", "check_shapes", "meta_model",
-           "num_params", "param_shards", "plan_source", "tp_choices", "units"]
+__all__ = ["Adapter", "BusiestRank", "ParamShard", "adapters", "busiest_rank", "check_shapes",
+           "meta_model", "num_params", "param_shards", "plan_source", "tp_choices", "units"]
 
 ROOT_UNIT = "<root>"
 """The FSDP2 unit of the parameters outside the decoder blocks (embeddings, final norm, lm_head)."""
@@ -176,8 +180,10 @@ class ParamShard:
     tp_shape: tuple[int, ...]
     """Shape on tensor-parallel rank 0 (the plan's even split)."""
     padded_shard: int
-    """Elements FSDP2 stores per rank: ceil(tp_shape[0] / dp) rows, padded (identical on every
-    rank)."""
+    """Elements one rank stores: FSDP2's ceil(tp_shape[0] / dp) rows, padded (identical on every
+    rank); a frozen LoRA base, which FSDP2 leaves alone, its whole ``tp_shape``."""
+    trainable: bool = True
+    """False for the frozen base under LoRA: TP-sharded only, no gradient, no optimizer state."""
 
     def local_shape(self, tp: int, dp: int, tp_rank: int, dp_rank: int,
                     fsdp: bool = True) -> tuple[int, ...]:
@@ -185,7 +191,7 @@ class ParamShard:
         shape = list(self.shape)
         if self.tp_dim is not None:
             shape[self.tp_dim] = chunk(shape[self.tp_dim], tp, tp_rank)
-        if fsdp:
+        if fsdp and self.trainable:
             shape[0] = chunk(shape[0], dp, dp_rank)
         return tuple(shape)
 
@@ -210,13 +216,14 @@ def _param_layout(key: _PlanKey) -> tuple[_Row, ...]:
     return tuple(rows)
 
 
-def param_shards(inputs: PlanInputs) -> list[ParamShard]:
-    """Every parameter of the model under the strategy's plan, with its TP and FSDP2 shard sizes."""
-    dp = inputs.dp if inputs.fsdp else 1
+def _base_shards(inputs: PlanInputs) -> list[ParamShard]:
+    """The model's own parameters under the plan; frozen (TP shards only) under LoRA."""
+    frozen = inputs.lora is not None
+    dp = inputs.dp if inputs.fsdp and not frozen else 1
+    layout = head_layout(inputs.config.num_attention_heads, inputs.config.num_key_value_heads,
+                         inputs.tp)
     out = []
     for name, owner, style, unit, shape, dim in _param_layout(_PlanKey.of(inputs)):
-        layout = head_layout(inputs.config.num_attention_heads,
-                             inputs.config.num_key_value_heads, inputs.tp)
         style, replicated = shown_style(style, layout)  # reported as what it does at this tp
         if replicated:
             dim = None  # heads tp cannot split evenly: replicated (lightning_tp.parallel.heads)
@@ -224,13 +231,172 @@ def param_shards(inputs: PlanInputs) -> list[ParamShard]:
         if dim is not None:
             tp_shape[dim] = chunk(tp_shape[dim], inputs.tp, 0)
         padded = -(-tp_shape[0] // dp) * math.prod(tp_shape[1:])
-        out.append(ParamShard(name, owner, style, unit, shape, dim, tuple(tp_shape), padded))
+        out.append(ParamShard(name, owner, style, unit, shape, dim, tuple(tp_shape), padded,
+                              trainable=not frozen))
     return out
 
 
+def param_shards(inputs: PlanInputs) -> list[ParamShard]:
+    """Every parameter of the model under the strategy's plan, with its TP and FSDP2 shard sizes;
+    under LoRA the frozen base, then every adapter's ``lora_A`` and ``lora_B``."""
+    base = _base_shards(inputs)
+    return base + [p for a in adapters(inputs, base) for p in (a.a, a.b)]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapted projection: PEFT's ``lora_A`` (``r × in``) and ``lora_B`` (``out × r``),
+    sharded to follow the base (:mod:`lightning_tp.parallel.lora`): a column-parallel base keeps
+    ``A`` whole and splits ``B`` like itself; a row-parallel base splits ``A`` like itself and
+    keeps ``B`` whole."""
+
+    module: str
+    unit: str
+    colwise: bool
+    """Column-parallel base (q/k/v, gate/up) or row-parallel (o_proj, down_proj)."""
+    attention: bool
+    """In the attention block (its parent's name has ``attn``), else in the MLP."""
+    replicated: bool
+    """The base is kept whole with each rank's heads selected (tp does not split its heads); the
+    adapter factor that follows it is selected too."""
+    a: ParamShard
+    b: ParamShard
+    in_local: int
+    """Input features the busiest TP rank multiplies: the whole input of a column-parallel
+    projection, the rank's columns (or selected heads) of a row-parallel one."""
+    out_local: int
+    """Output features the busiest TP rank computes: its rows (or selected heads) of a
+    column-parallel projection, the whole output (a partial sum) of a row-parallel one."""
+
+    @property
+    def replicated_factor(self) -> ParamShard:
+        """The factor every TP rank keeps whole, whose gradient is a partial sum over the TP ranks
+        (``A`` of a column-parallel base, ``B`` of a row-parallel one)."""
+        return self.a if self.colwise else self.b
+
+    @property
+    def selected_factor(self) -> Optional[ParamShard]:
+        """The factor that follows a replicated base: whole on every rank, the rank's heads
+        selected (an all-reduce of its gradient in every backward)."""
+        return (self.b if self.colwise else self.a) if self.replicated else None
+
+
+@functools.lru_cache(maxsize=32)
+def _adapted(key: _PlanKey, targets: tuple[str, ...]) -> tuple[tuple[str, bool], ...]:
+    """``(module, column-parallel)`` of every module PEFT's ``target_modules`` adapts, checked as
+    training checks it (:func:`lightning_tp.parallel.lora.lora_style`)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lightning_tp.parallel.lora import LoraColwise, lora_style
+
+    model, resolved = _meta_model(key)
+    blocks = tuple(resolved.blocks)
+    matched = [(path, m) for path, m in model.named_modules()
+               if any(path == t or path.endswith("." + t) for t in targets)]
+    key_name = f"peft.target_modules={list(targets)}"
+    if not matched:
+        names = sorted({path.rpartition(".")[2] for path, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and path.startswith(tuple(b + "." for b in
+                                                                                blocks))})
+        raise PlannerError(f"{key_name} matches no module of the model. Fix: name its"
+                           " decoder-layer projections, e.g."
+                           f" peft.target_modules=[{','.join(names)}].")
+    out = []
+    for path, module in matched:
+        where = f"{key_name} adapts {path!r} ({type(module).__name__})"
+        if not isinstance(module, nn.Linear):
+            raise PlannerError(f"{where}: LoRA adapts nn.Linear projections only. Fix: target the"
+                               " attention and MLP projections by their last name (q_proj, ...).")
+        if not path.startswith(tuple(b + "." for b in blocks)):
+            raise PlannerError(f"{where}, outside the decoder layers: adapters follow the"
+                               " decoder layers' projections only (the strategy refuses"
+                               " embeddings and lm_head). Fix: leave it out of"
+                               " peft.target_modules.")
+        base = resolved.styles.get(path)
+        if base is None:
+            raise PlannerError(f"{where}: the plan does not shard that module, so an adapter has"
+                               " no base layout to follow. Fix: leave it out of"
+                               " peft.target_modules.")
+        try:
+            style = lora_style(path, SimpleNamespace(base_layer=module), base)
+        except PlanError as e:
+            raise PlannerError(f"{where}: {e}") from None
+        out.append((path, isinstance(style, LoraColwise)))
+    return tuple(out)
+
+
+def adapters(inputs: PlanInputs, base: Optional[list[ParamShard]] = None) -> list[Adapter]:
+    """Every adapted projection under ``inputs.lora`` (none without it), in the model's order;
+    ``base`` is :func:`_base_shards` when the caller has it. :class:`PlannerError` for targets
+    that match nothing or that training would refuse, and for a rank above a projection's
+    dimensions."""
+    lora = inputs.lora
+    if lora is None:
+        return []
+    weights = {p.module: p for p in (base or _base_shards(inputs)) if p.name.endswith(".weight")}
+    cfg, t, r = inputs.config, inputs.tp, lora.rank
+    rank = busiest_rank(cfg, t)
+    d = cfg.resolved_head_dim
+    dp = inputs.dp if inputs.fsdp else 1
+    out = []
+    for path, colwise in _adapted(_PlanKey.of(inputs), lora.target_modules):
+        w = weights[path]
+        n_out, n_in = w.shape
+        if r > min(n_out, n_in):
+            raise PlannerError(f"peft.rank={r} is larger than the smaller side of {path}"
+                               f" ({n_out} x {n_in}), so its update B·A cannot have rank {r}."
+                               f" Fix: peft.rank <= {min(n_out, n_in)}.")
+        replicated = t > 1 and w.tp_dim is None
+        a, b = _factors(w, r, dp, colwise, replicated)
+        if colwise:
+            in_local = n_in
+            out_local = _selected(n_out, cfg, rank, d) if replicated else w.tp_shape[0]
+        else:
+            in_local = _selected(n_in, cfg, rank, d) if replicated else w.tp_shape[1]
+            out_local = n_out
+        parent = path.rpartition(".")[0].rpartition(".")[2]
+        out.append(Adapter(path, w.unit, colwise, "attn" in parent, replicated, a, b, in_local,
+                           out_local))
+    return out
+
+
+def _factors(w: ParamShard, r: int, dp: int, colwise: bool,
+             replicated: bool) -> tuple[ParamShard, ParamShard]:
+    """``lora_A`` (``r × in``) and ``lora_B`` (``out × r``) next to the base weight ``w``: each
+    factor split like the base on the side it shares with it, else whole; FSDP2-sharded over
+    ``dp``. A replicated base's following factor is kept whole and selected like it."""
+    def shard(factor: str, shape: tuple[int, int], dim: Optional[int],
+              tp_shape: tuple[int, int], follows: bool) -> ParamShard:
+        return ParamShard(f"{w.module}.lora_{factor}.default.weight", f"{w.module}.lora_{factor}",
+                          w.style if follows else "replicated", w.unit, shape, dim, tp_shape,
+                          -(-tp_shape[0] // dp) * tp_shape[1])
+
+    n_out, n_in = w.shape
+    a_dim = 1 if w.tp_dim == 1 else None  # a row-parallel base's input columns
+    b_dim = 0 if w.tp_dim == 0 else None  # a column-parallel base's output rows
+    return (shard("A", (r, n_in), a_dim, (r, w.tp_shape[1]),
+                  a_dim is not None or (replicated and not colwise)),
+            shard("B", (n_out, r), b_dim, (w.tp_shape[0], r),
+                  b_dim is not None or (replicated and colwise)))
+
+
+def _selected(features: int, cfg: LlamaConfig, rank: BusiestRank, d: int) -> int:
+    """Features of a replicated head projection the busiest rank selects: its query heads (q/o)
+    or its KV copies (k/v)."""
+    if features == cfg.num_attention_heads * d:
+        return rank.q_heads * d
+    if features == cfg.num_key_value_heads * d:
+        return rank.kv_heads * d
+    return features  # a fused projection (rows of several kinds): counted whole
+
+
 def units(shards: list[ParamShard]) -> dict[str, int]:
-    """TP-local elements each FSDP2 unit all-gathers (padded), in forward order."""
+    """TP-local elements each FSDP2 unit all-gathers (padded), in forward order: the trainable
+    parameters (a frozen LoRA base is left out of FSDP2)."""
     out: dict[str, int] = {ROOT_UNIT: 0}
     for p in shards:
-        out[p.unit] = out.get(p.unit, 0) + p.padded_shard
+        if p.trainable:
+            out[p.unit] = out.get(p.unit, 0) + p.padded_shard
     return out

@@ -2,7 +2,9 @@
 activations (formulas and sources in docs/planner.md).
 
 Owns :func:`layer_activation_bytes` (what one decoder layer saves for backward), :func:`memory`
-(the per-rank total by part) and :func:`fits` (against the device with its headroom).
+(the per-rank total by part) and :func:`fits` (against the device with its headroom), for full
+training and for LoRA (:func:`lora_activation_bytes`: what the adapters add to a layer and what the
+frozen base no longer keeps).
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from typing import Optional
 
 from lightning_tp.parallel.heads import head_layout
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ParamShard, busiest_rank, units
+from lightning_tp.planner.layout import Adapter, ParamShard, adapters, busiest_rank, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT
 
-__all__ = ["activations", "fits", "layer_activation_bytes", "memory"]
+__all__ = ["DROPOUT_MASK_BYTES", "activations", "fits", "layer_activation_bytes",
+           "lora_activation_bytes", "memory"]
+
+DROPOUT_MASK_BYTES = 1
+"""Bytes per element of the mask dropout keeps for backward: CUDA's fused dropout keeps a bool
+mask (on CPU torch keeps the scaled noise, in the activation dtype)."""
+
+FROZEN_BASE = "frozen base (TP shards, outside FSDP2)"
+"""The memory part of the frozen base under LoRA: stored in the compute dtype
+(:func:`lightning_tp.parallel.parallelize.freeze_in`), no gradient, no optimizer state."""
 
 
 def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
@@ -65,7 +76,7 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
         parts.update({"block input": block_input,
                       "o_proj, down_proj outputs (reduced)": 2 * a * e * h // ts,
                       "gate, up": 2 * a * e * inter // t})
-        return parts
+        return parts | lora_activation_bytes(inputs, mode, even)
     parts.update({
         "2 RMSNorm (input, rsqrt)": 2 * (a * e * h // ts + 4 * e // ts),
         "2 gathered norm outputs (whole)": 2 * a * e * h,
@@ -73,11 +84,95 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
     })
     heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, t)
     # index_select of a replicated weight makes a new tensor, which the matmul saves (selective
-    # and full recompute it)
+    # and full recompute it); a frozen weight too, for the input gradient
     selected = 2 * q * heads.q_replicated + 2 * kv * heads.kv_replicated
     if selected and not even:
         parts["selected rows of replicated projections"] = a * h * selected
+    if inputs.lora is not None:
+        parts.update(_frozen_inputs(inputs, _layer_adapters(inputs)))
+        parts = {k: v for k, v in parts.items() if v}
+    return parts | lora_activation_bytes(inputs, mode, even)
+
+
+def _layer_adapters(inputs: PlanInputs) -> list[Adapter]:
+    """The adapters of the first decoder layer (every layer has the same)."""
+    found = adapters(inputs)
+    return [x for x in found if x.unit == found[0].unit] if found else []
+
+
+def _frozen_inputs(inputs: PlanInputs, layer: list[Adapter]) -> dict[str, float]:
+    """The projection inputs of a layer under LoRA (replacing the full-training entries): a
+    matmul with a frozen weight keeps only the weight, so a projection's input stays only where
+    an adapter's ``lora_A`` multiplies it as it is (no dropout); the attention output stays in
+    any case (attention keeps it)."""
+    cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
+    e, h, inter = inputs.tokens, cfg.hidden_size, cfg.intermediate_size
+    plain = [x for x in layer if not inputs.lora.dropout]
+    norms = (any(x.colwise and x.attention for x in plain)
+             + any(x.colwise and not x.attention for x in plain))
+    product = any(not x.colwise and not x.attention for x in plain)
+    return {"2 gathered norm outputs (whole)": 0,
+            "gathered norm outputs kept for lora_A (whole)": norms * a * e * h,
+            "MLP (gate, up, silu, product)": 0,
+            "MLP (gate, up, silu)": 3 * a * e * inter // t,
+            "MLP product kept for down_proj's lora_A": product * a * e * inter // t}
+
+
+def lora_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
+                          even: bool = False) -> dict[str, float]:
+    """What the adapters of one decoder layer keep for backward, per micro-batch, on the busiest
+    rank (empty without LoRA); counted, like :func:`layer_activation_bytes`, from what autograd
+    and the selective policy keep (checked in the tests).
+
+    For each adapted projection, ``in``/``out`` its busiest rank's input and output features
+    (:class:`~lightning_tp.planner.layout.Adapter`) and ``r`` the rank:
+
+    * ``lora_A``'s output, which ``lora_B`` keeps: ``a·E·r``;
+    * with dropout, ``lora_A``'s own dropped copy of the input and the mask:
+      ``(a + m)·E·in`` (``m`` = :data:`DROPOUT_MASK_BYTES`), and the undropped input is kept by
+      nobody;
+    * the selected rows of the factor that follows a replicated base: ``a·r·out``
+      (column-parallel) or ``a·r·in`` (row-parallel);
+    * ``selective`` (the op policy keeps matmul outputs that are not partial sums over DTensor
+      shards): ``lora_A``'s output, ``lora_B``'s output ``a·E·out`` and, for a row-parallel
+      projection at tp > 1, whose base and adapters multiply local tensors before the one
+      reduction, the base's partial sum ``a·E·out`` too; ``full``: nothing (the block input).
+
+    ``even`` leaves out the selected rows (the even split has none).
+    """
+    lora = inputs.lora
+    mode = mode or inputs.activation_checkpointing
+    if lora is None or mode == "full":
+        return {}
+    a, e, r = BYTES_PER_ELEMENT[inputs.precision].compute, inputs.tokens, lora.rank
+    layer = _layer_adapters(inputs)
+    parts = {"LoRA: lora_A outputs (r wide)": len(layer) * a * e * r}
+    if mode == "selective":
+        row_partial = [x for x in layer if not x.colwise and inputs.tp > 1]
+        parts["LoRA: lora_B outputs, row-parallel partial sums (kept matmuls)"] = (
+            sum(a * e * x.out_local for x in layer) + sum(a * e * x.out_local for x in row_partial))
+        return parts
+    if lora.dropout:
+        parts["LoRA: dropped inputs + masks"] = sum((a + DROPOUT_MASK_BYTES) * e * x.in_local
+                                                    for x in layer)
+    selected = sum(a * r * (x.out_local if x.colwise else x.in_local)
+                   for x in layer if x.replicated)
+    if selected and not even:
+        parts["LoRA: selected rows of replicated projections' factors"] = selected
     return parts
+
+
+def _layer0_savings(inputs: PlanInputs) -> float:
+    """What layer 0 keeps less than the others under LoRA: its input, the frozen embedding's
+    output, needs no gradient, so its first norm keeps nothing, and neither do the dropout masks
+    of adapters on that norm's output. (Without adapters on q/k/v, more of layer 0's attention
+    needs no gradient; the planner still counts it.)"""
+    cfg, a = inputs.config, BYTES_PER_ELEMENT[inputs.precision].compute
+    ts = inputs.tp if inputs.sequence_parallel else 1
+    e, h = inputs.tokens, cfg.hidden_size
+    masks = DROPOUT_MASK_BYTES * e * sum(x.in_local for x in _layer_adapters(inputs)
+                                         if x.colwise and x.attention)
+    return a * e * h // ts + 4 * e // ts + (masks if inputs.lora.dropout else 0)
 
 
 def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:
@@ -91,12 +186,18 @@ def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:
     vocab = busiest_rank(cfg, t).vocab_rows if inputs.loss_parallel else cfg.vocab_size
     if even and inputs.loss_parallel:
         vocab = cfg.vocab_size / t
-    out = {
-        "decoder layers (saved)": layers * per_layer,
+    out = {"decoder layers (saved)": layers * per_layer}
+    if inputs.lora is None:
         # token ids for the embedding backward; final norm as in a layer; lm_head's whole
         # (gathered) input
-        "embedding, final norm, lm_head input":
-            8 * e + (4 + a) * e * h // ts + 4 * e // ts + a * e * h,
+        out["embedding, final norm, lm_head input"] = (8 * e + (4 + a) * e * h // ts + 4 * e // ts
+                                                       + a * e * h)
+    else:
+        # the frozen embedding keeps no token ids and the frozen lm_head no input
+        out["final norm"] = (4 + a) * e * h // ts + 4 * e // ts
+        if inputs.activation_checkpointing == "none":
+            out["layer 0 (its input needs no gradient)"] = -_layer0_savings(inputs)
+    out |= {
         # fp32 log-probabilities saved by cross entropy (vocab-sharded under loss parallel, whole
         # otherwise)
         "logits (fp32 log-probs)": 4 * e * vocab,
@@ -113,13 +214,19 @@ def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:
 
 
 def memory(inputs: PlanInputs, shards: list[ParamShard]) -> dict[str, float]:
-    """Bytes one rank holds at its peak, by part."""
+    """Bytes one rank holds at its peak, by part; under LoRA the frozen base (its TP shards in the
+    compute dtype) and the adapters' parameters, gradients and AdamW state."""
     stored, compute, grad, optim = BYTES_PER_ELEMENT[inputs.precision]
-    local = sum(p.padded_shard for p in shards)
+    local = sum(p.padded_shard for p in shards if p.trainable)
     gathered = units(shards)
     largest = max(gathered.values())
-    mem = {"parameters": stored * local, "gradients": grad * local,
-           "optimizer (AdamW)": optim * local}
+    if inputs.lora is None:
+        mem = {"parameters": stored * local, "gradients": grad * local,
+               "optimizer (AdamW)": optim * local}
+    else:
+        mem = {FROZEN_BASE: compute * sum(p.padded_shard for p in shards if not p.trainable),
+               "adapter parameters": stored * local, "adapter gradients": grad * local,
+               "adapter optimizer (AdamW)": optim * local}
     if inputs.fsdp:
         # Two gathered units at a time (current + prefetched), the current unit's unsharded
         # gradient, and its reduce-scatter input in the reduce dtype.

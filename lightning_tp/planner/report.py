@@ -1,6 +1,7 @@
 """The planner's answer for one layout: :func:`analyze` builds a :class:`PlanReport` (plan rows,
-ranks, memory, activations, collectives, estimate, waste), and :func:`recommend` ranks the other
-``(tp, dp, activation checkpointing)`` layouts on the same devices as :class:`Candidate` rows.
+ranks, memory, activations, collectives, estimate, waste, LoRA, verdict), and :func:`recommend`
+ranks the other ``(tp, dp, activation checkpointing)`` layouts on the same devices as
+:class:`Candidate` rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lightning_tp.planner.estimate import estimate
 from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import (
     ParamShard,
+    adapters,
     check_shapes,
     meta_model,
     num_params,
@@ -24,7 +26,13 @@ from lightning_tp.planner.layout import (
     plan_source,
     tp_choices,
 )
-from lightning_tp.planner.memory import fits, layer_activation_bytes, memory
+from lightning_tp.planner.memory import (
+    FROZEN_BASE,
+    fits,
+    layer_activation_bytes,
+    lora_activation_bytes,
+    memory,
+)
 from lightning_tp.planner.modes import AC_BY_RECOMPUTE, RECOMPUTE
 from lightning_tp.planner.waste import least_waste, waste
 
@@ -48,6 +56,13 @@ class PlanReport:
     least_waste: dict[str, Any] = field(default_factory=dict)
     """The tp on these devices that wastes least: ``{"tp", "reason", "by_tp"}`` (empty when
     ``top`` is 0: no search)."""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """Under LoRA (empty without): rank, targets, adapted projections, trainable parameters,
+    the frozen base's and the adapters' bytes per rank, the adapters' activations per layer
+    (:func:`lora_summary`)."""
+    verdict: str = ""
+    """One sentence: what runs where, its memory per rank against the device, whether it fits,
+    and what fits instead when it does not."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -58,11 +73,11 @@ def _rank_groups(inputs: PlanInputs, shards: list[ParamShard], total: int) -> li
     (storage is padded, so memory does not differ)."""
     dp_eff = inputs.dp if inputs.fsdp else 1
     groups: dict[int, list[int]] = {}
-    shape_counts = Counter((p.shape, p.tp_dim) for p in shards)
+    shape_counts = Counter((p.shape, p.tp_dim, p.trainable) for p in shards)
     for dp_rank in range(dp_eff):
         n = 0
-        for (shape, dim), count in shape_counts.items():
-            sh = ParamShard("", "", "", "", shape, dim, shape, 0)
+        for (shape, dim, trainable), count in shape_counts.items():
+            sh = ParamShard("", "", "", "", shape, dim, shape, 0, trainable)
             n += count * math.prod(sh.local_shape(inputs.tp, dp_eff, 0, dp_rank, inputs.fsdp))
         groups.setdefault(n, []).append(dp_rank)
     ranks = []
@@ -79,6 +94,7 @@ def _plan_rows(inputs: PlanInputs, shards: list[ParamShard]) -> list[dict[str, A
     shown = {"model.embed_tokens", "model.norm", "lm_head"}
     dp_eff = inputs.dp if inputs.fsdp else 1
     model, resolved = meta_model(inputs)
+    adapted = {x.module: (x.a, x.b) for x in adapters(inputs)}
     by_module: dict[str, ParamShard] = {}
     for p in shards:  # a module's first parameter (its weight, not its bias)
         by_module.setdefault(p.module, p)
@@ -90,12 +106,18 @@ def _plan_rows(inputs: PlanInputs, shards: list[ParamShard]) -> list[dict[str, A
         style, p = resolved.styles[path], by_module.get(path)
         layouts = {k.replace("_layouts", ""): _short(v) for k, v in vars(style).items()
                    if "layout" in k and v}
-        rows.append({"module": path, "style": p.style if p else type(style).__name__,
+        label = (p.style + ("" if p.trainable else " (frozen)")) if p else type(style).__name__
+        rows.append({"module": path, "style": label,
                      "layouts": layouts,
                      "shape": list(p.shape) if p else None,
                      "tp_local": list(p.tp_shape) if p else None,
                      "rank0_local": (list(p.local_shape(inputs.tp, dp_eff, 0, 0, inputs.fsdp))
                                      if p else None)})
+        for factor in adapted.get(path, ()):
+            rows.append({"module": factor.module, "style": factor.style, "layouts": {},
+                         "shape": list(factor.shape), "tp_local": list(factor.tp_shape),
+                         "rank0_local": list(factor.local_shape(inputs.tp, dp_eff, 0, 0,
+                                                                inputs.fsdp))})
     return rows
 
 
@@ -107,16 +129,53 @@ def analyze(inputs: PlanInputs, top: int = 5) -> PlanReport:
     comms = collectives(inputs, shards)
     est = estimate(inputs, shards, comms)
     total = sum(mem.values())
+    ranked = recommend(inputs, top=top) if top else []
     return PlanReport(
         inputs=_describe_inputs(inputs), plan=_plan_rows(inputs, shards),
         ranks=_rank_groups(inputs, shards, total), memory=mem,
         activations_per_layer=layer_activation_bytes(inputs),
         communication=[dataclasses.asdict(c) for c in comms], estimate=dataclasses.asdict(est),
-        recommendation=([dataclasses.asdict(c) for c in recommend(inputs, top=top)]
-                        if top else []),
+        recommendation=[dataclasses.asdict(c) for c in ranked],
         waste=dataclasses.asdict(waste(inputs, comms, est.step_s, total)),
         least_waste=least_waste(inputs) if top else {},
+        lora=lora_summary(inputs, mem, comms), verdict=verdict(inputs, total, est, ranked),
     )
+
+
+def lora_summary(inputs: PlanInputs, mem: dict[str, float],
+                 comms: list[Any]) -> dict[str, Any]:
+    """The LoRA figures of one layout (empty without LoRA): what trains, what it costs per rank
+    and what the adapters add to each layer's activations and to the TP traffic."""
+    lora = inputs.lora
+    if lora is None:
+        return {}
+    found = adapters(inputs)
+    trainable = sum(math.prod(x.a.shape) + math.prod(x.b.shape) for x in found)
+    layer = [x.module.rpartition(".")[2] for x in found if x.unit == found[0].unit]
+    reduces = [c for c in comms if c.where.startswith("LoRA ")]
+    return {
+        "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules), "adapted_per_layer": layer,
+        "adapted_projections": len(found), "trainable_parameters": trainable,
+        "trainable_fraction": trainable / (num_params(inputs) + trainable),
+        "frozen_base_bytes": mem[FROZEN_BASE],
+        "adapter_parameter_bytes": mem["adapter parameters"],
+        "adapter_gradient_bytes": mem["adapter gradients"],
+        "adapter_optimizer_bytes": mem["adapter optimizer (AdamW)"],
+        "adapter_activation_bytes_per_layer": sum(lora_activation_bytes(inputs).values()),
+        "tp_all_reduces_per_step": sum(c.calls for c in reduces),
+        "tp_all_reduce_bytes_per_rank": sum(c.bytes_per_rank for c in reduces),
+    }
+
+
+def _where(inputs: PlanInputs) -> str:
+    """``"tp 8 x dp 1 on one node of 8 x h100"``."""
+    per, world, acc = inputs.devices_per_node, inputs.world, inputs.accelerator.name
+    nodes = -(-world // per)
+    place = (f"one node of {per} x {acc}" if world == per
+             else f"{world} of one node's {per} {acc}" if world < per
+             else f"{nodes} nodes of {per} x {acc}")
+    return f"tp {inputs.tp} x dp {inputs.dp} on {place}"
 
 
 def _short(layout: Any) -> str:
@@ -161,23 +220,75 @@ class Candidate:
     mfu: float
 
 
+def _evaluate(cand: PlanInputs) -> Candidate:
+    shards = param_shards(cand)
+    total = sum(memory(cand, shards).values())
+    est = estimate(cand, shards, collectives(cand, shards))
+    return Candidate(cand.tp, cand.dp, cand.activation_checkpointing, total, fits(cand, total),
+                     est.step_s, est.tokens_per_s_per_device, est.mfu)
+
+
 def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
     """Every (tp, dp = world / tp, activation checkpointing) with tp dividing the node and the
     model's sharded dimensions, the micro-batch per replica kept; those that fit first, fastest
     first. Replicated projections, their all-reduces and the busiest rank's heads and vocabulary
     rows are in each candidate's memory and step time."""
-    out = []
-    for tp, dp in tp_choices(inputs):
-        for ac in AC_BY_RECOMPUTE:
-            cand = inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac,
-                                  async_tp=inputs.async_tp and tp > 1)
-            shards = param_shards(cand)
-            total = sum(memory(cand, shards).values())
-            est = estimate(cand, shards, collectives(cand, shards))
-            out.append(Candidate(tp, dp, ac, total, fits(cand, total), est.step_s,
-                                 est.tokens_per_s_per_device, est.mfu))
+    out = [_evaluate(inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac,
+                                    async_tp=inputs.async_tp and tp > 1))
+           for tp, dp in tp_choices(inputs) for ac in AC_BY_RECOMPUTE]
     # Ties (communication-bound layouts where recomputation hides under FSDP2 traffic) go to less
     # recomputation.
     out.sort(key=lambda c: (not c.fits, -round(c.tokens_per_s_per_device, 3),
                             RECOMPUTE[c.activation_checkpointing].cost))
     return out[:top]
+
+
+def _option(c: Candidate) -> str:
+    return f"{c.memory / 2**30:,.1f} GiB, {c.tokens_per_s_per_device:,.0f} tokens/s per device"
+
+
+def verdict(inputs: PlanInputs, total: float, est: Any, ranked: list[Candidate]) -> str:
+    """One sentence on this layout: what trains on which devices, its memory per rank against
+    what the device leaves after the headroom, and, when it does not fit, what does: the same
+    (tp, dp) with more activation checkpointing, under LoRA without dropout, and the fastest
+    fitting layout of the recommendation ``ranked``."""
+    lora, name = inputs.lora, inputs.model_name
+    if lora is None:
+        what = f"Training every weight of {name}"
+    else:
+        per_layer = len(adapters(inputs)) // inputs.config.num_hidden_layers
+        what = (f"LoRA (r={lora.rank}, {per_layer} projections per layer, dropout"
+                f" {lora.dropout:g}) on {name}")
+    usable = (1 - inputs.memory_headroom) * inputs.accelerator.memory_bytes
+    mode = inputs.activation_checkpointing
+    head = (f"{what} at {_where(inputs)}, activation checkpointing {mode}:"
+            f" {total / 2**30:,.1f} GiB per rank of {usable / 2**30:,.1f} GiB usable")
+    if fits(inputs, total):
+        return (f"{head}: fits, {est.tokens_per_s_per_device:,.0f} tokens/s per device"
+                f" (estimate).")
+    options = []
+    more = AC_BY_RECOMPUTE[AC_BY_RECOMPUTE.index(mode) + 1:]
+    here = next((c for c in map(_evaluate, (inputs.replace(activation_checkpointing=ac)
+                                            for ac in more)) if c.fits), None)
+    if here is not None:
+        options.append(f"activation checkpointing {here.activation_checkpointing}"
+                       f" ({_option(here)})")
+    if lora is not None and lora.dropout:
+        plain = _evaluate(inputs.replace(lora=dataclasses.replace(lora, dropout=0.0)))
+        if plain.fits:
+            options.append(f"peft.dropout=0, which keeps no dropped copy of each adapter's input"
+                           f" ({_option(plain)})")
+    out = f"{head}: does not fit."
+    if options:
+        out += (f" At tp {inputs.tp} x dp {inputs.dp} it fits with " + " or with ".join(options)
+                + ".")
+    fitting = [c for c in ranked if c.fits]
+    if fitting and (fitting[0].tp, fitting[0].dp) != (inputs.tp, inputs.dp):
+        c = fitting[0]
+        out += (f" The fastest layout that fits on these devices: tp {c.tp} x dp {c.dp},"
+                f" activation checkpointing {c.activation_checkpointing} ({_option(c)}).")
+    if not options and not fitting:
+        out += (" Nothing fits on these devices: add devices (strategy.data_parallel_size),"
+                " shorten data.seq_len or data.batch_size, or pick an accelerator with more"
+                " memory.")
+    return out

@@ -35,12 +35,21 @@ def _heading(i: dict[str, Any]) -> str:
             f" {i['seq_len']}, micro-batch {i['batch_size']} x {i['accumulate']},"
             f" SP={i['sequence_parallel']}, loss parallel={i['loss_parallel']}, FSDP={i['fsdp']},"
             f" activation checkpointing={i['activation_checkpointing']}, float8={i['float8']},"
-            f" async TP={i['async_tp']}\nPlan source: {i['plan_source']}")
+            f" async TP={i['async_tp']}{_peft(i['lora'])}\nPlan source: {i['plan_source']}")
+
+
+def _peft(lora: Any) -> str:
+    if not lora:
+        return ""
+    return (f", LoRA r={lora['rank']} alpha={lora['alpha']:g} dropout={lora['dropout']:g} on"
+            f" {','.join(lora['target_modules'])}")
 
 
 def _estimate_table(e: dict[str, Any]) -> str:
+    adapters = ([["  of which LoRA adapters (memory-bound)", _ms(e["adapter_s"])]]
+                if e.get("adapter_s") else [])
     return _table(["", "value"], [
-        ["compute", _ms(e["compute_s"])],
+        ["compute", _ms(e["compute_s"])], *adapters,
         ["TP communication (exposed)", _ms(e["tp_comm_s"])],
         ["FSDP communication (total / exposed)",
          f"{e['fsdp_comm_s'] * 1e3:,.1f} / {_ms(e['fsdp_exposed_s'])}"],
@@ -98,6 +107,26 @@ def _waste(w: dict[str, Any], least: dict[str, Any]) -> list[str]:
     return out
 
 
+def _lora(lora: dict[str, Any]) -> list[str]:
+    if not lora:
+        return []
+    return ["", f"LoRA: {len(lora['adapted_per_layer'])} adapted projections per layer"
+                f" ({', '.join(lora['adapted_per_layer'])}), {lora['adapted_projections']} in all;"
+                f" {lora['trainable_parameters']:,} trainable parameters"
+                f" ({lora['trainable_fraction']:.2%} of the model with adapters):",
+            _table(["", "per rank"], [
+                ["frozen base (TP shards only, no gradient, no optimizer state)",
+                 _gib(lora["frozen_base_bytes"])],
+                ["adapter parameters / gradients / AdamW (FSDP2-sharded)",
+                 " / ".join(_gib(lora[k]) for k in ("adapter_parameter_bytes",
+                                                    "adapter_gradient_bytes",
+                                                    "adapter_optimizer_bytes"))],
+                ["adapter activations per layer", _gib(lora["adapter_activation_bytes_per_layer"])],
+                ["all-reduces of replicated factors' gradients (tp, per step)",
+                 f"{lora['tp_all_reduces_per_step']},"
+                 f" {lora['tp_all_reduce_bytes_per_rank'] / 2**20:,.1f} MiB sent"]])]
+
+
 def format_report(report: PlanReport) -> str:
     """The report as the text tables ``lightning-tp plan`` prints."""
     i = report.inputs
@@ -113,6 +142,7 @@ def format_report(report: PlanReport) -> str:
     out.append(_table(["ranks", "local params (unpadded)", "stored (padded)", "total", "fits"], [
         [g["ranks"], f"{g['local_parameters']:,}", f"{g['stored_parameters_padded']:,}",
          _gib(g["memory_total"]), g["fits"]] for g in report.ranks]))
+    out += _lora(report.lora)
     out += ["", "Activations saved per decoder layer per micro-batch:"]
     out.append(_table(["tensor", "bytes"],
                       [[k, _gib(v)] for k, v in report.activations_per_layer.items()]))
@@ -125,4 +155,5 @@ def format_report(report: PlanReport) -> str:
     out += ["", f"Estimate ({i['accelerator']}, efficiency {i['efficiency']}; TP comm exposed, FSDP"
                 " overlapped):", _estimate_table(report.estimate)]
     out += _waste(report.waste, report.least_waste)
-    return "\n".join(out + _recommendation(report.recommendation))
+    out += _recommendation(report.recommendation)
+    return "\n".join(out + ["", f"Verdict: {report.verdict}"])

@@ -88,9 +88,9 @@ class Waste:
 
 def _extra_elements(inputs: PlanInputs) -> tuple[float, float]:
     """(replicated projections, vocabulary imbalance): parameter elements per rank beyond the
-    even split, after the FSDP2 split over dp."""
+    even split, after the FSDP2 split over dp (none for a frozen LoRA base, outside FSDP2)."""
     cfg, t = inputs.config, inputs.tp
-    dp = inputs.dp if inputs.fsdp else 1
+    dp = inputs.dp if inputs.fsdp and inputs.lora is None else 1
     per_head = cfg.resolved_head_dim * cfg.hidden_size
     heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, t)
     # a replicated weight keeps all of it on every rank instead of 1/t
@@ -112,19 +112,23 @@ def waste(inputs: PlanInputs, comms: list[Collective] | None = None,
         comms = collectives(inputs, shards)
         step_s = estimate(inputs, shards, comms).step_s
         memory_total = sum(memory(inputs, shards).values())
-    stored, _, grad, optim = BYTES_PER_ELEMENT[inputs.precision]
+    stored, compute, grad, optim = BYTES_PER_ELEMENT[inputs.precision]
     per_element = stored + grad + optim  # parameter, gradient, AdamW moments
+    what = "params+grads+AdamW"
+    if inputs.lora is not None:  # the frozen base: its 16-bit copy only (the adapters' is small)
+        per_element, what = compute, "frozen base"
     replicated, vocab = _extra_elements(inputs)
     extra_act = sum(activations(inputs).values()) - sum(activations(inputs, even=True).values())
-    mem = {"replicated projections (params+grads+AdamW)": per_element * replicated,
-           "vocabulary imbalance (params+grads+AdamW)": per_element * vocab,
+    mem = {f"replicated projections ({what})": per_element * replicated,
+           f"vocabulary imbalance ({what})": per_element * vocab,
            "activations (heads, KV copies, vocab rows)": extra_act}
     rows = [c for c in comms if c.group == "tp" and c.where.startswith("replicated ")]
     per_layer = sum(calls for _, calls, _ in replicated_gradients(inputs))
     reduce_s = sum(c.seconds for c in rows)
     compute = compute_seconds(inputs, rank_flops(inputs))
     even = compute_seconds(inputs, rank_flops(inputs, even=True))
-    optimizer = 7 * stored * (replicated + vocab) / inputs.accelerator.hbm_bandwidth
+    optimizer = (0.0 if inputs.lora is not None  # a frozen weight never steps
+                 else 7 * stored * (replicated + vocab) / inputs.accelerator.hbm_bandwidth)
     step_extra = reduce_s + (compute - even) + optimizer
     rank = busiest_rank(cfg, t)
     nh, nkv, v = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size

@@ -2,7 +2,7 @@
 
     python -m benchmarks lora [--quick] [--pairs N] [--steps N] [--preset small]
 
-Both sides train the native Llama (the ``small`` preset by default) in a LightningModule under
+Every variant trains the native Llama (the ``small`` preset by default) in a LightningModule under
 ``TensorParallelStrategy`` defaults at dp=1 × tp=2 (sequence parallel, loss parallel, FSDP2), 2 ranks × 1
 thread, fp32, ``AdamW(self.parameters())`` as a user writes it. The LoRA side wraps the same model in
 ``peft.get_peft_model`` with the recipe's ``peft=lora`` defaults: ``LoraConfig(r=16, lora_alpha=32,
@@ -23,6 +23,8 @@ gate and up is the whole gathered sequence on every rank.
   one) but parallelized as the strategy does it, TP then FSDP2, so that forward, backward and the optimizer
   step include the gradient reductions FSDP2 issues; with LoRA and without. And per whole training step in
   the Trainer, counted on its last untimed warm-up step.
+* **saved for backward per layer**: the bytes of the unique storages ``saved_tensors_hooks`` sees in the
+  same 2-layer minus 1-layer forward, parameters (FSDP2's unsharded ones included) left out.
 """
 
 from __future__ import annotations
@@ -222,10 +224,11 @@ def _fit(config: Any, lora: bool, batch: int, seq: int, steps: int, warmup: int,
 # ----------------------------------------------------------------------------- collectives per layer
 
 
-def _layer_collectives(preset: str, lora: bool, lora_rank: int, lora_dropout: float, batch: int, seq: int,
-                       mesh: Any) -> dict[str, Any]:
-    """Collectives per decoder layer of one training step, parallelized as the strategy does it (TP with SP and
-    loss parallel, then FSDP2 on the ``(1, tp)`` mesh): a 2-layer model minus a 1-layer one, per phase."""
+def _per_layer(preset: str, lora_rank: int, lora_dropout: float | None, batch: int, seq: int,
+               mesh: Any) -> dict[str, Any]:
+    """Collectives per decoder layer of one training step and the bytes forward saves for backward per layer,
+    parallelized as the strategy does it (TP with SP and loss parallel, then FSDP2 on the ``(1, tp)`` mesh): a
+    2-layer model minus a 1-layer one. ``lora_dropout=None``: no adapters."""
     import dataclasses
 
     import torch
@@ -240,33 +243,50 @@ def _layer_collectives(preset: str, lora: bool, lora_rank: int, lora_dropout: fl
     tp = mesh["tensor_parallel"].size()
     parallel = dataclasses.replace(ParallelConfig(), tensor_parallel_size=tp, data_parallel_size=1)
     runs: dict[int, dict[str, Any]] = {}
+    saved: dict[int, dict[int, int]] = {}
     for layers in (1, 2):
         config = bench_config(preset, num_hidden_layers=layers)
-        model = build(config, lora, lora_rank, lora_dropout)
+        model = build(config, lora_dropout is not None, lora_rank, lora_dropout or 0.0)
         plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
         parallelize(model, plan, parallel, mesh, torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+        saved[layers] = {}
+
+        def pack(x: torch.Tensor, model: Any = model, into: dict[int, int] = saved[layers]) -> torch.Tensor:
+            # FSDP2 swaps in unsharded parameters for the forward: the set is taken when a tensor is saved
+            params = {_storage(p).data_ptr() for p in model.parameters()}
+            storage = _storage(x)
+            if storage.data_ptr() not in params:
+                into[storage.data_ptr()] = storage.nbytes()
+            return x
+
         runs[layers] = {}
         for phase in PHASES:
             mode = _recording_mode()
             with mode, loss_parallel():
                 if phase == "forward":
-                    logits = model(tokens[:, :-1])
-                    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                        logits = model(tokens[:, :-1])
+                        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
                 elif phase == "backward":
                     loss.backward()
                 else:
                     optimizer.step()
             runs[layers][phase] = ({str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()},
                                    _ring_elements(mode.records))
-    per_layer: dict[str, Any] = {"elements": {}}
+    per_layer: dict[str, Any] = {"elements": {},
+                                 "saved_bytes": sum(saved[2].values()) - sum(saved[1].values())}
     for phase in PHASES:
         (c1, e1), (c2, e2) = runs[1][phase], runs[2][phase]
         per_layer[phase] = _difference(c2, c1)
         for op, n in _difference(e2, e1).items():
             per_layer["elements"][op] = per_layer["elements"].get(op, 0) + n
     return per_layer
+
+
+def _storage(t: Any) -> Any:
+    return getattr(t, "_local_tensor", t).untyped_storage()  # a DTensor's local shard
 
 
 def _difference(two: dict[str, Any], one: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +301,7 @@ def _difference(two: dict[str, Any], one: dict[str, Any]) -> dict[str, Any]:
 def measure(preset: str, batch: int, seq: int, steps: int, warmup: int, pairs: int, warmup_runs: int = 1,
             lora_rank: int = 16, lora_dropout: float = 0.05,
             variants: tuple[str, ...] | list[str] = VARIANTS) -> dict[str, Any]:
-    """Collectives per layer of LoRA and full fine-tuning; ``warmup_runs`` discarded runs of each variant (the
+    """Collectives and saved bytes per layer of each variant; ``warmup_runs`` discarded runs of each variant (the
     process's one-off imports and caches would otherwise count in the first run's memory); then paired Trainer
     runs of the ``variants`` (:data:`VARIANTS`; ``lora`` and ``full`` always), the order reversed every other
     pair; ratios are taken against ``full``; memory from every rank."""
@@ -302,8 +322,7 @@ def measure(preset: str, batch: int, seq: int, steps: int, warmup: int, pairs: i
     dropout = {"lora": lora_dropout, "full": None, "lora_no_dropout": 0.0}  # None: no adapters
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    per_layer = {side: _layer_collectives(preset, side == "lora", lora_rank, lora_dropout, batch, seq, mesh)
-                 for side in ("lora", "full")}
+    per_layer = {v: _per_layer(preset, lora_rank, dropout[v], batch, seq, mesh) for v in variants}
     config = bench_config(preset)
 
     def fit(variant: str, timed: int) -> dict[str, Any]:
@@ -323,7 +342,7 @@ def measure(preset: str, batch: int, seq: int, steps: int, warmup: int, pairs: i
     dist.all_gather_object(ranks, memory)
     tps = {v: [r["tokens_per_s"] for r in runs[v]] for v in variants}
     out = {**tps, **paired_summary(tps["lora"], tps["full"]), "variants": list(variants), "memory_per_rank": ranks,
-           "collectives_per_layer": per_layer,
+           "per_layer": per_layer,
            "collectives_per_step": {v: runs[v][-1]["collectives_per_step"] for v in variants},
            "peak_rss_is_per_run": runs["lora"][0]["rss_added"] is not None,
            "preset": preset, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
@@ -390,15 +409,15 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"Rank 0: LoRA's trainable params + grads + optimizer state are"
                  f" {trained['lora'] / trained['full']:.2%} of full fine-tuning's; everything held"
                  f" {sum(held['lora'].values()) / sum(held['full'].values()):.2%}.")
-    layer, step = r["collectives_per_layer"], r["collectives_per_step"]
-    lines += ["", f"### Collectives (per layer: 2-layer minus 1-layer model, parallelized as the strategy does;"
-              f" whole step: the Trainer's last warm-up step, {r['layers']} layers)", "",
+    layer, step = r["per_layer"], r["collectives_per_step"]
+    lines += ["", f"### Per decoder layer (2-layer minus 1-layer model, parallelized as the strategy does) and per"
+              f" whole step (the Trainer's last warm-up step, {r['layers']} layers)", "",
               table(["variant", "forward / layer", "backward / layer", "optimizer / layer",
-                     "elements sent / layer", "whole step"],
+                     "elements sent / layer", "saved for backward / layer, MiB", "whole step"],
                     [[v, _fmt_counts(layer[v]["forward"]), _fmt_counts(layer[v]["backward"]),
                       _fmt_counts(layer[v]["optimizer"]),
                       " + ".join(f"{int(round(n)):,} {SHORT[op]}" for op, n in sorted(layer[v]["elements"].items())),
-                      _fmt_counts(step[v].get("counts", {}))] for v in ("lora", "full")])]
+                      _mib(layer[v]["saved_bytes"]), _fmt_counts(step[v].get("counts", {}))] for v in variants])]
     activations = {v: {p: {op: n for op, n in layer[v][p].items() if op != "all_reduce"} for p in PHASES}
                    for v in ("lora", "full")}
     reduced = {v: layer[v]["backward"].get("all_reduce", 0) for v in ("lora", "full")}

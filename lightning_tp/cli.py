@@ -10,7 +10,9 @@ Two conversions run in one process, without a process group:
 
 * ``lightning-tp export CHECKPOINT_DIR OUT_DIR [--model M] [--tokenizer DIR]``: a sharded checkpoint
   of a training run → a Hugging Face directory (``config.json`` + safetensors) that transformers
-  loads.
+  loads. A LoRA fine-tune's adapter checkpoint: ``--adapters`` (PEFT's ``adapter_config.json`` +
+  ``adapter_model.safetensors``) or ``--merged [--base DIR]`` (the base with the adapters folded in;
+  :mod:`lightning_tp.checkpoint.adapters`).
 * ``lightning-tp import HF_DIR OUT_DIR``: a Hugging Face Llama directory → a sharded checkpoint that
   ``finetune checkpoint=OUT_DIR`` (or :func:`lightning_tp.checkpoint.load_weights`) starts from.
 * ``lightning-tp from-gguf SOURCE OUT_DIR``: a GGUF file (a path, a directory holding one, or an
@@ -37,6 +39,7 @@ USAGE = "\n".join((
     " time; no GPU)",
     f"{_PAD}lightning-tp export CHECKPOINT_DIR OUT_DIR [--model PRESET_OR_CONFIG_JSON]"
     " [--tokenizer DIR]",
+    f"{_PAD}lightning-tp export LORA_CHECKPOINT_DIR OUT_DIR --adapters | --merged [--base DIR]",
     f"{_PAD}lightning-tp import HF_DIR OUT_DIR",
     f"{_PAD}lightning-tp from-gguf GGUF_FILE_DIR_OR_PACKAGE OUT_DIR [--dtype D] [--overwrite]",
 ))
@@ -93,9 +96,25 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--max-shard-bytes", type=int, default=2 * 1024**3,
                         help="split larger weights into files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--adapters", action="store_true",
+                        help="a LoRA fine-tune's checkpoint: write its adapters in PEFT's format"
+                             " (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--merged", action="store_true",
+                        help="a LoRA fine-tune's checkpoint: write the base model with the adapters"
+                             " folded in")
+    parser.add_argument("--base",
+                        help="the model the fine-tune started from (Hugging Face directory or"
+                             " sharded checkpoint); default: the adapters' base_model_name_or_path")
     args = parser.parse_args(argv)
+    if args.adapters or args.merged or args.base is not None:
+        return _export_adapters(parser, args)
+    from lightning_tp.checkpoint.adapters import adapter_layout
     from lightning_tp.checkpoint.hf_family import export_transformers, transformers_models
 
+    if adapter_layout(args.checkpoint):
+        raise SystemExit(f"lightning-tp export: {args.checkpoint} holds LoRA adapters only (the"
+                         " frozen base is not in it). Fix: pass --adapters (PEFT's format) or"
+                         " --merged [--base DIR] (the base with the adapters folded in).")
     try:
         if args.model is None and transformers_models(args.checkpoint):
             done = export_transformers(args.checkpoint, args.out_dir, tokenizer=args.tokenizer,
@@ -119,6 +138,41 @@ def export_main(argv: list[str]) -> None:
     if export.tokenizer is None:
         print("  (no tokenizer copied: pass --tokenizer DIR with the tokenizer.json the model was"
               " trained with)")
+
+
+def _export_adapters(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``lightning-tp export CHECKPOINT OUT --adapters | --merged [--base DIR]``."""
+    import torch
+
+    from lightning_tp.checkpoint.adapters import export_adapters
+    from lightning_tp.errors import CheckpointError
+
+    problems = []
+    if args.adapters and args.merged:
+        problems.append("--adapters and --merged together: choose one (--adapters writes PEFT's"
+                        " adapter files, --merged a full model with them folded in)")
+    elif not (args.adapters or args.merged):
+        problems.append("--base without --adapters or --merged: add --merged (or --adapters, where"
+                        " --base only names the base in adapter_config.json)")
+    if args.model is not None:
+        problems.append("--model applies to a full checkpoint; leave it out (the adapters record"
+                        " their config)")
+    if args.tokenizer is not None and not args.merged:
+        problems.append("--tokenizer applies to --merged only; leave it out")
+    if problems:
+        parser.error("; ".join(problems) + ".")
+    try:
+        out = export_adapters(args.checkpoint, args.out_dir, merged=args.merged, base=args.base,
+                              tokenizer=args.tokenizer,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None,
+                              overwrite=args.overwrite)
+    except CheckpointError as e:
+        raise SystemExit(f"lightning-tp export: {e}") from e
+    print(f"Exported {'the merged model' if args.merged else 'the adapters'} of"
+          f" {args.checkpoint} to {out}:")
+    for file in sorted(out.rglob("*")):
+        if file.is_file():
+            print(f"  {file.relative_to(out)}  ({file.stat().st_size:,} bytes)")
 
 
 def import_main(argv: list[str]) -> None:

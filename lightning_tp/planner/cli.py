@@ -21,8 +21,11 @@ Estimate memory, communication and step time of a layout without a GPU, and reco
       strategy.data_parallel_size=32 strategy.activation_checkpointing=full accelerator=h100 \\
       link=ib_ndr
   lightning-tp plan checkpoint=/models/Helium-2B strategy.tensor_parallel_size=4
+  lightning-tp plan model=llama3_70b strategy.tensor_parallel_size=8 \\
+      strategy.data_parallel_size=1 peft=lora peft.rank=16 accelerator=h100
 Keys: model (a preset; model.<field> overrides), checkpoint (a Hugging Face model directory or its
-config.json, planned instead of model), strategy.* (tensor_parallel_size,
+config.json, planned instead of model), peft=none|lora (peft.rank, alpha, dropout,
+target_modules: LoRA, the base frozen), strategy.* (tensor_parallel_size,
 data_parallel_size, sequence_parallel, loss_parallel, fsdp, reshard_after_forward,
 activation_checkpointing, float8, async_tp), trainer.precision / accumulate_grad_batches / devices /
 num_nodes, data.seq_len, data.batch_size, accelerator, link, intra_node_link, devices_per_node,

@@ -24,7 +24,7 @@ from lightning_tp.parallel.heads import head_layout, rank_heads, shown_style
 from lightning_tp.parallel.plans import tp_shard_dim
 from lightning_tp.planner.checkpoint import checkpoint_model
 from lightning_tp.planner.errors import PlannerError
-from lightning_tp.planner.inputs import PlanInputs
+from lightning_tp.planner.inputs import Lora, PlanInputs
 
 __all__ = ["Adapter", "BusiestRank", "ParamShard", "adapters", "busiest_rank", "check_shapes",
            "meta_model", "num_params", "param_shards", "plan_source", "tp_choices", "units"]
@@ -220,27 +220,30 @@ def _base_shards(inputs: PlanInputs) -> list[ParamShard]:
     """The model's own parameters under the plan; frozen (TP shards only) under LoRA."""
     frozen = inputs.lora is not None
     dp = inputs.dp if inputs.fsdp and not frozen else 1
-    layout = head_layout(inputs.config.num_attention_heads, inputs.config.num_key_value_heads,
-                         inputs.tp)
+    return list(_base_layout(_PlanKey.of(inputs), inputs.tp, dp, frozen))
+
+
+@functools.lru_cache(maxsize=64)
+def _base_layout(key: _PlanKey, tp: int, dp: int, frozen: bool) -> tuple[ParamShard, ...]:
+    layout = head_layout(key.config.num_attention_heads, key.config.num_key_value_heads, tp)
     out = []
-    for name, owner, style, unit, shape, dim in _param_layout(_PlanKey.of(inputs)):
+    for name, owner, style, unit, shape, dim in _param_layout(key):
         style, replicated = shown_style(style, layout)  # reported as what it does at this tp
         if replicated:
             dim = None  # heads tp cannot split evenly: replicated (lightning_tp.parallel.heads)
         tp_shape = list(shape)
         if dim is not None:
-            tp_shape[dim] = chunk(tp_shape[dim], inputs.tp, 0)
+            tp_shape[dim] = chunk(tp_shape[dim], tp, 0)
         padded = -(-tp_shape[0] // dp) * math.prod(tp_shape[1:])
         out.append(ParamShard(name, owner, style, unit, shape, dim, tuple(tp_shape), padded,
                               trainable=not frozen))
-    return out
+    return tuple(out)
 
 
 def param_shards(inputs: PlanInputs) -> list[ParamShard]:
     """Every parameter of the model under the strategy's plan, with its TP and FSDP2 shard sizes;
     under LoRA the frozen base, then every adapter's ``lora_A`` and ``lora_B``."""
-    base = _base_shards(inputs)
-    return base + [p for a in adapters(inputs, base) for p in (a.a, a.b)]
+    return _base_shards(inputs) + [p for a in adapters(inputs) for p in (a.a, a.b)]
 
 
 @dataclass(frozen=True)
@@ -327,21 +330,24 @@ def _adapted(key: _PlanKey, targets: tuple[str, ...]) -> tuple[tuple[str, bool],
     return tuple(out)
 
 
-def adapters(inputs: PlanInputs, base: Optional[list[ParamShard]] = None) -> list[Adapter]:
-    """Every adapted projection under ``inputs.lora`` (none without it), in the model's order;
-    ``base`` is :func:`_base_shards` when the caller has it. :class:`PlannerError` for targets
-    that match nothing or that training would refuse, and for a rank above a projection's
-    dimensions."""
-    lora = inputs.lora
-    if lora is None:
+def adapters(inputs: PlanInputs) -> list[Adapter]:
+    """Every adapted projection under ``inputs.lora`` (none without it), in the model's order.
+    :class:`PlannerError` for targets that match nothing or that training would refuse, and for a
+    rank above a projection's dimensions."""
+    if inputs.lora is None:
         return []
-    weights = {p.module: p for p in (base or _base_shards(inputs)) if p.name.endswith(".weight")}
-    cfg, t, r = inputs.config, inputs.tp, lora.rank
+    return list(_adapter_layout(_PlanKey.of(inputs), inputs.lora, inputs.tp,
+                                inputs.dp if inputs.fsdp else 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter_layout(key: _PlanKey, lora: Lora, t: int, dp: int) -> tuple[Adapter, ...]:
+    weights = {p.module: p for p in _base_layout(key, t, 1, True) if p.name.endswith(".weight")}
+    cfg, r = key.config, lora.rank
     rank = busiest_rank(cfg, t)
     d = cfg.resolved_head_dim
-    dp = inputs.dp if inputs.fsdp else 1
     out = []
-    for path, colwise in _adapted(_PlanKey.of(inputs), lora.target_modules):
+    for path, colwise in _adapted(key, lora.target_modules):
         w = weights[path]
         n_out, n_in = w.shape
         if r > min(n_out, n_in):
@@ -359,7 +365,7 @@ def adapters(inputs: PlanInputs, base: Optional[list[ParamShard]] = None) -> lis
         parent = path.rpartition(".")[0].rpartition(".")[2]
         out.append(Adapter(path, w.unit, colwise, "attn" in parent, replicated, a, b, in_local,
                            out_local))
-    return out
+    return tuple(out)
 
 
 def _factors(w: ParamShard, r: int, dp: int, colwise: bool,

@@ -138,7 +138,7 @@ def analyze(inputs: PlanInputs, top: int = 5) -> PlanReport:
         recommendation=[dataclasses.asdict(c) for c in ranked],
         waste=dataclasses.asdict(waste(inputs, comms, est.step_s, total)),
         least_waste=least_waste(inputs) if top else {},
-        lora=lora_summary(inputs, mem, comms), verdict=verdict(inputs, total, est, ranked),
+        lora=lora_summary(inputs, mem, comms), verdict=verdict(inputs, mem, est, ranked),
     )
 
 
@@ -247,12 +247,13 @@ def _option(c: Candidate) -> str:
     return f"{c.memory / 2**30:,.1f} GiB, {c.tokens_per_s_per_device:,.0f} tokens/s per device"
 
 
-def verdict(inputs: PlanInputs, total: float, est: Any, ranked: list[Candidate]) -> str:
-    """One sentence on this layout: what trains on which devices, its memory per rank against
-    what the device leaves after the headroom, and, when it does not fit, what does: the same
-    (tp, dp) with more activation checkpointing, under LoRA without dropout, and the fastest
-    fitting layout of the recommendation ``ranked``."""
-    lora, name = inputs.lora, inputs.model_name
+def verdict(inputs: PlanInputs, mem: dict[str, float], est: Any,
+            ranked: list[Candidate]) -> str:
+    """One sentence on this layout (``mem``: its memory per rank by part): what trains on which
+    devices, its memory per rank against what the device leaves after the headroom, and, when it
+    does not fit, what does: the same (tp, dp) with more activation checkpointing, under LoRA
+    without dropout, and the fastest fitting layout of the recommendation ``ranked``."""
+    lora, name, total = inputs.lora, inputs.model_name, sum(mem.values())
     if lora is None:
         what = f"Training every weight of {name}"
     else:
@@ -287,8 +288,17 @@ def verdict(inputs: PlanInputs, total: float, est: Any, ranked: list[Candidate])
         c = fitting[0]
         out += (f" The fastest layout that fits on these devices: tp {c.tp} x dp {c.dp},"
                 f" activation checkpointing {c.activation_checkpointing} ({_option(c)}).")
-    if not options and not fitting:
-        out += (" Nothing fits on these devices: add devices (strategy.data_parallel_size),"
-                " shorten data.seq_len or data.batch_size, or pick an accelerator with more"
-                " memory.")
-    return out
+    if options or fitting:
+        return out
+    if lora is None:
+        return out + (" Nothing fits on these devices: add devices (strategy.data_parallel_size),"
+                      " shorten data.seq_len or data.batch_size, or pick an accelerator with more"
+                      " memory.")
+    frozen = mem[FROZEN_BASE]
+    if frozen > usable:
+        return out + (f" The frozen base alone is {frozen / 2**30:,.1f} GiB per rank at tp"
+                      f" {inputs.tp}: TP shards it, data parallelism does not (FSDP2 leaves it"
+                      " out). Fix: an accelerator with more memory.")
+    return out + (" Nothing fits on these devices: shorten data.seq_len or data.batch_size, or"
+                  " pick an accelerator with more memory (more data-parallel devices do not"
+                  " divide the frozen base).")

@@ -54,6 +54,16 @@ def model_layout(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
     return out
 
 
+def stored_in_plan_layout(checkpoint: str | Path) -> bool:
+    """Whether the weights of ``checkpoint`` are in the plan's layout (the run had tp > 1): at tp 1
+    the plan is not applied and every weight keeps the model's own shape and row order."""
+    path = Path(checkpoint)
+    if not (path / META_FILE).is_file():
+        return True
+    layout = read_meta(path, weights_only=True).get(LAYOUT_KEY) or {}
+    return int(layout.get("tensor_parallel_size") or 2) > 1
+
+
 def transformers_models(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
     """``{module path: config dict}`` of the transformers models a checkpoint directory holds
     (``{}`` for a native Llama's, a checkpoint without ``meta.pt``, or one whose ``meta.pt`` cannot
@@ -93,7 +103,8 @@ def export_transformers(checkpoint: str | Path, out_dir: str | Path, *, root: st
         model = transformers.AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(checkpoint, prefix=f"{root}." if root else "")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = model_layout(model, state)
+    if stored_in_plan_layout(checkpoint):
+        state = model_layout(model, state)
     tied = [k for k in expected if k not in state and getattr(config, "tie_word_embeddings", False)]
     problems = [f"{k}: missing" for k in expected if k not in state and k not in tied]
     problems += [f"{k}: unexpected" for k in state if k not in expected]

@@ -228,8 +228,9 @@ class AtomicCheckpointMixin:
                 load(state, checkpoint_id=path)
 
         assert self.model is not None and self.lightning_module is not None
-        adapters_only = bool(read_meta(path, weights_only=weights_only).get(
-            LAYOUT_KEY, {}).get("adapters_only", False))
+        layout = read_meta(path, weights_only=weights_only).get(LAYOUT_KEY, {})
+        adapters_only = bool(layout.get("adapters_only", False))
+        self._check_stored_layout(path, int(layout.get("tensor_parallel_size") or 0))
         module_state = {"state_dict": get_model_state_dict(
             self.model, options=StateDictOptions(ignore_frozen_params=adapters_only))}
         read(module_state)
@@ -244,6 +245,24 @@ class AtomicCheckpointMixin:
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
         return read_meta(path, weights_only=weights_only)
+
+    def _check_stored_layout(self, path: Any, stored_tp: int) -> None:
+        """Refuse a checkpoint whose weights are in another layout than this run's: styles with a
+        layout of their own (fused projections' row order, experts' shape) apply at tp > 1 only, so
+        such a model's checkpoint reshards between any tp > 1, not across tp 1."""
+        plan, tp = getattr(self, "_resolved_plan", None), self.tensor_parallel_size
+        if not stored_tp or plan is None or (stored_tp > 1) == (tp > 1):
+            return
+        own = sorted(p for p, style in plan.styles.items() if hasattr(style, "model_layout"))
+        if own:
+            raise CheckpointError(
+                f"The checkpoint {str(path)!r} was saved at tensor_parallel_size={stored_tp} and"
+                f" this run has tensor_parallel_size={tp}: {own[0]}"
+                f"{f' and {len(own) - 1} more' if len(own) > 1 else ''} keep their weights in the"
+                " plan's layout at tp > 1 and in the model's own at tp 1, so the tensors would load"
+                " in the wrong order. Fix: resume at a tensor_parallel_size on the same side of 1,"
+                " or export the checkpoint (`lightning-tp export`) and start from the exported"
+                " directory (checkpoint=DIR).")
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:

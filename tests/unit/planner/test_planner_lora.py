@@ -255,6 +255,50 @@ def test_lora_activation_formula_equals_saved_tensors(tp, sp, heads, dropout, ta
     assert sum(saved.values()) == sum(layer_activation_bytes(inputs).values())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_whole_model_difference_equals_the_formula(dropout, monkeypatch):
+    """A whole bf16 model (2 layers, embedding to loss) with PEFT's adapters saves, against the same model trained in
+    full, what the formula says it should: per layer as above, and outside the layers no token ids (frozen
+    embedding), no lm_head input (frozen lm_head), and nothing for layer 0's first norm and its q/k/v dropout masks
+    (its input needs no gradient)."""
+    import torch.nn.functional as F
+
+    from lightning_tp.planner.memory import activations
+
+    monkeypatch.setattr(planner_memory, "DROPOUT_MASK_BYTES", 2)
+    config = get_config("debug")
+    b, s = 2, 32
+    ids = torch.randint(0, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)  # a tensor of its own, kept by the loss either way
+
+    def saved_bytes(lora: bool) -> int:
+        torch.manual_seed(0)
+        model = Llama(config)
+        if lora:
+            model = _peft_model(model, 4, TARGETS, dropout)
+        model = model.to(torch.bfloat16)
+        skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), labels]}
+        saved = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids)
+            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return sum(saved.values())
+
+    def formula(lora) -> int:
+        parts = activations(_inputs(config, seq_len=s, batch_size=b, lora=lora))
+        return sum(v for k, v in parts.items() if not k.startswith("transient"))
+
+    lora = Lora(rank=4, dropout=dropout)
+    assert saved_bytes(True) - saved_bytes(False) == formula(lora) - formula(None)
+
+
 @pytest.mark.parametrize("tp,lora", [(1, True), (2, True), (2, False)])
 def test_selective_formula_equals_what_the_policy_keeps(tp, lora):
     """Under ``selective``, the tensors the strategy's op policy keeps (recorded from its own MUST_SAVE decisions in

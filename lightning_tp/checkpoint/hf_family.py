@@ -42,15 +42,22 @@ def model_layout(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
     a style of the auto plan may keep a weight in another shape or row order (``model_layout``
     of the fused projections of :mod:`lightning_tp.parallel.fused`, the experts of
     :mod:`lightning_tp.parallel.experts`); its rule does not depend on tp."""
+    from lightning_tp.parallel.lora import is_lora_layer
     from lightning_tp.parallel.plans import resolve_plan
 
     plan = resolve_plan(model, "auto", sequence_parallel=False, loss_parallel=False)
     out = dict(state)
     for path, style in plan.styles.items():
-        if hasattr(style, "model_layout"):
-            for name, _ in model.get_submodule(path).named_parameters(recurse=False):
-                if f"{path}.{name}" in out:
-                    out[f"{path}.{name}"] = style.model_layout(name, out[f"{path}.{name}"])
+        if not hasattr(style, "model_layout"):
+            continue
+        target = model.get_submodule(path)
+        # a PEFT LoRA layer: its base, and each lora_B (split as the base, by output rows)
+        owners = ([f"{path}.base_layer", *(f"{path}.lora_B.{a}" for a in target.lora_B)]
+                  if is_lora_layer(target) else [path])
+        for owner in owners:
+            for name, _ in model.get_submodule(owner).named_parameters(recurse=False):
+                if f"{owner}.{name}" in out:
+                    out[f"{owner}.{name}"] = style.model_layout(name, out[f"{owner}.{name}"])
     return out
 
 

@@ -6,8 +6,9 @@ defaults (SP, loss parallel, FSDP2) and AdamW, checkpointed after the first epoc
 
 * 4 ranks: (dp, tp) = (2, 2) on 8 query / 4 KV heads; (1, 4) resumed from the (2, 2) checkpoint (resharding);
   (1, 4) on SmolLM2's 9 query / 3 KV heads (uneven query heads, KV heads selected per rank).
-* 2 ranks: (1, 2) on 9:3, also without FSDP2; (1, 2) without SP and loss parallel; (2, 1); the collectives per
-  layer with and without LoRA, and one epoch under ``bf16-mixed``.
+* 2 ranks: (1, 2) on 9:3, also without FSDP2; (1, 2) without SP and loss parallel; (2, 1); (1, 2) on Phi-3, whose
+  fused qkv_proj / gate_up_proj keep grouped rows that lora_B follows; the collectives per layer with and without
+  LoRA, and one epoch under ``bf16-mixed``.
 
 Checked against the same PEFT model trained in one process on the same samples: the loss of every step on every
 rank, every adapter gradient element at every step; the frozen base bit-identical before and after, without
@@ -42,8 +43,9 @@ CASES_2 = [{"name": "(1,2)", "dp": 1, "tp": 2, "model": "9:3"},
            {"name": "(1,2) no FSDP2", "dp": 1, "tp": 2, "model": "9:3", "strategy": {"fsdp": False}},
            {"name": "(1,2) TP only", "dp": 1, "tp": 2, "model": "8:4",
             "strategy": {"sequence_parallel": False, "loss_parallel": False}},
-           {"name": "(2,1)", "dp": 2, "tp": 1, "model": "8:4"}]
-ADAPTERS = 28  # 2 layers x 7 projections x (A, B)
+           {"name": "(2,1)", "dp": 2, "tp": 1, "model": "8:4"},
+           {"name": "(1,2) Phi-3", "dp": 1, "tp": 2, "model": "phi3"}]  # fused qkv / gate_up: 4 adapted per layer
+ADAPTERS = {"8:4": 28, "9:3": 28, "phi3": 16}  # 2 layers x 7 (Phi-3: 4 fused) projections x (A, B)
 
 
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
@@ -78,7 +80,7 @@ def test_losses_and_adapter_gradients_equal_single_process_peft(runs: dict) -> N
         assert worst <= TOL, case["name"]
         assert_max_err({f"step {i + 1}": e for i, e in enumerate(case["grad_err"])}, TOL,
                        f"{case['name']}: adapter gradients")
-        assert case["adapters"] == ADAPTERS
+        assert case["adapters"] == ADAPTERS[case["model"]]
 
 
 def test_frozen_base_is_untouched_and_holds_no_training_state(runs: dict) -> None:
@@ -86,7 +88,7 @@ def test_frozen_base_is_untouched_and_holds_no_training_state(runs: dict) -> Non
         assert case["base_identical"], case["name"]
         for rank in case["ranks"]:
             assert rank["frozen_grads"] == 0 and rank["frozen_with_state"] == 0, case["name"]
-            assert rank["trainable_with_state"] == ADAPTERS, case["name"]
+            assert rank["trainable_with_state"] == ADAPTERS[case["model"]], case["name"]
             # FSDP2 shards what trains; the frozen base is sharded by TP alone
             fsdp, tp = case.get("strategy", {}).get("fsdp", True), case["tp"] > 1
             assert rank["frozen_meshes"] == (["('tensor_parallel',)"] if tp else []), case["name"]
@@ -100,14 +102,14 @@ def test_checkpoint_holds_adapters_and_optimizer_state_only(runs: dict) -> None:
     for case in runs["cases"]:
         if "checkpoint" not in case:
             continue  # resumed from another case's
-        ckpt = case["checkpoint"]
-        assert len(ckpt["model_keys"]) == ADAPTERS
+        ckpt, adapters = case["checkpoint"], ADAPTERS[case["model"]]
+        assert len(ckpt["model_keys"]) == adapters
         assert all(".lora_A." in k or ".lora_B." in k for k in ckpt["model_keys"]), ckpt["model_keys"][:3]
         print(f"LoRA {case['name']} checkpoint: {ckpt['tensor_bytes']} tensor bytes (adapters"
               f" {ckpt['adapter_bytes']} + optimizer state) against {ckpt['full_model_bytes']} for the full model;"
               f" {ckpt['bytes']} on disk")
         # weights + AdamW's two moments of the adapters, and a step count per parameter
-        assert ckpt["tensor_bytes"] <= 3 * ckpt["adapter_bytes"] + 8 * ADAPTERS
+        assert ckpt["tensor_bytes"] <= 3 * ckpt["adapter_bytes"] + 8 * adapters
 
 
 def test_collectives_per_layer_equal_the_model_without_lora(runs: dict) -> None:
@@ -118,3 +120,36 @@ def test_collectives_per_layer_equal_the_model_without_lora(runs: dict) -> None:
             base = {k: v for k, v in counts["base"][phase].items() if v}
             assert lora == base, (model, phase)
         assert counts["lora"]["forward"]["all_gather_into_tensor"] == 2  # the SP minimum, not zero by accident
+
+
+def test_exported_adapters_load_in_peft_and_the_merged_model_in_transformers(runs: dict, tmp_path: Path) -> None:
+    """``lightning-tp export --adapters`` / ``--merged`` of each final checkpoint (written at tp 2 and 4, the 9:3
+    layouts with their head-selected projections included): PEFT's and transformers' own loaders give the trained
+    model's logits."""
+    import peft
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(WORKERS))
+    import lora as worker
+
+    from lightning_tp.checkpoint.adapters import export_adapters
+
+    bases = {}
+    for model in {case["model"] for case in runs["cases"]}:
+        bases[model] = tmp_path / f"base-{model}"
+        worker.build(model, lora=False).save_pretrained(bases[model])  # the frozen base every case started from
+    for case in runs["cases"]:
+        ckpt, base = runs["dir"] / f"{case['name']}-final", bases[case["model"]]
+        trained = torch.tensor(case["logits"])
+        export_adapters(ckpt, tmp_path / case["name"] / "adapters", base=base)
+        loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                tmp_path / case["name"] / "adapters")
+        export_adapters(ckpt, tmp_path / case["name"] / "merged", merged=True, base=base)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / case["name"] / "merged")
+        ids = worker.samples()[:1, :-1]
+        with torch.no_grad():
+            errors = {"adapters": float((loaded(input_ids=ids).logits - trained).abs().max()),
+                      "merged": float((merged(input_ids=ids).logits - trained).abs().max())}
+        print(f"LoRA {case['name']} export: logits against the trained model {errors}")
+        assert_max_err(errors, TOL, case["name"])

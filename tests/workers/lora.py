@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tp import TensorParallelStrategy
+from lightning_tp.checkpoint.hf_family import model_layout
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS_PER_EPOCH, EPOCHS, LR = 64, 16, 2, 2, 2, 0.02
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,18 +47,26 @@ MODELS = {
     # replicated with per-rank selection (lightning_tp/parallel/heads.py)
     "8:4": dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=32),
     "9:3": dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=36),
+    # Phi-3: fused qkv_proj and gate_up_proj (lightning_tp/parallel/fused.py), whose lora_B follows the grouped rows
+    "phi3": dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=32),
 }
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def build(model: str, layers: int = 2, lora: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, intermediate_size=64, num_hidden_layers=layers, head_dim=4,
-                                      max_position_embeddings=64, **MODELS[model])
-    base = transformers.LlamaForCausalLM(config)
+    shape = dict(vocab_size=VOCAB, intermediate_size=64, num_hidden_layers=layers, max_position_embeddings=64,
+                 **MODELS[model])
+    if model == "phi3":
+        base = transformers.Phi3ForCausalLM(transformers.Phi3Config(**shape, pad_token_id=0, bos_token_id=1,
+                                                                     eos_token_id=1))
+    else:
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, head_dim=4))
     if not lora:
         return base
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=FUSED_TARGETS if model == "phi3" else TARGETS)
     return peft.get_peft_model(base, config)
 
 
@@ -174,11 +183,18 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
         return None
     source = next((c for c in spec["cases"] if c["name"] == case.get("resume_from")), case)
     ref = reference(case["model"], [source["dp"]] + [case["dp"]] * (EPOCHS - 1))
-    grads = (first.grads if first else []) + second.grads
+    # in the model's own layout: Phi-3's fused projections keep grouped rows, their lora_B too
+    pristine_lit = Lit(case["model"])
+    pristine = pristine_lit.model
+
+    def own(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # the plan applies at tp > 1 only
+        return model_layout(pristine_lit, state) if case["tp"] > 1 else state
+
+    grads = [own(g) for g in (first.grads if first else []) + second.grads]
+    base_after = own(base_after)
     offset = 0 if first else STEPS_PER_EPOCH  # a resumed case trains the second epoch only
     ref["losses"] = ref["losses"][offset:]
     grad_err = [max(float((g[n] - ref["grads"][i + offset][n]).abs().max()) for n in g) for i, g in enumerate(grads)]
-    pristine = build(case["model"])
     result = {**case, "ranks": everyone, "logits": logits.tolist(), "ref_losses": ref["losses"], "grad_err": grad_err,
               "grad_absmax": max(float(g.abs().max()) for step in ref["grads"] for g in step.values()),
               "adapters": len(ref["grads"][0]), "seconds": round(seconds, 1),
@@ -186,7 +202,7 @@ def run_case(case: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | Non
                                     for n, p in pristine.named_parameters() if not p.requires_grad)}
     if first:
         result["base_identical"] = result["base_identical"] and all(
-            torch.equal(base_before[n], base_after[n]) for n in base_after)
+            torch.equal(own(base_before)[n], base_after[n]) for n in base_after)
         metadata = torch.distributed.checkpoint.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
         keys = sorted(metadata)
         tensors = [m for m in metadata.values() if hasattr(m, "size")]
@@ -223,7 +239,7 @@ def collectives(tp: int) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (tp,))
     tokens = samples()[:GLOBAL_BATCH]
     out: dict[str, Any] = {}
-    for model in MODELS:
+    for model in ("8:4", "9:3"):
         counts = {}
         for lora in (True, False):
             for layers in (1, 2):

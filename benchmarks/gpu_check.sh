@@ -35,6 +35,7 @@ rm -f "$out"/pytest.xml "$out"/bench.json "$out"/steps.txt
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ $dry == 1 ]]; then
   export GPU_CHECK_DRY_RUN=1 CUDA_VISIBLE_DEVICES=""  # tests/gpu/conftest.py: the gpu tests on the CPU
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # a shared CPU: spinning OpenMP threads stall when a core is taken
 fi
 tests_timeout="${GPU_CHECK_TESTS_TIMEOUT:-240}"
 bench_timeout="${GPU_CHECK_BENCH_TIMEOUT:-210}"

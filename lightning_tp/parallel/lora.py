@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import (
@@ -75,8 +76,6 @@ def reset_adapters(module: nn.Module, seed: int | None = None,
     if given) as their PEFT config says (``init_lora_weights``: ``A`` random, ``B`` zero by
     default), after a base model's ``init_weights`` overwrote them with a projection's init;
     ``seed`` makes every rank draw the same ``A``. Returns the number of adapters initialised."""
-    import torch
-
     done: set[tuple[int, str]] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0 if seed is None else seed)
@@ -197,7 +196,73 @@ class LoraColwise(ParallelStyle):
             distribute_module(module.lora_A[name], device_mesh, replicate_parameters,
                               _whole_input)
             self.base._apply(module.lora_B[name], device_mesh)
+        module.__class__ = _column_parallel(type(module))
+        module.tp_mesh = device_mesh
         return module
+
+
+def _dropout_p(dropout: nn.Module) -> float:
+    """The drop probability of a PEFT ``lora_dropout`` entry while it drops (0 for ``Identity`` or
+    in eval mode)."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """``F.linear(dropout(x, p), weight)`` that keeps ``x`` and a 1-byte mask for backward, not the
+    dropped copy of ``x``. PEFT gives every adapted projection its own dropout, so q, k, v,
+    gate and up would each keep a copy of the whole gathered activation (under SP): 5·b·s·h
+    elements per layer, more than the rest of the layer. ``x`` is kept anyway (one tensor for all
+    the projections that read it), the masks take a byte per element."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, p: float) -> Tensor:
+        keep = torch.rand_like(x, dtype=torch.float32) >= p
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(x, weight, keep)
+        return F.linear(x * keep * ctx.scale, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, keep = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight) * keep * ctx.scale
+        if ctx.needs_input_grad[1]:
+            dropped = (x * keep * ctx.scale).flatten(0, -2)
+            grad_w = grad.flatten(0, -2).transpose(0, 1) @ dropped
+        return grad_x, grad_w, None
+
+
+def _lora_input(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor) -> Tensor:
+    """``lora_A(dropout(x))`` of ``adapter`` with ``weight`` as ``lora_A``'s weight (whole or the
+    rank's columns), keeping a mask rather than a dropped copy when the dropout drops."""
+    x = layer._cast_input_dtype(x, weight.dtype)
+    p = _dropout_p(layer.lora_dropout[adapter])
+    return _DroppedLinear.apply(x, weight, p) if p > 0 else F.linear(x, weight)
+
+
+class _ColumnParallelLora:
+    """Forward of a column-parallel ``lora.Linear``: PEFT's, with each adapter's input dropout kept
+    as a mask (:class:`_DroppedLinear`)."""
+
+    tp_mesh: Any
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise PlanError("Mixed-adapter batches (adapter_names=) are not supported under tensor"
+                            " parallelism.")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        dtype = result.dtype
+        if not isinstance(x, DTensor):  # a plan without PrepareModuleInput: the same activation
+            x = DTensor.from_local(x, self.tp_mesh, [Replicate()], run_check=False)
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            h = _lora_input(self, adapter, x, self.lora_A[adapter].weight)
+            result = result + self.lora_B[adapter](h) * self.scaling[adapter]
+        return result.to(dtype)
 
 
 class LoraRowwise(ParallelStyle):
@@ -257,8 +322,6 @@ class _RowParallelLora:
             return local
         index = getattr(self, "_head_index", None)
         if index is None or index.device != local.device:
-            import torch
-
             index = self._head_index = torch.tensor(self.head_columns, device=local.device)
         return _Select.apply(local, index, 1, self.tp_mesh.get_group())
 
@@ -278,8 +341,8 @@ class _RowParallelLora:
                 a = self._columns(self.lora_A[adapter].weight)
                 # B sees a partial sum; its weight gradient is one too, summed over the ranks
                 b = self.lora_B[adapter].weight.to_local(grad_placements=(Partial(),))
-                h = self.lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
-                partial = partial + F.linear(F.linear(h, a), b) * self.scaling[adapter]
+                h = _lora_input(self, adapter, x, a)
+                partial = partial + F.linear(h, b) * self.scaling[adapter]
         out = DTensor.from_local(partial.to(dtype), self.tp_mesh, [Partial()], run_check=False)
         out = out.redistribute(self.tp_mesh, [self.output_layout])
         if base.bias is not None:
@@ -289,4 +352,10 @@ class _RowParallelLora:
 
 @functools.cache
 def _tensor_parallel(cls: type) -> type:
-    return type(f"TensorParallel{cls.__name__}", (_RowParallelLora, cls), {"__module__": __name__})
+    return type(f"RowParallel{cls.__name__}", (_RowParallelLora, cls), {"__module__": __name__})
+
+
+@functools.cache
+def _column_parallel(cls: type) -> type:
+    return type(f"ColumnParallel{cls.__name__}", (_ColumnParallelLora, cls),
+                {"__module__": __name__})

@@ -152,3 +152,45 @@ def test_styles_on_one_rank_compute_what_peft_computes(mesh: Any) -> None:
             assert mine[name].grad is None, name
     with model.disable_adapter(), reference.disable_adapter():  # the base alone, through the same forward
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_adapter_dropout_keeps_a_mask_not_a_dropped_copy_and_its_gradients_are_exact() -> None:
+    """PEFT gives q, k and v their own dropout: each keeps a dropped copy of the whole input for backward. The
+    adapters' input path keeps the input once and a 1-byte mask per adapter, and its gradients are those of
+    ``F.linear(x * mask / (1 - p), A)`` for the mask it drew."""
+    from lightning_tp.parallel.lora import _DroppedLinear
+
+    p = 0.3
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    weights = [torch.randn(4, 32, requires_grad=True) for _ in range(3)]
+
+    def saved_bytes(fn: Any) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(storages.values()) - sum(w.numel() * 4 for w in weights)  # the weights are kept either way
+
+    peft_way = saved_bytes(lambda: [torch.nn.functional.linear(torch.nn.functional.dropout(x, p), w) for w in weights])
+    ours = saved_bytes(lambda: [_DroppedLinear.apply(x, w, p) for w in weights])
+    assert ours == x.numel() * 4 + 3 * x.numel(), ours  # x once (fp32) + three bool masks
+    assert peft_way >= 3 * x.numel() * 4, peft_way  # three dropped fp32 copies, at least
+    torch.manual_seed(5)
+    out = [_DroppedLinear.apply(x, w, p) for w in weights]
+    sum(o.square().sum() for o in out).backward()
+    got = [x.grad.clone(), *(w.grad.clone() for w in weights)]
+    x.grad = None
+    for w in weights:
+        w.grad = None
+    torch.manual_seed(5)  # the same draws, as plain autograd on x * mask / (1 - p)
+    masks = [torch.rand_like(x, dtype=torch.float32) >= p for _ in weights]
+    ref = [torch.nn.functional.linear(x * m / (1 - p), w) for m, w in zip(masks, weights, strict=True)]
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-5)
+    sum(r.square().sum() for r in ref).backward()
+    for g, r in zip(got, [x.grad, *(w.grad for w in weights)], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-5)

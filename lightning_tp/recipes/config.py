@@ -51,8 +51,8 @@ top-level ``conf`` links to it). Also importable by Hydra as the module ``lightn
 
 
 class RecipeConfigError(LightningTPError):
-    """A recipe override names a key the schema does not have, or gives a value of the wrong
-    type."""
+    """A recipe override names a key the schema does not have, gives a value of the wrong type, or
+    a value the recipe cannot use (``peft.*``: :mod:`lightning_tp.recipes.lora`)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -265,6 +266,46 @@ def _resume_truncated(tmp: Path, f: dict[str, Path]):
     return _recipe("pretrain", tmp, f, f"resume={ckpt}"), [str(ckpt / "__0_0.distcp"), "Fix: copy it again"]
 
 
+def _adapters_only(tmp: Path, f: dict[str, Path], rank: int = 16) -> Path:
+    """A LoRA run's training checkpoint as the recipe sees it: DCP shards of adapters only, and ``meta.pt`` with the
+    strategy's layout (``adapters_only``; the PEFT config, trained on the sharded base)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp / f"lora-r{rank}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": {"model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight":
+                                 torch.zeros(rank, 64)}}, checkpoint_id=str(path), no_dist=True)
+    config = {"r": rank, "lora_alpha": 32, "base_model_name_or_path": str(f["sharded"].resolve()),
+              "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    torch.save({"lightning_tp": {"format": 1, "adapters_only": True, "peft": {"model": {"default": config}}},
+                "hyper_parameters": {"model": "debug"}}, path / "meta.pt")
+    return path
+
+
+def _lora_from_adapters_only(tmp: Path, f: dict[str, Path]):
+    ckpt = _adapters_only(tmp, f)
+    return (_recipe("finetune", tmp, f, "peft=lora", f"checkpoint={ckpt}"),
+            [f"checkpoint={str(ckpt)!r} holds LoRA adapters only", f"checkpoint={f['sharded'].resolve()}",
+             f"resume={str(ckpt)!r}"])
+
+
+def _lora_resume_other_rank(tmp: Path, f: dict[str, Path]):
+    ckpt = _adapters_only(tmp, f, rank=8)
+    return (_recipe("finetune", tmp, f, "peft=lora", f"checkpoint={f['sharded']}", f"resume={ckpt}"),
+            [f"resume={str(ckpt)!r}", "peft.rank=8 there, 16 here", "Fix: set those keys"])
+
+
+def _lora_without_peft(tmp: Path, f: dict[str, Path]):
+    action = _recipe("finetune", tmp, f, "peft=lora")
+
+    def go() -> Any:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+            return action()
+    return go, ["peft=lora needs PEFT", 'pip install "lightning-tp[lora]"', "peft=none"]
+
+
 def _port_in_use(entry: str) -> Callable[[Path, dict[str, Path]], tuple[Callable[[], Any], list[str]]]:
     def build(tmp: Path, f: dict[str, Path]):
         holder = socket.socket()
@@ -442,6 +483,18 @@ CASES = [
     Case("plan-none-with-activation-checkpointing", "model/plan", F(_fit(lambda: TensorParallelStrategy(
          plan=None, activation_checkpointing="full")), ["activation_checkpointing='full'", "plan=None",
          "Fix: leave them at their defaults"]), UnsupportedFeatureError),
+    Case("lora-target-matches-nothing", "model/plan", R("finetune", ["peft=lora", "peft.target_modules=[q_proj,qproj]"],
+         ["peft.target_modules: 'qproj'", "matches no module", "did you mean 'q_proj'", "Fix: name projections"]),
+         RecipeConfigError),
+    Case("lora-target-not-a-projection", "model/plan", R("finetune", [
+         "peft=lora", "peft.target_modules=[q_proj,input_layernorm]"],
+         ["'input_layernorm' (a RMSNorm)", "remove 'input_layernorm' from peft.target_modules"]), PlanError),
+    Case("lora-target-plan-cannot-shard", "model/plan", R("finetune", [
+         "peft=lora", "peft.target_modules=[q_proj,lm_head]"],
+         ["peft.target_modules=['q_proj', 'lm_head']", "lm_head", "remove 'lm_head' from peft.target_modules"]),
+         PlanError),
+    Case("lora-rank-wider-than-module", "model/plan", R("finetune", ["peft=lora", "peft.rank=48"],
+         ["peft.rank=48 is larger than k_proj (64 in, 32 out)", "Fix: peft.rank=32 or less"]), RecipeConfigError),
     Case("model-config-invalid", "model/plan", R("pretrain", ["model.hidden_size=60"],
          ["`hidden_size`=60", "set `head_dim` explicitly or change one of them"]), ValueError),
     # ------------------------------------------------------------------ precision
@@ -496,6 +549,8 @@ CASES = [
     Case("resume-missing", "checkpoint", R("pretrain", ["resume={tmp}/nope"],
          ["resume='{tmp}/nope'", "set resume=null"]), CheckpointError),
     Case("resume-truncated", "checkpoint", _resume_truncated, CheckpointError),
+    Case("lora-checkpoint-adapters-only", "checkpoint", _lora_from_adapters_only, CheckpointError),
+    Case("lora-resume-other-adapters", "checkpoint", _lora_resume_other_rank, CheckpointError),
     # ------------------------------------------------------------------ command-line conversions
     Case("save-onto-user-file", "checkpoint", _save_onto(user_file), CheckpointPathError),
     Case("save-onto-user-directory", "checkpoint", _save_onto(user_dir), CheckpointPathError),
@@ -530,6 +585,10 @@ CASES = [
          ["trainer.devices='abc'", "Fix: set trainer.devices to 'auto', a positive int"]), EnvironmentConfigError),
     Case("hydra-wrong-type-tp-size", "hydra", R("pretrain", ["strategy.tensor_parallel_size=two"],
          ["got 'two'", "must be 'auto' or a positive int"]), MeshConfigError),
+    Case("lora-unknown-method", "hydra", R("finetune", ["peft.method=qlora"],
+         ["peft.method='qlora' is not one of ['none', 'lora']", "Fix: peft=lora"]), RecipeConfigError),
+    Case("lora-rank-not-positive", "hydra", R("finetune", ["peft=lora", "peft.rank=0"],
+         ["peft.rank=0 must be a positive int", "e.g. peft.rank=16"]), RecipeConfigError),
     Case("hydra-unknown-model-preset", "hydra", R("pretrain", ["model=llama3_9b"],
          ["model/llama3_9b", "Available options", "llama3_8b"]), ConfigCompositionException),
     # ------------------------------------------------------------------ environment
@@ -541,6 +600,7 @@ CASES = [
          ["trainer.devices=512", "Fix: set trainer.devices to at most"]), EnvironmentConfigError),
     Case("env-more-gpus-than-exist", "environment", _more_gpus_than_exist, EnvironmentConfigError),
     Case("env-gpu-on-cpu-machine", "environment", _gpu_on_cpu_machine, EnvironmentConfigError),
+    Case("env-lora-without-peft", "environment", _lora_without_peft, UnsupportedFeatureError),
 ]
 CATEGORIES = ("mesh", "model/plan", "precision", "data", "tokenizer", "checkpoint", "hydra", "environment")
 
@@ -602,10 +662,16 @@ def test_every_case_is_in_the_docs_table() -> None:
     assert not absent, f"add these cases to {DOCS}: {absent}"
 
 
-@pytest.mark.parametrize("entry", ["recipe", "trainer"])
+@pytest.mark.parametrize("entry", ["recipe", "trainer", "lora"])
 def test_a_valid_job_reaches_the_spawn_guard(entry: str, files: dict[str, Path], tmp_path: Path) -> None:
-    """The guard can fail: a good input gets as far as starting the ranks, where the guard stops it."""
-    action = _recipe("pretrain", tmp_path, files) if entry == "recipe" else _fit(lambda: TensorParallelStrategy())
+    """The guard can fail: a good input gets as far as starting the ranks, where the guard stops it (``lora``: the
+    issue's LoRA command line from the sharded base, every check above passed)."""
+    actions = {"recipe": lambda: _recipe("pretrain", tmp_path, files),
+               "trainer": lambda: _fit(lambda: TensorParallelStrategy()),
+               "lora": lambda: _recipe("finetune", tmp_path, files, "peft=lora", "peft.rank=16", "peft.alpha=32",
+                                       "peft.dropout=0.05", f"checkpoint={files['sharded']}",
+                                       "peft.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")}
+    action = actions[entry]()
     with pytest.raises(Spawned):
         action()
 

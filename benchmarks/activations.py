@@ -1,6 +1,6 @@
 """Activation bytes kept for backward per decoder layer, against Korthikanti et al. (2022).
 
-    python -m benchmarks activations [--quick]
+    python -m benchmarks activations [--quick] [--world 8]
 
 The model runs in bf16 (16-bit activations, as the formulas assume). Two independent counts:
 
@@ -18,6 +18,14 @@ Per layer = (2-layer model) − (1-layer model): embedding, final norm, ``lm_hea
 layer's code (RMSNorm normalising in fp32 but keeping its 16-bit input, SwiGLU of width I, grouped-query
 attention, no dropout, SDPA/flash attention that keeps only its output and log-sum-exp instead of the s×s
 scores), so the gap to the GPT formulas is explained term by term.
+
+Each case also runs backward (of the sum of the stack's output), counting the collectives per layer of
+forward and backward with the same dispatch mode, and the case ``tp+sp+sharded``
+(``save_sharded_inputs=True``: :mod:`lightning_tp.parallel.sharded_saves`) compares its gradients with
+those of ``tp+sp`` (they must be equal: the same shard is gathered again). TP degrees are those of
+1, 2, 4 and 8 that divide the launched ranks (``--world 8`` for tp = 8); at tp = 8 the model has 8 KV
+heads instead of 4, which 8 ranks cannot split (the replicated-KV layout keeps extra weight rows per rank,
+another accounting).
 """
 
 from __future__ import annotations
@@ -43,11 +51,13 @@ def korthikanti(case: str, s: int, b: int, h: int, a: int, t: int) -> float:
     raise ValueError(f"unknown case {case!r}")
 
 
-def llama_terms(config: Any, s: int, b: int, t: int, sp: bool, mode: str) -> dict[str, float]:
+def llama_terms(config: Any, s: int, b: int, t: int, sp: bool, mode: str,
+                sharded: bool = False) -> dict[str, float]:
     """Bytes per layer that the Llama layer of :mod:`lightning_tp.models.llama` keeps, item by item.
 
     bf16 activations (2 bytes), fp32 where the code computes in fp32 (RMSNorm's upcast, attention's
     log-sum-exp). ``sp`` shards the norms' tensors over ``t``; projections are sharded over ``t`` by TP.
+    ``sharded``: the projection inputs are kept as their sequence shard (``save_sharded_inputs``).
     """
     p, f = 2, 4
     h, i, a, kv, d = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
@@ -67,8 +77,10 @@ def llama_terms(config: Any, s: int, b: int, t: int, sp: bool, mode: str) -> dic
     return {
         # RMSNorm keeps its bf16 input and one fp32 rsqrt per token (lightning_tp.models.llama._RMSNormFunction)
         "2 RMSNorm (bf16 input, fp32 rsqrt)": 2 * (p * tokens * h + f * tokens) / r,
-        # The input of q/k/v and gate/up: under SP the all-gathered (full) tensor is what the matmul keeps.
-        "2 projection inputs (all-gathered under SP)": 2 * p * tokens * h,
+        # The input of q/k/v and gate/up: under SP the all-gathered (full) tensor is what the matmul keeps,
+        # unless only its sequence shard is kept and gathered again in backward.
+        **({"2 projection inputs (sequence shards, regathered in backward)": 2 * p * tokens * h / r}
+           if sharded else {"2 projection inputs (all-gathered under SP)": 2 * p * tokens * h}),
         "q, k, v after RoPE (kept by attention)": p * tokens * (a + 2 * kv) * d / t,
         "attention output (= o_proj input) + log-sum-exp": p * tokens * a * d / t + f * tokens * a / t,
         "gate, SiLU(gate), up, product (down_proj input)": 4 * p * tokens * i / t,
@@ -77,11 +89,17 @@ def llama_terms(config: Any, s: int, b: int, t: int, sp: bool, mode: str) -> dic
 
 # ----------------------------------------------------------------------------- measurement
 
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+
 
 class _StorageTracker:
-    """Weak references to the storage of every plain tensor produced while active (DTensors are desugared)."""
+    """Weak references to the storage of every plain tensor produced while active (DTensors are desugared),
+    and a count of the functional collectives issued meanwhile: the ops ``CommDebugMode`` counts, counted here
+    because ``CommDebugMode``'s module tracker fails on the blocks that checkpointing recomputes in backward."""
 
     def __init__(self) -> None:
+        import collections
+
         import torch
         from torch.distributed.tensor import DTensor
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -90,6 +108,8 @@ class _StorageTracker:
 
         seen: dict[int, tuple[Any, int]] = {}
         self.seen = seen
+        self.collectives: collections.Counter[str] = collections.Counter()
+        counts = self.collectives
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -98,6 +118,9 @@ class _StorageTracker:
                     return func(*args, **kwargs)
                 if any(issubclass(cls, DTensor) for cls in types):
                     return NotImplemented  # let DTensor run; its local ops come back through this mode
+                name = getattr(getattr(func, "_overloadpacket", None), "__name__", "")
+                if getattr(func, "namespace", "") == "_c10d_functional" and name in COLLECTIVES:
+                    counts[name] += 1
                 out = func(*args, **kwargs)
                 for x in tree_flatten(out)[0]:
                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.device.type != "meta":
@@ -118,7 +141,15 @@ def _storage_key(x: Any) -> int:
     return local.untyped_storage()._cdata
 
 
-def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq: int) -> dict[str, int]:
+def _local(x: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq: int,
+                   sharded: bool = False) -> dict[str, Any]:
+    """Bytes held after forward, then one backward: collectives of each phase and the gradients."""
     import gc
 
     import torch
@@ -137,6 +168,10 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
         check_model_shapes(model, plan, mesh.size())
         apply_tensor_parallel(model, plan, mesh)
     recompute.apply_activation_checkpointing(model, plan, mode)
+    if sharded:
+        from lightning_tp.parallel.sharded_saves import save_sharded_inputs
+
+        save_sharded_inputs(model, plan, mesh)
     static = {_storage_key(x) for x in [*model.parameters(), *model.buffers()]}
     tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -157,8 +192,14 @@ def _forward_bytes(config: Any, mesh: Any, sp: bool, mode: str, batch: int, seq:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # collectives finished on every rank, their work objects released
     held = tracker.alive_bytes(static)
+    collectives = {"forward": dict(tracker.collectives)}
+    tracker.collectives.clear()
+    with tracker.mode:
+        _local(hidden).float().sum().backward()
+    collectives["backward"] = dict(tracker.collectives)
+    grads = {name: _local(p.grad) for name, p in model.named_parameters()}
     del hidden
-    return {"saved": sum(saved.values()), "held": held}
+    return {"saved": sum(saved.values()), "held": held, "collectives": collectives, "grads": grads}
 
 
 def _recompute_module() -> Any:
@@ -171,15 +212,32 @@ def _recompute_module() -> Any:
     return recompute
 
 
-CASES = {  # label -> (sequence_parallel, recompute mode, Korthikanti case)
-    "none": (False, "none", "none"),
-    "tp": (False, "none", "none"),
-    "tp+sp": (True, "none", "sp"),
-    "selective": (False, "selective", "selective"),
-    "tp+sp+selective": (True, "selective", "selective"),
-    "full": (False, "full", "full"),
-    "tp+sp+full": (True, "full", "full"),
+CASES = {  # label -> (sequence_parallel, recompute mode, Korthikanti case, save_sharded_inputs)
+    "none": (False, "none", "none", False),
+    "tp": (False, "none", "none", False),
+    "tp+sp": (True, "none", "sp", False),
+    "tp+sp+sharded": (True, "none", "sp", True),
+    "selective": (False, "selective", "selective", False),
+    "tp+sp+selective": (True, "selective", "selective", False),
+    "full": (False, "full", "full", False),
+    "tp+sp+full": (True, "full", "full", False),
 }
+
+
+def _per_layer(one: dict[str, int], two: dict[str, int]) -> dict[str, int]:
+    return {k: two.get(k, 0) - one.get(k, 0) for k in sorted(set(one) | set(two)) if two.get(k, 0) != one.get(k, 0)}
+
+
+def _max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest |a − b| over every gradient element of every rank (``lm_head``, outside the stack, has none)."""
+    import torch
+    import torch.distributed as dist
+
+    if {n for n, x in a.items() if x is None} != {n for n, x in b.items() if x is None}:
+        return float("inf")
+    worst = torch.tensor(max((x.float() - b[n].float()).abs().max().item() for n, x in a.items() if x is not None))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
 
 
 def measure(tps: list[int] | None = None, batch: int = 1, seq: int = 256) -> dict[str, Any]:
@@ -187,42 +245,65 @@ def measure(tps: list[int] | None = None, batch: int = 1, seq: int = 256) -> dic
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    tps = tps or [t for t in (1, 2, 4) if world % t == 0]
-    config = bench_config("activations")
+    tps = tps or [t for t in (1, 2, 4, 8) if world % t == 0]
     rows = []
     for t in tps:
+        # 8 ranks cannot split the 4 KV heads: at tp 8 one KV head per rank
+        config = bench_config("activations", **({"num_key_value_heads": 8} if t == 8 else {}))
         mesh = None if t == 1 else init_device_mesh("cpu", (world // t, t), mesh_dim_names=("dp", "tp"))["tp"]
-        labels = ["none", "selective", "full"] if t == 1 else ["tp", "tp+sp", "tp+sp+selective", "tp+sp+full"]
+        labels = (["none", "selective", "full"] if t == 1
+                  else ["tp", "tp+sp", "tp+sp+sharded", "tp+sp+selective", "tp+sp+full"])
+        grads: dict[str, Any] = {}
         for label in labels:
-            sp, mode, kcase = CASES[label]
-            one, two = (_forward_bytes(config.replace(num_hidden_layers=n), mesh, sp, mode, batch, seq)
+            sp, mode, kcase, sharded = CASES[label]
+            one, two = (_forward_bytes(config.replace(num_hidden_layers=n), mesh, sp, mode, batch, seq, sharded)
                         for n in (1, 2))
-            terms = llama_terms(config, seq, batch, t, sp, mode)
+            grads[label] = two.pop("grads")
+            terms = llama_terms(config, seq, batch, t, sp, mode, sharded)
             rows.append({
-                "case": label, "tp": t, "saved": two["saved"] - one["saved"] if mode == "none" else None,
+                "case": label, "tp": t, "kv_heads": config.num_key_value_heads,
+                "saved": two["saved"] - one["saved"] if mode == "none" and not sharded else None,
                 "held": two["held"] - one["held"], "llama_formula": sum(terms.values()), "terms": terms,
                 "korthikanti": korthikanti(kcase, seq, batch, config.hidden_size, config.num_attention_heads, t),
+                "per_layer": {phase: _per_layer(one["collectives"][phase], two["collectives"][phase])
+                              for phase in ("forward", "backward")},
             })
+            if sharded:  # the same shard gathered again: the gradients of tp+sp exactly
+                rows[-1]["grad_max_abs_diff"] = _max_abs_diff(grads[label], grads["tp+sp"])
     return {"rows": rows, "seq": seq, "batch": batch, "hidden": config.hidden_size,
-            "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "heads": config.num_attention_heads, "kv_heads": bench_config("activations").num_key_value_heads,
             "intermediate": config.intermediate_size}
+
+
+_SHORT = {"all_gather_into_tensor": "AG", "reduce_scatter_tensor": "RS", "all_reduce": "AR", "all_to_all_single": "A2A"}
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " + ".join(f"{n} {_SHORT.get(op, op)}" for op, n in sorted(counts.items())) or "none"
 
 
 def report(result: dict[str, Any]) -> str:
     s, b, h = result["seq"], result["batch"], result["hidden"]
     lines = [f"## Activation bytes kept for backward per decoder layer (bf16; s={s}, b={b}, h={h},"
-             f" a={result['heads']}, kv={result['kv_heads']}, I={result['intermediate']})", ""]
+             f" a={result['heads']}, kv={result['kv_heads']} (8 at tp=8), I={result['intermediate']})", ""]
     body = []
     for r in result["rows"]:
         measured = r["held"]
-        body.append([r["case"], r["tp"], r["saved"] if r["saved"] is not None else "n/a (hidden by checkpoint)",
+        body.append([r["case"], r["tp"], r["saved"] if r["saved"] is not None else "n/a (hidden)",
                      measured, int(r["llama_formula"]), int(r["korthikanti"]),
-                     f"{measured / r['korthikanti']:.3f}", f"{measured / (s * b * h):.2f}"])
+                     f"{measured / r['korthikanti']:.3f}", f"{measured / (s * b * h):.2f}",
+                     _counts(r["per_layer"]["forward"]), _counts(r["per_layer"]["backward"])])
     lines.append(table(["case", "tp", "saved (hooks)", "held after forward", "Llama formula", "Korthikanti",
-                        "held / Korthikanti", "held / (s·b·h)"], body))
+                        "held / Korthikanti", "held / (s·b·h)", "forward collectives", "backward collectives"],
+                       body))
+    for r in result["rows"]:
+        if "grad_max_abs_diff" in r:
+            lines.append(f"\n{r['case']} tp={r['tp']}: gradients vs tp+sp, max |difference| ="
+                         f" {r['grad_max_abs_diff']:.3g}")
     lines.append("\nLlama accounting behind the 'Llama formula' column, bytes per layer:")
     for r in result["rows"]:
-        if r["case"] in ("tp+sp", "tp+sp+selective") or (r["tp"] == 1 and r["case"] in ("none", "selective")):
+        if r["case"] in ("tp+sp", "tp+sp+sharded", "tp+sp+selective") or (
+                r["tp"] == 1 and r["case"] in ("none", "selective")):
             items = "; ".join(f"{k}: {int(v):,}" for k, v in r["terms"].items())
             lines.append(f"- {r['case']} tp={r['tp']}: {items}")
     return "\n".join(lines)

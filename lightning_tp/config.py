@@ -38,7 +38,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 reduces gradients in fp32 (FSDP2's mixed-precision policy)."""
 
 _FLAGS = ("sequence_parallel", "loss_parallel", "fsdp", "reshard_after_forward", "compile",
-          "async_tp", "float8")
+          "async_tp", "float8", "save_sharded_inputs")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class ParallelConfig:
     compile: bool = False
     async_tp: bool = False
     float8: bool = False
+    save_sharded_inputs: bool = False
+    """Under SP, keep each block input's sequence shard for backward and all-gather it again there
+    (:mod:`lightning_tp.parallel.sharded_saves`); without recompute only."""
 
     def __post_init__(self) -> None:
         problems = self.problems(**{f.name: getattr(self, f.name)
@@ -85,6 +88,17 @@ class ParallelConfig:
         if fields.get("async_tp") is True and fields.get("compile") is False:
             problems.append("`async_tp=True` needs `compile=True`: the collective/matmul overlap is"
                             " done by the compiler; set compile=True or async_tp=False")
+        if fields.get("save_sharded_inputs") is True:
+            needs = [f"{name}={fields[name]!r}" for name, value in (
+                ("sequence_parallel", True), ("activation_checkpointing", "none"),
+                ("compile", False)) if fields.get(name, value) != value]
+            if needs:
+                problems.append(
+                    f"`save_sharded_inputs=True` applies with sequence_parallel=True,"
+                    f" activation_checkpointing='none' and compile=False, got {', '.join(needs)}"
+                    " (without SP nothing is gathered; 'selective' regathers these inputs itself,"
+                    " 'full' keeps only the block input; a compiled block decides its own saves);"
+                    " set save_sharded_inputs=False")
         dp = fields.get("data_parallel_size", "auto")
         if fields.get("fsdp") is False and isinstance(dp, int) and dp > 1:
             problems.append(f"`fsdp=False` needs `data_parallel_size=1` (got {dp}): gradients of"

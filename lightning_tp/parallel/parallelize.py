@@ -1,7 +1,7 @@
 """One function that parallelizes a model with a resolved plan, in torchtitan's order:
 
-    materialise (CPU) → dtype → float8 → tensor parallel → activation checkpointing → async TP
-    → compile → FSDP2 → materialise → sequence-length check
+    materialise (CPU) → dtype → float8 → tensor parallel → activation checkpointing (or sharded
+    saves) → async TP → compile → FSDP2 → materialise → sequence-length check
 
 Each step is a function of this package that works on any ``nn.Module`` and a ``DeviceMesh``;
 :func:`parallelize` only sequences them, and imports nothing from Lightning (the strategy passes
@@ -28,6 +28,7 @@ from lightning_tp.parallel.lora import adapt_styles, lora_layers, reset_adapters
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check
+from lightning_tp.parallel.sharded_saves import save_sharded_inputs
 
 __all__ = ["apply_tensor_parallel", "convert_to_float8", "freeze_in", "materialize", "parallelize"]
 
@@ -60,6 +61,8 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
     if tp > 1:
         apply_tensor_parallel(module, plan, tp_mesh)
     apply_activation_checkpointing(module, plan, config.activation_checkpointing)
+    if config.save_sharded_inputs and tp > 1:  # SP's gathered block inputs: keep shards, regather
+        save_sharded_inputs(module, plan, tp_mesh)
     if config.async_tp:
         _compat.enable_async_tp(tp_mesh.get_group().group_name)
     if config.compile:

@@ -55,10 +55,20 @@ def test_all_cpu_benchmarks_quick(tmp_path: Path) -> None:
         if row["saved"] is not None:  # two independent counts agree where both exist
             assert row["held"] == row["saved"], row
         assert row["held"] == pytest.approx(row["llama_formula"], rel=0.02), row
-        if "selective" in row["case"] or "full" in row["case"]:
+        if any(mode in row["case"] for mode in ("selective", "full", "sharded")):
             assert row["held"] <= row["korthikanti"], row
     sp = {row["case"]: row["held"] for row in rows if row["tp"] == 2}
-    assert sp["tp+sp+full"] < sp["tp+sp+selective"] < sp["tp+sp"] < sp["tp"]
+    assert sp["tp+sp+full"] < sp["tp+sp+selective"] < sp["tp+sp+sharded"] < sp["tp+sp"] < sp["tp"]
+    # save_sharded_inputs: the two gathered projection inputs kept as their shard, 2·(2 bytes)·s·b·h·(1 − 1/t) less,
+    # for 2 more all-gathers in backward, and the gradients of tp+sp exactly
+    act = r["activations"]
+    assert sp["tp+sp"] - sp["tp+sp+sharded"] == 2 * 2 * act["seq"] * act["batch"] * act["hidden"] // 2
+    layer = {row["case"]: row["per_layer"] for row in rows if row["tp"] == 2}
+    assert layer["tp+sp+sharded"]["forward"] == layer["tp+sp"]["forward"] == {"all_gather_into_tensor": 2,
+                                                                              "reduce_scatter_tensor": 2}
+    assert layer["tp+sp"]["backward"] == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+    assert layer["tp+sp+sharded"]["backward"] == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 2}
+    assert next(row for row in rows if row["case"] == "tp+sp+sharded")["grad_max_abs_diff"] == 0.0
 
     for name, a, b in (("vs_stock", "ours", "stock"), ("efficiency", "tp2", "tp1")):
         res = r[name]

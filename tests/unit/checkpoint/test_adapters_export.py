@@ -214,6 +214,26 @@ def test_a_fused_family_trained_at_tp_1_exports_in_its_own_row_order(tmp_path: P
                                run["logits"], **EXACT)
 
 
+def test_tied_embeddings_stay_out_of_an_adapter_checkpoint(tmp_path: Path) -> None:
+    """With tied embeddings the frozen ``lm_head.weight`` is a second name of ``embed_tokens.weight``; an adapter
+    checkpoint leaves out both names (``ignore_frozen_params`` alone keeps the alias), and adapters-and-export still
+    give the trained logits."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, head_dim=8, tie_word_embeddings=True))
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    run = train(peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), config),
+                tmp_path / "ckpt")
+    keys = torch.distributed.checkpoint.FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("state_dict.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys
+    export_adapters(tmp_path / "ckpt", tmp_path / "adapters")
+    loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapters")
+    torch.testing.assert_close(hf_logits(loaded), run["logits"], **EXACT)
+
+
 def test_bad_inputs_name_the_flag(hf_run: dict[str, Any], native_run: dict[str, Any],
                                   capsys: pytest.CaptureFixture[str]) -> None:
     tmp = native_run["tmp"]

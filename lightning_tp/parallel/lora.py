@@ -55,8 +55,8 @@ from lightning_tp.errors import PlanError
 from lightning_tp.parallel.heads import HeadsRowwise, _replicate, _Select, head_layout, head_range
 from lightning_tp.parallel.styles import replicate_parameters
 
-__all__ = ["LoraColwise", "LoraRowwise", "adapt_styles", "is_lora_layer", "lora_layers",
-           "lora_style", "reset_adapters", "sub_styles"]
+__all__ = ["LoraColwise", "LoraRowwise", "adapt_styles", "is_lora_layer", "keep_dropout_masks",
+           "lora_layers", "lora_style", "reset_adapters", "sub_styles"]
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -241,9 +241,29 @@ def _lora_input(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor) -> Te
     return _DroppedLinear.apply(x, weight, p) if p > 0 else F.linear(x, weight)
 
 
+def keep_dropout_masks(module: nn.Module) -> int:
+    """Give every plain PEFT LoRA layer inside ``module`` that no style took over (tp 1: the plan is
+    not applied) the forward whose input dropout keeps a mask, not a dropped copy
+    (:class:`_DroppedLinear`), so that a layer keeps the same for backward at every tp. Variants
+    PEFT computes differently (DoRA, ...) keep PEFT's forward. Returns the layers changed."""
+    changed = 0
+    for path, layer in lora_layers(module).items():
+        if isinstance(layer, (_ColumnParallelLora, _RowParallelLora)):
+            continue
+        try:
+            _check_supported(path, layer)
+        except PlanError:
+            continue
+        layer.__class__ = _column_parallel(type(layer))
+        layer.tp_mesh = None
+        changed += 1
+    return changed
+
+
 class _ColumnParallelLora:
-    """Forward of a column-parallel ``lora.Linear``: PEFT's, with each adapter's input dropout kept
-    as a mask (:class:`_DroppedLinear`)."""
+    """Forward of a column-parallel ``lora.Linear`` (and of any ``lora.Linear`` at tp 1, where
+    ``tp_mesh`` is None): PEFT's, with each adapter's input dropout kept as a mask
+    (:class:`_DroppedLinear`)."""
 
     tp_mesh: Any
 
@@ -255,7 +275,8 @@ class _ColumnParallelLora:
         if self.disable_adapters:
             return result
         dtype = result.dtype
-        if not isinstance(x, DTensor):  # a plan without PrepareModuleInput: the same activation
+        if self.tp_mesh is not None and not isinstance(x, DTensor):  # a plan without
+            # PrepareModuleInput: the same activation, replicated
             x = DTensor.from_local(x, self.tp_mesh, [Replicate()], run_check=False)
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:

@@ -24,7 +24,12 @@ from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
 from lightning_tp.parallel.heads import localize_kv_groups
-from lightning_tp.parallel.lora import adapt_styles, lora_layers, reset_adapters
+from lightning_tp.parallel.lora import (
+    adapt_styles,
+    keep_dropout_masks,
+    lora_layers,
+    reset_adapters,
+)
 from lightning_tp.parallel.plans import ResolvedPlan
 from lightning_tp.parallel.recompute import apply_activation_checkpointing, compile_blocks
 from lightning_tp.parallel.shapes import install_sequence_check
@@ -60,6 +65,8 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
         convert_to_float8(module, plan)
     if tp > 1:
         apply_tensor_parallel(module, plan, tp_mesh)
+    elif adapters:
+        keep_dropout_masks(module)  # what the LoRA styles' forward does at tp > 1
     apply_activation_checkpointing(module, plan, config.activation_checkpointing)
     if config.save_sharded_inputs and tp > 1:  # SP's gathered block inputs: keep shards, regather
         save_sharded_inputs(module, plan, tp_mesh)

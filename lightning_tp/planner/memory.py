@@ -20,8 +20,8 @@ __all__ = ["DROPOUT_MASK_BYTES", "activations", "fits", "layer_activation_bytes"
            "lora_activation_bytes", "memory"]
 
 DROPOUT_MASK_BYTES = 1
-"""Bytes per element of the mask dropout keeps for backward: CUDA's fused dropout keeps a bool
-mask (on CPU torch keeps the scaled noise, in the activation dtype)."""
+"""Bytes per element of the mask an adapter's input dropout keeps for backward: a bool tensor
+(:class:`lightning_tp.parallel.lora._DroppedLinear`, on every device)."""
 
 FROZEN_BASE = "frozen base (TP shards, outside FSDP2)"
 """The memory part of the frozen base under LoRA: stored in the compute dtype
@@ -103,11 +103,11 @@ def _layer_adapters(inputs: PlanInputs) -> list[Adapter]:
 def _frozen_inputs(inputs: PlanInputs, layer: list[Adapter]) -> dict[str, float]:
     """The projection inputs of a layer under LoRA (replacing the full-training entries): a
     matmul with a frozen weight keeps only the weight, so a projection's input stays only where
-    an adapter's ``lora_A`` multiplies it as it is (no dropout); the attention output stays in
-    any case (attention keeps it)."""
+    an adapter's ``lora_A`` keeps it (with or without dropout: the dropout keeps a mask, not a
+    dropped copy); the attention output stays in any case (attention keeps it)."""
     cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
     e, h, inter = inputs.tokens, cfg.hidden_size, cfg.intermediate_size
-    plain = [x for x in layer if not inputs.lora.dropout]
+    plain = list(layer)
     norms = (any(x.colwise and x.attention for x in plain)
              + any(x.colwise and not x.attention for x in plain))
     product = any(not x.colwise and not x.attention for x in plain)
@@ -128,9 +128,8 @@ def lora_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
     (:class:`~lightning_tp.planner.layout.Adapter`) and ``r`` the rank:
 
     * ``lora_A``'s output, which ``lora_B`` keeps: ``a·E·r``;
-    * with dropout, ``lora_A``'s own dropped copy of the input and the mask:
-      ``(a + m)·E·in`` (``m`` = :data:`DROPOUT_MASK_BYTES`), and the undropped input is kept by
-      nobody;
+    * with dropout, its mask ``m·E·in`` (``m`` = :data:`DROPOUT_MASK_BYTES`; the input itself is
+      kept once, as without dropout);
     * the selected rows of the factor that follows a replicated base: ``a·r·out``
       (column-parallel) or ``a·r·in`` (row-parallel);
     * ``selective`` (the op policy keeps matmul outputs that are not partial sums over DTensor
@@ -153,8 +152,7 @@ def lora_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
             sum(a * e * x.out_local for x in layer) + sum(a * e * x.out_local for x in row_partial))
         return parts
     if lora.dropout:
-        parts["LoRA: dropped inputs + masks"] = sum((a + DROPOUT_MASK_BYTES) * e * x.in_local
-                                                    for x in layer)
+        parts["LoRA: dropout masks"] = sum(DROPOUT_MASK_BYTES * e * x.in_local for x in layer)
     selected = sum(a * r * (x.out_local if x.colwise else x.in_local)
                    for x in layer if x.replicated)
     if selected and not even:
@@ -164,15 +162,12 @@ def lora_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
 
 def _layer0_savings(inputs: PlanInputs) -> float:
     """What layer 0 keeps less than the others under LoRA: its input, the frozen embedding's
-    output, needs no gradient, so its first norm keeps nothing, and neither do the dropout masks
-    of adapters on that norm's output. (Without adapters on q/k/v, more of layer 0's attention
-    needs no gradient; the planner still counts it.)"""
+    output, needs no gradient, so its first norm keeps nothing. (Without adapters on q/k/v, more
+    of layer 0's attention needs no gradient; the planner still counts it.)"""
     cfg, a = inputs.config, BYTES_PER_ELEMENT[inputs.precision].compute
     ts = inputs.tp if inputs.sequence_parallel else 1
     e, h = inputs.tokens, cfg.hidden_size
-    masks = DROPOUT_MASK_BYTES * e * sum(x.in_local for x in _layer_adapters(inputs)
-                                         if x.colwise and x.attention)
-    return a * e * h // ts + 4 * e // ts + (masks if inputs.lora.dropout else 0)
+    return a * e * h // ts + 4 * e // ts
 
 
 def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:

@@ -277,7 +277,7 @@ def verdict(inputs: PlanInputs, mem: dict[str, float], est: Any,
     if lora is not None and lora.dropout:
         plain = _evaluate(inputs.replace(lora=dataclasses.replace(lora, dropout=0.0)))
         if plain.fits:
-            options.append(f"peft.dropout=0, which keeps no dropped copy of each adapter's input"
+            options.append(f"peft.dropout=0, which keeps no dropout mask per adapter"
                            f" ({_option(plain)})")
     out = f"{head}: does not fit."
     if options:

@@ -16,9 +16,9 @@ import torch
 
 from lightning_tp import hardware
 from lightning_tp.models import Llama, get_config
+from lightning_tp.parallel.lora import keep_dropout_masks
 from lightning_tp.planner import PlanInputs, PlannerError, analyze, collectives, compose_inputs, main, param_shards
 from lightning_tp.planner import layout as planner_layout
-from lightning_tp.planner import memory as planner_memory
 from lightning_tp.planner.estimate import adapter_flops, model_flops_per_token, rank_flops
 from lightning_tp.planner.inputs import Lora
 from lightning_tp.planner.layout import adapters
@@ -177,18 +177,19 @@ def test_memory_parts_equal_hand_computed_numbers():
     assert mem["adapter gradients"] == 4 * 2 * adapter
     assert mem["adapter optimizer (AdamW)"] == 8 * 2 * adapter
     # Per layer (E = 64 tokens, a = 2): the r-wide lora_A outputs of 7 projections; with dropout, each projection's
-    # dropped input and its 1-byte mask (inputs 64 for q, k, v, gate, up; 32 for o_proj, 96 for down_proj); the
-    # norm outputs and the MLP product are kept by nobody (frozen matmuls keep only their weight).
+    # 1-byte mask (inputs 64 for q, k, v, gate, up; 32 for o_proj, 96 for down_proj); the two gathered norm outputs
+    # and the MLP product, once each, for the adapters' lora_A (frozen matmuls keep only their weight).
     layer = layer_activation_bytes(inputs)
     assert layer["LoRA: lora_A outputs (r wide)"] == 7 * 2 * 64 * 4
-    assert layer["LoRA: dropped inputs + masks"] == (2 + 1) * 64 * (5 * 64 + 32 + 96)
-    assert "gathered norm outputs kept for lora_A (whole)" not in layer
+    assert layer["LoRA: dropout masks"] == 1 * 64 * (5 * 64 + 32 + 96)
+    assert layer["gathered norm outputs kept for lora_A (whole)"] == 2 * 2 * 64 * 64
+    assert layer["MLP product kept for down_proj's lora_A"] == 2 * 64 * 96
     assert layer["MLP (gate, up, silu)"] == 3 * 2 * 64 * 96
     assert layer["q, k, v"] == 2 * 64 * (32 + 2 * 16)
     # Outside the layers: the frozen embedding and lm_head keep nothing; layer 0's first norm (input 2x32x64/2
-    # bf16 + fp32 rsqrt per local token) and its q/k/v dropout masks neither.
+    # bf16 + fp32 rsqrt per local token) neither.
     assert "embedding, final norm, lm_head input" not in mem
-    assert mem["layer 0 (its input needs no gradient)"] == -(2 * 64 * 64 // 2 + 4 * 64 // 2 + 3 * 64 * 64)
+    assert mem["layer 0 (its input needs no gradient)"] == -(2 * 64 * 64 // 2 + 4 * 64 // 2)
 
 
 # ----------------------------------------------------------------------------------------- activations, measured
@@ -213,6 +214,8 @@ def _lora_layer(config, tp, sp, targets, dropout):
     if tp > 1:
         plan = resolve_plan(model, "auto", sequence_parallel=sp, loss_parallel=True)
         apply_tensor_parallel(model, plan, init_device_mesh("cpu", (tp,)))
+    else:  # as the strategy does at tp 1
+        keep_dropout_masks(model)
     inner = model.base_model.model
     freqs = torch.outer(torch.arange(32).float(), inner.model.inv_freq)
     emb = torch.cat((freqs, freqs), -1)
@@ -226,10 +229,9 @@ def _lora_layer(config, tp, sp, targets, dropout):
 def test_lora_activation_formula_equals_saved_tensors(tp, sp, heads, dropout, targets, monkeypatch):
     """Bytes autograd saves in one real bf16 PEFT decoder layer (TP-sharded under a fake process group) equal the
     formula: the frozen projections keep only their weights, so a projection's input stays only where lora_A keeps
-    it; with dropout each adapter keeps its dropped copy and mask; r-wide lora_A outputs; for heads tp does not
-    divide (9:3), the selected rows of the adapter factors that follow the replicated projections. On CPU, dropout
-    keeps its scaled noise in bf16 instead of CUDA's 1-byte mask."""
-    monkeypatch.setattr(planner_memory, "DROPOUT_MASK_BYTES", 2)
+    it; with dropout each adapter keeps a 1-byte mask (not a dropped copy: lightning_tp/parallel/lora.py); r-wide
+    lora_A outputs; for heads tp does not divide (9:3), the selected rows of the adapter factors that follow the
+    replicated projections."""
     config = get_config("debug").replace(num_hidden_layers=1, **_HEADS[heads])
     b, s = 2, 32
     with _fake_world(0, tp):
@@ -259,13 +261,11 @@ def test_lora_activation_formula_equals_saved_tensors(tp, sp, heads, dropout, ta
 def test_whole_model_difference_equals_the_formula(dropout, monkeypatch):
     """A whole bf16 model (2 layers, embedding to loss) with PEFT's adapters saves, against the same model trained in
     full, what the formula says it should: per layer as above, and outside the layers no token ids (frozen
-    embedding), no lm_head input (frozen lm_head), and nothing for layer 0's first norm and its q/k/v dropout masks
-    (its input needs no gradient)."""
+    embedding), no lm_head input (frozen lm_head), and nothing for layer 0's first norm (its input needs no
+    gradient)."""
     import torch.nn.functional as F
 
     from lightning_tp.planner.memory import activations
-
-    monkeypatch.setattr(planner_memory, "DROPOUT_MASK_BYTES", 2)
     config = get_config("debug")
     b, s = 2, 32
     ids = torch.randint(0, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
@@ -276,6 +276,7 @@ def test_whole_model_difference_equals_the_formula(dropout, monkeypatch):
         model = Llama(config)
         if lora:
             model = _peft_model(model, 4, TARGETS, dropout)
+            keep_dropout_masks(model)  # as the strategy does at tp 1
         model = model.to(torch.bfloat16)
         skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), labels]}
         saved = {}

@@ -82,7 +82,7 @@ def refuse_plan_features(config: ParallelConfig, why: str) -> None:
     user's parallelization: raise :class:`UnsupportedFeatureError` naming those that are set."""
     asked = [f"{name}={getattr(config, name)!r}" for name, off in (
         ("activation_checkpointing", "none"), ("compile", False), ("async_tp", False),
-        ("float8", False)) if getattr(config, name) != off]
+        ("float8", False), ("save_sharded_inputs", False)) if getattr(config, name) != off]
     if asked:
         raise UnsupportedFeatureError(
             f"{', '.join(asked)} act on the decoder blocks found by the strategy's own plan, which"

@@ -32,6 +32,8 @@ CASES_4 = [{"dp": 2, "tp": 2, **f} for f in FLAGS] + [{"dp": 1, "tp": 4, **f} fo
     {"dp": 2, "tp": 2, "sp": True, "lp": True, "accumulate": 2},
     {"dp": 2, "tp": 2, "sp": True, "lp": True, "precision": "bf16-mixed"},
     {"dp": 2, "tp": 2, "sp": True, "lp": True, "ac": "selective"},
+    # the block inputs kept as sequence shards and gathered again in backward (lightning_tp/parallel/sharded_saves.py)
+    {"dp": 2, "tp": 2, "sp": True, "lp": True, "sharded": True},
 ] + [
     # Mixed meshes: the Llama on the (dp, tp) mesh plus an extra head the plan leaves out (FSDP2 puts it on the dp
     # mesh only; with fsdp=False it stays a plain tensor). Norm clipping with SGD, so parameters track gradients;
@@ -102,7 +104,8 @@ def _cases(runs: dict[str, dict]) -> list[dict]:
 
 
 def _label(c: dict) -> str:
-    extra = "".join(f" {k}={c[k]}" for k in ("head", "clip", "optim", "fsdp", "reshard", "precision") if k in c)
+    extra = "".join(f" {k}={c[k]}" for k in ("head", "clip", "optim", "fsdp", "reshard", "precision", "sharded")
+                    if k in c)
     return (f"dp={c['dp']} tp={c['tp']} sp={c['sp']} lp={c['lp']} acc={c.get('accumulate', 1)}"
             f" ac={c.get('ac', 'none')}{extra}")
 

@@ -229,6 +229,7 @@ def run_case(case: dict[str, Any], devices: int, num_nodes: int) -> dict[str, An
             sequence_parallel=case["sp"], loss_parallel=case["lp"],
             activation_checkpointing=case.get("ac", "none"), compile=case.get("compile", False),
             fsdp=case.get("fsdp", True), reshard_after_forward=case.get("reshard", True),
+            save_sharded_inputs=case.get("sharded", False),
         ),
         precision=case.get("precision", "32-true"),
         max_steps=STEPS,

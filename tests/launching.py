@@ -217,6 +217,19 @@ class Job:
         return self.log.read_text(errors="replace")[-6000:]
 
 
+def launch_spec(worker: Path, tmp: Path, name: str, spec: dict) -> subprocess.Popen:
+    """Start ``python WORKER OUT.json SPEC.json`` (the workers that run many cases in one launch), ``spec`` written to
+    ``tmp/NAME.json``, output to ``tmp/NAME.out.json``, its log to ``tmp/NAME.log``; read it with
+    :func:`worker_output`."""
+    import json
+    import sys
+
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    log = open(tmp / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, str(worker), str(tmp / f"{name}.out.json"), str(tmp / f"{name}.json")],
+                            env=launch_env(**QUIET), stdout=log, stderr=subprocess.STDOUT)
+
+
 def worker_output(proc: subprocess.Popen, out: Path, log: Path, what: str, timeout: float = 900) -> Any:
     """The JSON a launched worker wrote to ``out``, once ``proc`` has ended; the test fails with the end of ``log``
     if it exits non-zero, writes nothing or outlives ``timeout`` (then it is killed)."""

@@ -8,14 +8,12 @@ then 8 ranks.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launching import QUIET, launch_env, worker_output
+from launching import launch_spec, worker_output
 from paths import WORKERS
 from tolerances import FP32, assert_losses_close, assert_max_err
 
@@ -64,10 +62,7 @@ COUNTS: dict[str, dict] = {}  # filled by the fixture from the 4-rank launch
 
 
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
-    (tmp / f"{name}.json").write_text(json.dumps(spec))
-    log = open(tmp / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(WORKER), str(tmp / f"{name}.out.json"), str(tmp / f"{name}.json")],
-                            env=launch_env(**QUIET), stdout=log, stderr=subprocess.STDOUT)
+    return launch_spec(WORKER, tmp, name, spec)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,13 @@ model's logits.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from launching import QUIET, launch_env, worker_output
+from launching import launch_spec, worker_output
 from paths import WORKERS
 from tolerances import assert_max_err
 
@@ -49,10 +48,7 @@ ADAPTERS = {"8:4": 28, "9:3": 28, "phi3": 16}  # 2 layers x 7 (Phi-3: 4 fused) p
 
 
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
-    (tmp / f"{name}.json").write_text(json.dumps(spec))
-    log = open(tmp / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(WORKER), str(tmp / f"{name}.out.json"), str(tmp / f"{name}.json")],
-                            env=launch_env(**QUIET), stdout=log, stderr=subprocess.STDOUT)
+    return launch_spec(WORKER, tmp, name, spec)
 
 
 @pytest.fixture(scope="module")

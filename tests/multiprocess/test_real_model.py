@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from _ci_deps import locate, require
-from launching import QUIET, launch_env, worker_output
+from launching import launch_env, launch_spec, worker_output
 from paths import ROOT, WORKERS
 from tolerances import REAL, assert_losses_close, assert_max_err
 
@@ -48,10 +48,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _launch(tmp: Path, name: str, spec: dict) -> subprocess.Popen:
-    (tmp / f"{name}.json").write_text(json.dumps(spec))
-    log = open(tmp / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(WORKER), str(tmp / f"{name}.out.json"), str(tmp / f"{name}.json")],
-                            env=launch_env(**QUIET), stdout=log, stderr=subprocess.STDOUT)
+    return launch_spec(WORKER, tmp, name, spec)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,14 @@ from typing import Optional
 from lightning_tp.hardware import Link
 from lightning_tp.parallel.heads import head_layout
 from lightning_tp.planner.inputs import PlanInputs
-from lightning_tp.planner.layout import ROOT_UNIT, ParamShard, adapters, param_shards, units
+from lightning_tp.planner.layout import (
+    ROOT_UNIT,
+    ParamShard,
+    adapters,
+    busiest_rank,
+    param_shards,
+    units,
+)
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 
 __all__ = ["Collective", "collectives", "group_link", "replicated_gradients", "ring_bytes"]
@@ -144,6 +151,16 @@ def _lora_rows(inputs: PlanInputs) -> list[tuple[str, str, str, int, int]]:
              len(found), total)]
 
 
+def _block_linear_elements(inputs: PlanInputs) -> int:
+    """Elements of one decoder block's linear weights on the busiest TP rank (what float8
+    all-gathers in 1 byte): ``h·d·(2·q_r + 2·kv_r) + 3·h·I/t``."""
+    cfg = inputs.config
+    rank = busiest_rank(cfg, inputs.tp)
+    h, d = cfg.hidden_size, cfg.resolved_head_dim
+    return (h * d * (2 * rank.q_heads + 2 * rank.kv_heads)
+            + 3 * h * cfg.intermediate_size // inputs.tp)
+
+
 def collectives(inputs: PlanInputs,
                 shards: Optional[list[ParamShard]] = None) -> list[Collective]:
     """Collectives per optimizer step per rank: TP (per layer and outside the layers) and FSDP2."""
@@ -160,13 +177,20 @@ def collectives(inputs: PlanInputs,
                                            else param_shards(inputs)).items() if n}
         gathered = {u: n * inputs.dp for u, n in per_unit.items()}  # whole TP-local unit, padded
         total = sum(gathered.values())
-        rows.append(("dp", "all_gather", "parameters, forward (every micro-batch)",
-                     m * len(per_unit), m * element.compute * total))
+        blocks = len([u for u in per_unit if u != ROOT_UNIT])
+        # float8 all-gather: a block's linear weights travel in 1 byte, the rest (norms, root) not
+        saved = (element.compute - 1) * _block_linear_elements(inputs) * blocks \
+            if inputs.float8_all_gather else 0
+        rows.append(("dp", "all_gather", "parameters, forward (every micro-batch)"
+                     + (", block linears in float8" if saved else ""),
+                     m * len(per_unit), m * (element.compute * total - saved)))
         if inputs.reshard_after_forward:  # the last block stays gathered for the start of backward
             last = [u for u in per_unit if u != ROOT_UNIT][-1:]
+            again = saved * (blocks - len(last)) // blocks if blocks else 0
             rows.append(("dp", "all_gather", "parameters, backward (resharded after forward)",
                          m * (len(per_unit) - len(last)),
-                         m * element.compute * (total - sum(gathered[u] for u in last))))
+                         m * (element.compute * (total - sum(gathered[u] for u in last))
+                              - again)))
         rows.append(("dp", "reduce_scatter", "gradients (last micro-batch only)", len(per_unit),
                      element.grad * total))
     out = []

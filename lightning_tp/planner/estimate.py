@@ -18,8 +18,8 @@ from lightning_tp.planner.memory import DROPOUT_MASK_BYTES
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 from lightning_tp.training.callbacks import mfu
 
-__all__ = ["Estimate", "adapter_flops", "adapter_seconds", "compute_seconds", "estimate",
-           "model_flops_per_token", "rank_flops"]
+__all__ = ["Estimate", "adapter_flops", "adapter_seconds", "compute_seconds", "elementwise_bytes",
+           "estimate", "model_flops_per_token", "rank_flops"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Estimate:
     adapter_s: float = 0.0
     """LoRA: the adapters' matmuls, forward and backward (at the larger of their FLOP time and
     their memory traffic); 0 without LoRA."""
+    elementwise_s: float = 0.0
+    """Memory-bound traffic in the compute time: eager element-wise kernels and float8's casts
+    (:func:`elementwise_bytes` at HBM bandwidth)."""
 
 
 def rank_flops(inputs: PlanInputs, even: bool = False) -> tuple[float, float]:
@@ -113,6 +116,49 @@ def adapter_seconds(inputs: PlanInputs) -> float:
     return max(flop_s, tokens * per_token / inputs.accelerator.hbm_bandwidth)
 
 
+def elementwise_bytes(inputs: PlanInputs) -> dict[str, float]:
+    """HBM bytes per step on the busiest rank of the memory-bound kernels the FLOP count leaves
+    out, by source (docs/planner.md, "Step time and MFU"); ``a`` the activation bytes, ``n_q``,
+    ``n_kv`` the rank's query and key widths, ``I_r = I/t``, ``h_s = h/t`` under SP (else ``h``):
+
+    * **eager** (``compile=False``): each element-wise op of a block is its own kernel, reading
+      its operands and writing its result; compiled, each chain is one kernel. What eager moves
+      beyond the fused chains, per token and layer forward: the two RMSNorms ``2·32·h_s`` (fp32
+      upcast, square, mean, scale, downcast, weight: 36 bytes per element against 4 fused),
+      rotary embedding ``16·(n_q + n_kv)`` (negate, concatenate, two products, a sum: ``10·a``
+      against ``2·a``), SiLU and product ``4·I_r`` (``5·a`` against ``3·a``); backward twice the
+      forward, full checkpointing one forward more;
+    * **float8** (torchao's dynamic tensorwise scaling, as torchtitan runs it): each block
+      linear's input (under TP + SP the attention and MLP inputs once each, on the sequence
+      shard, before their float8 all-gather) and, in backward, its output gradient are reduced
+      for their amax and cast (``2·a + 1`` bytes per element), and the fp8 input and gradient
+      are transposed for the weight gradient (``2`` bytes); the weights likewise, once per
+      micro-batch (``2·a + 1 + 2`` bytes per element, the transposed copy for the input gradient).
+    """
+    cfg, t, layers = inputs.config, inputs.tp, inputs.config.num_hidden_layers
+    a = BYTES_PER_ELEMENT[inputs.precision].compute
+    rank = busiest_rank(cfg, t)
+    d, h = cfg.resolved_head_dim, cfg.hidden_size
+    nq, nkv, inter = rank.q_heads * d, rank.kv_heads * d, cfg.intermediate_size / t
+    tokens = inputs.accumulate * inputs.tokens
+    forward = 1 + (1 if RECOMPUTE[inputs.activation_checkpointing].forward else 0)
+    out: dict[str, float] = {}
+    if not inputs.compile:
+        hs = h / t if inputs.sequence_parallel else h
+        per_layer = 2 * 32 * hs + 16 * (nq + nkv) + 4 * inter
+        out["eager element-wise kernels"] = (forward + 2) * per_layer * layers * tokens
+    if inputs.float8:
+        if t > 1 and inputs.sequence_parallel:  # cast once on the shard, gathered in float8
+            ins = 2 * h / t + nq + inter  # attention and MLP inputs; o; down
+        else:
+            ins = 3 * h + nq + 2 * h + inter  # q, k, v on the norm output; o; gate, up; down
+        outs = nq + 2 * nkv + h + 2 * inter + h
+        cast = (2 * a + 1) * (forward * ins + outs) + 2 * (ins + outs)
+        weights = (2 * a + 1 + 2) * (h * (2 * nq + 2 * nkv) + 3 * h * inter)
+        out["float8 casts"] = layers * (cast * tokens + weights * inputs.accumulate)
+    return out
+
+
 def model_flops_per_token(inputs: PlanInputs) -> float:
     """Model FLOPs per token (torchtitan's convention, recomputation excluded):
     :meth:`LlamaConfig.flops_per_token`; under LoRA the frozen matmuls without weight gradients,
@@ -168,7 +214,8 @@ def estimate(inputs: PlanInputs, shards: list[ParamShard], comms: list[Collectiv
     """The step time of ``inputs`` from its parameter shards and its collectives."""
     model_fpt, hw_fpt, compute = _compute_s(inputs)
     adapter = adapter_seconds(inputs)
-    compute += adapter
+    elementwise = sum(elementwise_bytes(inputs).values()) / inputs.accelerator.hbm_bandwidth
+    compute += adapter + elementwise
     tp_comm = sum(c.seconds for c in comms if c.group == "tp")
     if inputs.async_tp:
         # the per-layer collectives hide under the matmuls they feed, as far as those last
@@ -187,4 +234,4 @@ def estimate(inputs: PlanInputs, shards: list[ParamShard], comms: list[Collectiv
     peak = inputs.accelerator.peak(inputs.precision)
     return Estimate(model_fpt, hw_fpt, compute, tp_comm, fsdp, exposed, optimizer, step, tokens,
                     tokens / step / inputs.world, mfu(tokens / step, model_fpt, inputs.world, peak),
-                    adapter_s=adapter)
+                    adapter_s=adapter, elementwise_s=elementwise)

@@ -62,6 +62,10 @@ class PlanConfig:
     """Link inside a node; auto = the accelerator's (NVLink)."""
     devices_per_node: Optional[int] = None
     """None = ``trainer.devices`` if it is an int, else the accelerator's node size."""
+    float8_all_gather: bool = False
+    """With ``strategy.float8``: FSDP2 all-gathers the decoder blocks' linear weights in float8
+    (torchtitan's ``enable_fsdp_float8_all_gather``), 1 byte per element instead of the compute
+    dtype's. The strategy has no such option: this plans what it would buy."""
     efficiency: Optional[float] = None
     """Fraction of peak FLOP/s the kernels sustain (communication excluded); None = the
     accelerator's default (H100/H200 0.4, A100 0.55); see docs/planner.md."""
@@ -128,7 +132,17 @@ class PlanInputs:
     at the fp8 peak."""
     async_tp: bool = _STRATEGY.async_tp
     """Decoder-layer TP collectives overlapped with the matmuls (the strategy's
-    ``async_tp=True``)."""
+    ``async_tp=True``, which needs ``compile``)."""
+    compile: bool = _STRATEGY.compile
+    """Per-block ``torch.compile`` (the strategy's ``compile=True``): the element-wise ops between
+    the matmuls fused; eager, they cost their memory traffic
+    (:func:`~lightning_tp.planner.estimate.elementwise_bytes`)."""
+    save_sharded_inputs: bool = _STRATEGY.save_sharded_inputs
+    """Under SP without recompute, the two gathered block inputs kept as their sequence shard and
+    all-gathered again in backward (the strategy's ``save_sharded_inputs=True``)."""
+    float8_all_gather: bool = False
+    """FSDP2 all-gathers the block linears' weights in float8 (torchtitan's
+    ``enable_fsdp_float8_all_gather``; the strategy has no such option), with ``float8``."""
     devices_per_node: int = 8
     efficiency: float = 0.4
     memory_headroom: float = 0.1
@@ -149,13 +163,16 @@ class PlanInputs:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{key}={value!r} must be a positive int")
         if not problems:
-            # The strategy's rules for its flags and for fsdp=False with dp > 1. `compile` is not a
-            # planner input, so the rule that async TP needs it does not apply here.
+            # The strategy's rules for its flags (async TP needs compile; where
+            # save_sharded_inputs applies) and for fsdp=False with dp > 1.
             problems += ParallelConfig.problems(
                 tensor_parallel_size=self.tp, data_parallel_size=self.dp,
                 sequence_parallel=self.sequence_parallel, loss_parallel=self.loss_parallel,
                 fsdp=self.fsdp, reshard_after_forward=self.reshard_after_forward,
-                float8=self.float8, async_tp=self.async_tp)
+                float8=self.float8, async_tp=self.async_tp, compile=self.compile,
+                activation_checkpointing=(self.activation_checkpointing
+                                          if self.activation_checkpointing in AC_MODES else "none"),
+                save_sharded_inputs=self.save_sharded_inputs)
         try:
             check_precision(self.precision)
         except PrecisionConfigError as e:
@@ -168,6 +185,10 @@ class PlanInputs:
             problems.append(f"strategy.float8=true but accelerator={self.accelerator.name!r} has no"
                             " 'fp8' peak; use an accelerator with float8 tensor cores (h100, h200)"
                             " or strategy.float8=false")
+        if self.float8_all_gather and not (self.float8 and self.fsdp):
+            problems.append(f"float8_all_gather=true needs strategy.float8=true and"
+                            f" strategy.fsdp=true (got float8={self.float8}, fsdp={self.fsdp}):"
+                            " only FSDP2 gathers the float8 weights; set float8_all_gather=false")
         if self.async_tp and self.tp == 1:
             problems.append("strategy.async_tp=true with tensor_parallel_size=1 has no TP"
                             " collectives to overlap; set async_tp=false or tensor_parallel_size>1")
@@ -259,7 +280,9 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
         sequence_parallel=strategy.sequence_parallel, loss_parallel=strategy.loss_parallel,
         fsdp=strategy.fsdp, reshard_after_forward=strategy.reshard_after_forward,
         activation_checkpointing=strategy.activation_checkpointing, float8=strategy.float8,
-        async_tp=strategy.async_tp, devices_per_node=per_node,
+        async_tp=strategy.async_tp, compile=strategy.compile,
+        save_sharded_inputs=strategy.save_sharded_inputs,
+        float8_all_gather=cfg.float8_all_gather, devices_per_node=per_node,
         efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
         memory_headroom=cfg.memory_headroom, model_name=name,
         checkpoint=str(checkpoint) if checkpoint else None, lora=_lora(cfg.get("peft")),

@@ -26,6 +26,7 @@ from lightning_tp.planner import (
     param_shards,
     recommend,
 )
+from lightning_tp.planner.estimate import elementwise_bytes
 
 
 def _inputs(config, tp=1, dp=1, seq_len=32, batch_size=2, **kwargs):
@@ -213,11 +214,12 @@ def test_float8_speeds_up_block_matmuls_and_async_tp_hides_layer_collectives():
     base, _ = compose_inputs(["model=llama3_70b", "strategy.tensor_parallel_size=8", "strategy.data_parallel_size=2"])
     plain = analyze(base, top=0).estimate
     fp8 = analyze(base.replace(float8=True), top=0).estimate
-    overlapped = analyze(base.replace(async_tp=True), top=0).estimate
+    overlapped = analyze(base.replace(async_tp=True, compile=True), top=0).estimate
     cfg = base.config
     block = cfg.num_params - cfg.vocab_size * cfg.hidden_size * 2 - cfg.hidden_size  # norms are negligible
     saved = base.tokens / base.tp * 6 * block / 2 / (989e12 * base.efficiency)  # half the matmul time at 2x peak
-    assert plain["compute_s"] - fp8["compute_s"] == pytest.approx(saved, rel=1e-3)
+    casts = elementwise_bytes(base.replace(float8=True))["float8 casts"] / base.accelerator.hbm_bandwidth
+    assert plain["compute_s"] - fp8["compute_s"] == pytest.approx(saved - casts, rel=1e-3)
     outside = [c.seconds for c in collectives(base) if c.group == "tp" and not c.where.startswith("decoder")]
     assert overlapped["tp_comm_s"] == pytest.approx(sum(outside)) and plain["tp_comm_s"] > 10 * sum(outside)
 

@@ -27,9 +27,10 @@ Keys: model (a preset; model.<field> overrides), checkpoint (a Hugging Face mode
 config.json, planned instead of model), peft=none|lora (peft.rank, alpha, dropout,
 target_modules: LoRA, the base frozen), strategy.* (tensor_parallel_size,
 data_parallel_size, sequence_parallel, loss_parallel, fsdp, reshard_after_forward,
-activation_checkpointing, float8, async_tp), trainer.precision / accumulate_grad_batches / devices /
-num_nodes, data.seq_len, data.batch_size, accelerator, link, intra_node_link, devices_per_node,
-efficiency, memory_headroom, hardware_file, output=text|json, top.
+activation_checkpointing, compile, float8, async_tp, save_sharded_inputs), trainer.precision /
+accumulate_grad_batches / devices / num_nodes, data.seq_len, data.batch_size, accelerator, link,
+intra_node_link, devices_per_node, efficiency, float8_all_gather, memory_headroom, hardware_file,
+output=text|json, top.
 See docs/planner.md."""
 
 

@@ -23,6 +23,7 @@ from lightning_tp.planner.layout import (
     param_shards,
     units,
 )
+from lightning_tp.planner.memory import sharded_saves
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 
 __all__ = ["Collective", "collectives", "group_link", "replicated_gradients", "ring_bytes"]
@@ -95,7 +96,7 @@ def replicated_gradients(inputs: PlanInputs) -> list[tuple[str, int, int]]:
     return out
 
 
-_LAYERS = "decoder layers: 2 fwd + 2 bwd (+ recompute) per layer"
+_LAYERS = "decoder layers: 2 fwd + 2 bwd (+ recompute or regather) per layer"
 
 # (kind, where, calls per micro-batch, bytes of one call's whole tensor)
 _Row = tuple[str, str, int, int]
@@ -107,10 +108,12 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
     a = BYTES_PER_ELEMENT[inputs.precision].compute
     act = inputs.tokens * cfg.hidden_size * a  # one whole (b, s, h) activation
     again = RECOMPUTE[inputs.activation_checkpointing]
+    # save_sharded_inputs: the two block inputs all-gathered again in backward
+    regather = 2 if sharded_saves(inputs) else 0
     if inputs.sequence_parallel:
         # Forward: all-gather before attention and MLP, reduce-scatter after o_proj and down_proj;
         # backward the reverse; recomputation repeats some forward collectives.
-        rows = [("all_gather", _LAYERS, (4 + again.gathers) * layers, act),
+        rows = [("all_gather", _LAYERS, (4 + again.gathers + regather) * layers, act),
                 ("reduce_scatter", _LAYERS, (4 + again.reductions) * layers, act),
                 ("all_reduce", "embedding output (fwd)", 1, act),
                 ("all_gather", "sequence split before layer 0 (bwd)", 1, act),

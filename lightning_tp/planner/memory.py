@@ -17,7 +17,7 @@ from lightning_tp.planner.layout import Adapter, ParamShard, adapters, busiest_r
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT
 
 __all__ = ["DROPOUT_MASK_BYTES", "activations", "fits", "layer_activation_bytes",
-           "lora_activation_bytes", "memory"]
+           "lora_activation_bytes", "memory", "sharded_saves"]
 
 DROPOUT_MASK_BYTES = 1
 """Bytes per element of the mask an adapter's input dropout keeps for backward: a bool tensor
@@ -26,6 +26,20 @@ DROPOUT_MASK_BYTES = 1
 FROZEN_BASE = "frozen base (TP shards, outside FSDP2)"
 """The memory part of the frozen base under LoRA: stored in the compute dtype
 (:func:`lightning_tp.parallel.parallelize.freeze_in`), no gradient, no optimizer state."""
+
+
+def sharded_saves(inputs: PlanInputs, mode: Optional[str] = None) -> bool:
+    """Whether the two gathered block inputs are kept as their sequence shard and all-gathered
+    again in backward (``save_sharded_inputs`` under SP, no recompute, tp > 1:
+    :mod:`lightning_tp.parallel.sharded_saves`)."""
+    mode = mode or inputs.activation_checkpointing
+    return (inputs.save_sharded_inputs and inputs.sequence_parallel and inputs.tp > 1
+            and mode == "none")
+
+
+def _gathered_name(inputs: PlanInputs, mode: Optional[str] = None) -> str:
+    return ("2 norm outputs (sequence shards, regathered in backward)"
+            if sharded_saves(inputs, mode) else "2 gathered norm outputs (whole)")
 
 
 def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
@@ -40,7 +54,8 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
     * each RMSNorm: its input ``a·E·h/t_s`` and one fp32 rsqrt per token ``4·E/t_s`` (it normalises
       in fp32 but does not keep the fp32 copy);
     * each norm output as the colwise projections see it: ``a·E·h`` **whole** (all-gathered under
-      SP);
+      SP); ``a·E·h/t``, its sequence shard, with ``save_sharded_inputs`` (:func:`sharded_saves`),
+      which gathers it again in backward;
     * attention: q, k, v and the attention output ``a·E·(2·q_r + 2·kv_r)·d``, log-sum-exp
       ``4·b·q_r·s``, with ``q_r``/``kv_r`` the busiest rank's query / KV heads
       (:func:`~lightning_tp.planner.layout.busiest_rank`; ``nh/t`` and ``nkv/t`` when tp divides
@@ -79,7 +94,7 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
         return parts | lora_activation_bytes(inputs, mode, even)
     parts.update({
         "2 RMSNorm (input, rsqrt)": 2 * (a * e * h // ts + 4 * e // ts),
-        "2 gathered norm outputs (whole)": 2 * a * e * h,
+        _gathered_name(inputs, mode): 2 * a * e * h // (t if sharded_saves(inputs, mode) else 1),
         "MLP (gate, up, silu, product)": 4 * a * e * inter // t,
     })
     heads = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, t)
@@ -89,7 +104,7 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
     if selected and not even:
         parts["selected rows of replicated projections"] = a * h * selected
     if inputs.lora is not None:
-        parts.update(_frozen_inputs(inputs, _layer_adapters(inputs)))
+        parts.update(_frozen_inputs(inputs, _layer_adapters(inputs), mode))
         parts = {k: v for k, v in parts.items() if v}
     return parts | lora_activation_bytes(inputs, mode, even)
 
@@ -100,19 +115,26 @@ def _layer_adapters(inputs: PlanInputs) -> list[Adapter]:
     return [x for x in found if x.unit == found[0].unit] if found else []
 
 
-def _frozen_inputs(inputs: PlanInputs, layer: list[Adapter]) -> dict[str, float]:
+def _frozen_inputs(inputs: PlanInputs, layer: list[Adapter],
+                   mode: Optional[str] = None) -> dict[str, float]:
     """The projection inputs of a layer under LoRA (replacing the full-training entries): a
     matmul with a frozen weight keeps only the weight, so a projection's input stays only where
     an adapter's ``lora_A`` keeps it (with or without dropout: the dropout keeps a mask, not a
-    dropped copy); the attention output stays in any case (attention keeps it)."""
+    dropped copy); the attention output stays in any case (attention keeps it).
+    ``save_sharded_inputs`` packs every saved tensor that shares the gathered input's storage as
+    the sequence shard, ``lora_A``'s too (its input is the gathered tensor itself when the
+    adapters are in the compute dtype, as FSDP2 casts them), so that row divides by ``t``."""
     cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
     e, h, inter = inputs.tokens, cfg.hidden_size, cfg.intermediate_size
     plain = list(layer)
     norms = (any(x.colwise and x.attention for x in plain)
              + any(x.colwise and not x.attention for x in plain))
     product = any(not x.colwise and not x.attention for x in plain)
-    return {"2 gathered norm outputs (whole)": 0,
-            "gathered norm outputs kept for lora_A (whole)": norms * a * e * h,
+    if sharded_saves(inputs, mode):
+        kept = {"norm outputs kept for lora_A (sequence shards)": norms * a * e * h // t}
+    else:
+        kept = {"gathered norm outputs kept for lora_A (whole)": norms * a * e * h}
+    return {_gathered_name(inputs, mode): 0, **kept,
             "MLP (gate, up, silu, product)": 0,
             "MLP (gate, up, silu)": 3 * a * e * inter // t,
             "MLP product kept for down_proj's lora_A": product * a * e * inter // t}
@@ -204,6 +226,8 @@ def activations(inputs: PlanInputs, even: bool = False) -> dict[str, float]:
     recompute = 0
     if inputs.activation_checkpointing != "none":
         recompute = sum(layer_activation_bytes(inputs, "none", even).values())
+    elif sharded_saves(inputs):  # one regathered input during its module's backward
+        recompute = BYTES_PER_ELEMENT[inputs.precision].compute * e * h
     out["transient (max of loss backward, one layer's recompute)"] = max(loss_transient, recompute)
     return out
 

@@ -11,7 +11,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from lightning_tp.planner.communication import collectives
 from lightning_tp.planner.estimate import estimate
@@ -218,6 +218,26 @@ class Candidate:
     step_s: float
     tokens_per_s_per_device: float
     mfu: float
+    save_sharded_inputs: bool = False
+    """With ``activation_checkpointing="none"`` under SP: the gathered block inputs kept as their
+    sequence shard and all-gathered again in backward."""
+
+    @property
+    def setting(self) -> str:
+        """The activation setting in words: ``none``, ``none + sharded inputs``, ..."""
+        return self.activation_checkpointing + (" + sharded inputs" if self.save_sharded_inputs
+                                                else "")
+
+
+def settings(inputs: PlanInputs, tp: Optional[int] = None) -> list[tuple[str, bool]]:
+    """``(activation_checkpointing, save_sharded_inputs)`` from the least recomputation to the
+    most: none, none with the sequence shards kept (under SP at tp > 1, eager: where the strategy
+    takes it), selective, full."""
+    tp = inputs.tp if tp is None else tp
+    out = [("none", False)]
+    if inputs.sequence_parallel and tp > 1 and not inputs.compile:
+        out.append(("none", True))
+    return out + [(ac, False) for ac in AC_BY_RECOMPUTE if ac != "none"]
 
 
 def _evaluate(cand: PlanInputs) -> Candidate:
@@ -225,7 +245,8 @@ def _evaluate(cand: PlanInputs) -> Candidate:
     total = sum(memory(cand, shards).values())
     est = estimate(cand, shards, collectives(cand, shards))
     return Candidate(cand.tp, cand.dp, cand.activation_checkpointing, total, fits(cand, total),
-                     est.step_s, est.tokens_per_s_per_device, est.mfu)
+                     est.step_s, est.tokens_per_s_per_device, est.mfu,
+                     save_sharded_inputs=cand.save_sharded_inputs)
 
 
 def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
@@ -234,13 +255,19 @@ def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
     first. Replicated projections, their all-reduces and the busiest rank's heads and vocabulary
     rows are in each candidate's memory and step time."""
     out = [_evaluate(inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac,
+                                    save_sharded_inputs=sharded,
                                     async_tp=inputs.async_tp and tp > 1))
-           for tp, dp in tp_choices(inputs) for ac in AC_BY_RECOMPUTE]
+           for tp, dp in tp_choices(inputs) for ac, sharded in settings(inputs, tp)]
     # Ties (communication-bound layouts where recomputation hides under FSDP2 traffic) go to less
-    # recomputation.
+    # recomputation, the regathered inputs before selective's.
     out.sort(key=lambda c: (not c.fits, -round(c.tokens_per_s_per_device, 3),
-                            RECOMPUTE[c.activation_checkpointing].cost))
+                            RECOMPUTE[c.activation_checkpointing].cost, c.save_sharded_inputs))
     return out[:top]
+
+
+def _setting_words(c: Candidate) -> str:
+    words = f"activation checkpointing {c.activation_checkpointing}"
+    return words + (" and strategy.save_sharded_inputs=true" if c.save_sharded_inputs else "")
 
 
 def _option(c: Candidate) -> str:
@@ -262,18 +289,21 @@ def verdict(inputs: PlanInputs, mem: dict[str, float], est: Any,
                 f" {lora.dropout:g}) on {name}")
     usable = (1 - inputs.memory_headroom) * inputs.accelerator.memory_bytes
     mode = inputs.activation_checkpointing
-    head = (f"{what} at {_where(inputs)}, activation checkpointing {mode}:"
+    sharded = " and sharded inputs" if inputs.save_sharded_inputs else ""
+    head = (f"{what} at {_where(inputs)}, activation checkpointing {mode}{sharded}:"
             f" {total / 2**30:,.1f} GiB per rank of {usable / 2**30:,.1f} GiB usable")
     if fits(inputs, total):
         return (f"{head}: fits, {est.tokens_per_s_per_device:,.0f} tokens/s per device"
                 f" (estimate).")
     options = []
-    more = AC_BY_RECOMPUTE[AC_BY_RECOMPUTE.index(mode) + 1:]
-    here = next((c for c in map(_evaluate, (inputs.replace(activation_checkpointing=ac)
-                                            for ac in more)) if c.fits), None)
+    order = settings(inputs)
+    current = (mode, inputs.save_sharded_inputs)
+    more = order[order.index(current) + 1:] if current in order else []
+    here = next((c for c in map(_evaluate, (inputs.replace(activation_checkpointing=ac,
+                                                           save_sharded_inputs=sharded)
+                                            for ac, sharded in more)) if c.fits), None)
     if here is not None:
-        options.append(f"activation checkpointing {here.activation_checkpointing}"
-                       f" ({_option(here)})")
+        options.append(_setting_words(here) + f" ({_option(here)})")
     if lora is not None and lora.dropout:
         plain = _evaluate(inputs.replace(lora=dataclasses.replace(lora, dropout=0.0)))
         if plain.fits:
@@ -287,7 +317,7 @@ def verdict(inputs: PlanInputs, mem: dict[str, float], est: Any,
     if fitting and (fitting[0].tp, fitting[0].dp) != (inputs.tp, inputs.dp):
         c = fitting[0]
         out += (f" The fastest layout that fits on these devices: tp {c.tp} x dp {c.dp},"
-                f" activation checkpointing {c.activation_checkpointing} ({_option(c)}).")
+                f" {_setting_words(c)} ({_option(c)}).")
     if options or fitting:
         return out
     if lora is None:

@@ -66,7 +66,8 @@ def _recommendation(rows: list[dict[str, Any]]) -> list[str]:
               "MFU"]
     out = ["", "Recommendation (same devices and micro-batch; fitting layouts first, fastest"
                " first):",
-           _table(header, [[n + 1, c["tp"], c["dp"], c["activation_checkpointing"],
+           _table(header, [[n + 1, c["tp"], c["dp"], c["activation_checkpointing"]
+                            + (" + sharded inputs" if c.get("save_sharded_inputs") else ""),
                             _gib(c["memory"]), c["fits"], _ms(c["step_s"], 0),
                             f"{c['tokens_per_s_per_device']:,.0f}", f"{c['mfu']:.1%}"]
                            for n, c in enumerate(rows)])]

@@ -458,3 +458,65 @@ def test_replicated_gradient_all_reduces_equal_what_the_layers_send(fsdp, monkey
     assert row.tensor_bytes * row.calls == sum(sent)
     assert row.tensor_bytes == config.num_key_value_heads * config.resolved_head_dim * config.hidden_size * (
         2 if fsdp else 4)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_sharded_saves_formula_equals_the_activations_benchmark(sharded):
+    """The rows tp+sp and tp+sp+sharded of benchmarks/activations.py (bytes alive after forward, 2-layer minus
+    1-layer model, and the collectives of forward and backward) at tp 4, run under a fake process group: the planner's
+    layer equals the bytes held, and save_sharded_inputs adds 2 all-gathers per layer in backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from benchmarks import activations as bench
+    from benchmarks._common import bench_config
+
+    t, b, s = 4, 1, 64
+    config = bench_config("activations")
+    with _fake_world(0, t):
+        mesh = init_device_mesh("cpu", (1, t), mesh_dim_names=("dp", "tp"))["tp"]
+        one, two = (bench._forward_bytes(config.replace(num_hidden_layers=n), mesh, True, "none", b, s, sharded)
+                    for n in (1, 2))
+    inputs = _inputs(config, tp=t, seq_len=s, batch_size=b, sequence_parallel=True, save_sharded_inputs=sharded)
+    parts = layer_activation_bytes(inputs)
+    assert two["held"] - one["held"] == sum(parts.values())
+    e, h = b * s, config.hidden_size
+    if sharded:
+        assert parts["2 norm outputs (sequence shards, regathered in backward)"] == 2 * 2 * e * h // t
+    else:
+        assert parts["2 gathered norm outputs (whole)"] == 2 * 2 * e * h
+
+    def gathers(run, phase):
+        return run["collectives"][phase].get("all_gather_into_tensor", 0)
+
+    backward = gathers(two, "backward") - gathers(one, "backward")
+    assert backward == (4 if sharded else 2)
+    planned = sum(c.calls for c in collectives(inputs) if c.kind == "all_gather" and c.where.startswith("decoder"))
+    assert planned == config.num_hidden_layers * (gathers(two, "forward") - gathers(one, "forward") + backward)
+
+
+def test_sharded_saves_transient_validation_and_ranking():
+    # a small vocabulary, so that the regathered input (a·E·h) outweighs the loss backward's transient (8·E·V/t)
+    base, _ = compose_inputs(["model=llama3_8b", "model.vocab_size=1024", "strategy.tensor_parallel_size=8",
+                              "strategy.data_parallel_size=1"])
+    sharded = base.replace(save_sharded_inputs=True)
+    a, e, h, t = 2, base.tokens, base.config.hidden_size, 8
+    plain_layer, sharded_layer = (sum(layer_activation_bytes(x).values()) for x in (base, sharded))
+    assert plain_layer - sharded_layer == 2 * a * e * h * (t - 1) // t
+    report = analyze(sharded, top=0)
+    transient = report.memory["transient (max of loss backward, one layer's recompute)"]
+    assert 8 * e * base.config.vocab_size // t < a * e * h == transient
+    assert analyze(base, top=0).memory["transient (max of loss backward, one layer's recompute)"] < transient
+    # 2 more exposed all-gathers per layer, no recompute: the step grows by exactly their time
+    extra = [c.seconds for c in collectives(sharded) if c.where.startswith("decoder") and c.kind == "all_gather"][0]
+    extra -= [c.seconds for c in collectives(base) if c.where.startswith("decoder") and c.kind == "all_gather"][0]
+    steps = analyze(base, top=0).estimate["step_s"], report.estimate["step_s"]
+    assert steps[1] - steps[0] == pytest.approx(extra, rel=1e-6) and extra > 0
+    assert report.estimate["hardware_flops_per_token"] == analyze(base, top=0).estimate["hardware_flops_per_token"]
+    # the strategy's rule, through ParallelConfig.problems
+    with pytest.raises(PlannerError, match=r"save_sharded_inputs=True.*activation_checkpointing='selective'"):
+        compose_inputs(["strategy.save_sharded_inputs=true", "strategy.activation_checkpointing=selective"])
+    # recommend tries none, none + sharded inputs, selective, full at every tp > 1 (SP, eager)
+    ranked = recommend(base, top=100)
+    at8 = [c.setting for c in ranked if c.tp == 8]
+    assert sorted(at8) == sorted(["none", "none + sharded inputs", "selective", "full"])
+    assert not any(c.save_sharded_inputs for c in ranked if c.tp == 1)

@@ -520,3 +520,53 @@ def test_sharded_saves_transient_validation_and_ranking():
     at8 = [c.setting for c in ranked if c.tp == 8]
     assert sorted(at8) == sorted(["none", "none + sharded inputs", "selective", "full"])
     assert not any(c.save_sharded_inputs for c in ranked if c.tp == 1)
+
+
+def test_sharded_saves_shard_lora_a_inputs_too():
+    """Under LoRA the adapters' lora_A keep the gathered norm output (lightning_tp/parallel/lora.py);
+    save_sharded_inputs packs every saved tensor on that storage as the shard, so the bytes alive after one PEFT
+    decoder layer's forward (TP 2 + SP, fake process group, dropout 0.1) drop by what the formula drops:
+    2·a·E·h·(1 − 1/t)."""
+    peft = pytest.importorskip("peft")
+    import gc
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from benchmarks.activations import _storage_key, _StorageTracker
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
+    from lightning_tp.parallel.plans import resolve_plan
+    from lightning_tp.parallel.sharded_saves import save_sharded_inputs
+    from lightning_tp.planner.inputs import Lora
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    config, t, b, s = get_config("debug").replace(num_hidden_layers=1), 2, 2, 32
+    held, planned = {}, {}
+    with _fake_world(0, t):
+        mesh = init_device_mesh("cpu", (t,))
+        for sharded in (False, True):
+            torch.manual_seed(0)
+            model = peft.get_peft_model(Llama(config), peft.LoraConfig(
+                r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(targets))).to(torch.bfloat16)
+            plan = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True)
+            apply_tensor_parallel(model, plan, mesh)
+            if sharded:
+                save_sharded_inputs(model, plan, mesh)
+            inner = model.base_model.model
+            freqs = torch.outer(torch.arange(s).float(), inner.model.inv_freq)
+            emb = torch.cat((freqs, freqs), -1)
+            rope = (emb.cos().bfloat16(), emb.sin().bfloat16())
+            x = torch.randn(b, s, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            static = {_storage_key(p) for p in [*model.parameters(), *model.buffers(), *rope, x]}
+            tracker = _StorageTracker()
+            with tracker.mode:
+                out = inner.model.layers[0](x, position_embeddings=rope)
+            gc.collect()
+            held[sharded] = tracker.alive_bytes(static)
+            del out
+            inputs = _inputs(config, tp=t, seq_len=s, batch_size=b, sequence_parallel=True, save_sharded_inputs=sharded,
+                             lora=Lora(rank=4, dropout=0.1, target_modules=targets))
+            planned[sharded] = layer_activation_bytes(inputs)
+    e, h = b * s, config.hidden_size
+    assert held[False] - held[True] == sum(planned[False].values()) - sum(planned[True].values()) \
+        == 2 * 2 * e * h * (t - 1) // t
+    assert planned[True]["norm outputs kept for lora_A (sequence shards)"] == 2 * 2 * e * h // t

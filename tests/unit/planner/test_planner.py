@@ -574,7 +574,7 @@ def test_sharded_saves_shard_lora_a_inputs_too():
 
 def test_verdict_offers_sharded_inputs_before_recompute():
     """Llama 3 70B at tp 8 x dp 4, seq 8192: without recompute it does not fit, with the sequence shards kept it does
-    (18.8 GiB less: 2·a·E·h·(1 − 1/t) per layer, 80 layers), so the verdict names that before selective."""
+    (17.5 GiB less: 2·a·E·h·(1 − 1/t) per layer, 80 layers), so the verdict names that before selective."""
     inputs, _ = compose_inputs(["model=llama3_70b", "strategy.tensor_parallel_size=8", "strategy.data_parallel_size=4"])
     plain, sharded = analyze(inputs, top=0), analyze(inputs.replace(save_sharded_inputs=True), top=0)
     e, h, layers = inputs.tokens, inputs.config.hidden_size, inputs.config.num_hidden_layers

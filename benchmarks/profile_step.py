@@ -18,7 +18,9 @@ by the ops' self CPU time on the training thread:
 * outside any op: the profiled wall time minus the ops' self time, i.e. Python: DTensor's sharding
   propagation and redistribution planning, module hooks, autograd and Lightning bookkeeping.
 
-Rounds alternate the order of the variants. Rank 0 prints the medians over rounds.
+Rounds alternate the order of the variants. Rank 0 prints the medians over rounds, the round with the shortest
+profiled step per variant, each variant's top ops, and then the cost of single gloo collectives of the sizes the
+step issues (:func:`collective_costs`).
 """
 
 from __future__ import annotations
@@ -210,6 +212,9 @@ def report(res: dict[str, Any]) -> str:
              f" s={res['seq']}, medians of {res['rounds']} rounds of {res['steps']} steps)", "",
              table(headers, rows), "",
              "### the round with the shortest profiled step, per variant", "", table(headers, best), ""]
+    if "collective_ms" in res:
+        lines += ["### gloo, one collective + wait_tensor (median ms of 40, 2 ranks)", "",
+                  table(["collective", "ms"], list(res["collective_ms"].items())), ""]
     for name, rs in runs.items():
         ops = rs[0]["ops_ms"]
         calls = rs[0]["op_calls"]
@@ -222,11 +227,46 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def collective_costs(batch: int, seq: int, hidden: int, repeats: int = 40) -> dict[str, float]:
+    """Median ms of one functional collective + ``wait_tensor`` on the launched ranks, after a barrier: an
+    all-reduce of ``b·s·h`` floats (TP's), the all-gather to and the reduce-scatter from that size (SP's), an
+    all-reduce of ``h`` floats (one norm weight's gradient) and of 9·h (the 4-layer model's 9 norms at once)."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+
+    group, world = dist.group.WORLD, dist.get_world_size()
+    n = batch * seq * hidden
+    full, shard = torch.randn(n), torch.randn(n // world)
+    norm, norms = torch.randn(hidden), torch.randn(9 * hidden)
+    cases = {
+        "all-reduce b·s·h": lambda: fc.all_reduce(full, "sum", group),
+        "all-gather to b·s·h": lambda: fc.all_gather_tensor(shard, 0, group),
+        "reduce-scatter from b·s·h": lambda: fc.reduce_scatter_tensor(full, "sum", 0, group),
+        "all-reduce h (one norm gradient)": lambda: fc.all_reduce(norm, "sum", group),
+        "all-reduce 9·h (9 norm gradients at once)": lambda: fc.all_reduce(norms, "sum", group),
+    }
+    out = {}
+    for name, call in cases.items():
+        times = []
+        for i in range(repeats + 5):
+            dist.barrier()
+            start = time.perf_counter()
+            fc.wait_tensor(call())
+            if i >= 5:
+                times.append((time.perf_counter() - start) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
 def _worker(spec: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
+    from benchmarks._common import bench_config
+
     dist.init_process_group("gloo")
     res = measure(**spec)
+    res["collective_ms"] = collective_costs(spec["batch"], spec["seq"], bench_config(spec["preset"]).hidden_size)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(res, f)

@@ -25,9 +25,10 @@ H100/H200 SXM) is the datasheet's, which ``PEAK_FLOPS`` does not list.
 A link's ``efficiency`` is the fraction of the nominal per-direction bandwidth NCCL reaches on large
 messages (bus bandwidth in nccl-tests terms); the defaults are round figures in the range public
 nccl-tests runs report, not measurements of ours. An accelerator's ``efficiency`` (H100/H200 0.4,
-A100 0.55) is the fraction of peak FLOP/s training kernels sustain; the defaults are round figures
-inside the MFU ranges torchtitan publishes for dense Llama training on those parts (H100: 33-39 %;
-A100: 51-58 %). docs/planner.md compares the planner with those runs.
+A100 0.65) is the fraction of peak FLOP/s training kernels sustain, communication excluded; the
+defaults are round figures from torchtitan's published dense Llama runs on those parts (H100 MFU
+33-39 %; A100 51-58 % MFU, about 69 % of peak in hardware FLOPs under full checkpointing).
+docs/planner.md compares the planner with those runs.
 """
 
 from __future__ import annotations
@@ -307,6 +308,6 @@ for _accelerator in (
     # A100 sustains a larger fraction of its (3x lower) peak: the memory-bound share of a step
     # weighs less.
     Accelerator("a100", _peaks("A100"), 79, 2.039e12, 8, "nvlink3", "ib_hdr",
-                "NVIDIA A100 SXM4 80GB", 0.55),
+                "NVIDIA A100 SXM4 80GB", 0.65),
 ):
     register_accelerator(_accelerator)

@@ -68,7 +68,7 @@ class PlanConfig:
     dtype's. The strategy has no such option: this plans what it would buy."""
     efficiency: Optional[float] = None
     """Fraction of peak FLOP/s the kernels sustain (communication excluded); None = the
-    accelerator's default (H100/H200 0.4, A100 0.55); see docs/planner.md."""
+    accelerator's default (H100/H200 0.4, A100 0.65); see docs/planner.md."""
     memory_headroom: float = 0.1
     """Fraction of device memory kept free (allocator fragmentation, CUDA context, NCCL buffers)."""
     hardware_file: Optional[str] = None

@@ -268,7 +268,7 @@ class _ColumnParallelLora:
     tp_mesh: Any
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if kwargs.get("adapter_names") is not None:
+        if kwargs.pop("adapter_names", None) is not None:
             raise PlanError("Mixed-adapter batches (adapter_names=) are not supported under tensor"
                             " parallelism.")
         result = self.base_layer(x, *args, **kwargs)

@@ -250,6 +250,7 @@ def _head_selecting(cls: type) -> type:
 
 
 def _local_rows(projection: nn.Module) -> int:
+    projection = getattr(projection, "base_layer", projection)  # a PEFT LoRA layer's projection
     if isinstance(projection, _HeadSelectingLinear):
         return len(projection.head_index)
     weight = projection.weight
@@ -263,5 +264,6 @@ def localize_kv_groups(module: nn.Module) -> None:
     native Llama infers it from the shapes and has no such attribute."""
     for attention in module.modules():
         k_proj = getattr(attention, "k_proj", None)
+        k_proj = getattr(k_proj, "base_layer", k_proj)  # a PEFT LoRA layer's projection
         if isinstance(k_proj, _HeadSelectingLinear) and hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = _local_rows(attention.q_proj) // _local_rows(k_proj)

@@ -112,7 +112,9 @@ def _check_supported(path: str, layer: nn.Module) -> None:
         problems.append("it has embedding adapters")
     if problems:
         raise PlanError(f"LoRA layer {path!r} cannot be tensor-parallel: " + "; ".join(problems)
-                        + ".")
+                        + ". Fix: leave it out of LoraConfig(target_modules=...) (adapters follow"
+                        " the attention and MLP projections, nn.Linear), or train it at"
+                        " tensor_parallel_size=1.")
 
 
 def lora_style(path: str, layer: nn.Module, base: ParallelStyle) -> ParallelStyle:
@@ -120,8 +122,8 @@ def lora_style(path: str, layer: nn.Module, base: ParallelStyle) -> ParallelStyl
     :class:`PlanError` when the adapters cannot follow that style."""
     _check_supported(path, layer)
     linear_like = isinstance(base, (ColwiseParallel, RowwiseParallel))
-    if linear_like and getattr(base, "input_layouts", (Replicate(),))[0] != (
-            Replicate() if isinstance(base, ColwiseParallel) else Shard(-1)):
+    accepted = ((Replicate(),) if isinstance(base, ColwiseParallel) else (Shard(-1), Replicate()))
+    if linear_like and getattr(base, "input_layouts", (Replicate(),))[0] not in accepted:
         linear_like = False  # lm_head: its input arrives sequence-sharded
     if isinstance(base, ColwiseParallel) and linear_like:
         return LoraColwise(base)
@@ -324,6 +326,7 @@ class LoraRowwise(ParallelStyle):
                     distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad))
         module.__class__ = _tensor_parallel(type(module))
         module.tp_mesh, module.output_layout = device_mesh, base.output_layouts[0]
+        module.input_layout = base.input_layouts[0]  # Shard(-1), or Replicate(): split here
         module.head_columns = columns
         return module
 
@@ -334,6 +337,7 @@ class _RowParallelLora:
 
     tp_mesh: Any
     output_layout: Any
+    input_layout: Any
     head_columns: list[int] | None
 
     def _columns(self, weight: Tensor) -> Tensor:
@@ -350,8 +354,9 @@ class _RowParallelLora:
         if kwargs.get("adapter_names") is not None:
             raise PlanError("Mixed-adapter batches (adapter_names=) are not supported under tensor"
                             " parallelism.")
-        if isinstance(x, DTensor):
-            x = x.redistribute(self.tp_mesh, [Shard(-1)]).to_local()
+        if not isinstance(x, DTensor):  # the rank's columns, or the whole input to split
+            x = DTensor.from_local(x, self.tp_mesh, [self.input_layout], run_check=False)
+        x = x.redistribute(self.tp_mesh, [Shard(-1)]).to_local()
         base = self.base_layer
         partial = F.linear(x, self._columns(base.weight))
         dtype = partial.dtype

@@ -6,7 +6,9 @@ Runs every case of ``tests/workers/family_cases`` whose ``tps`` holds N, on one 
 1. **Parity.** The case's model parallelised by ``resolve_plan(model, "auto")`` with SP and loss parallel, against a
    deep copy in one process: logits, the model's own ``labels=`` loss, and every gradient element.
 2. **Collectives per layer** (``CommDebugMode``, a 2-layer model minus a 1-layer one, forward and backward).
-3. **transformers' own tensor parallelism** on the same model (``from_pretrained(..., tp_plan="auto",
+3. **LoRA** (tp 2 only): the case's model in ``peft.get_peft_model`` with every decoder-layer projection adapted,
+   against the PEFT model in one process (loss, every adapter gradient).
+4. **transformers' own tensor parallelism** on the same model (``from_pretrained(..., tp_plan="auto",
    device_mesh=mesh)`` of the 1- and 2-layer models saved to ``DIR``): whether it runs, its loss against one
    process, and its collectives per layer.
 
@@ -125,6 +127,33 @@ def parity(case: Case, mesh: Any) -> dict[str, Any]:
             "grads_missing": sorted(set(ref_grads) - set(grads))}
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                "gate_up_proj", "c_fc", "c_proj")
+
+
+def lora_parity(case: Case, mesh: Any) -> dict[str, Any]:
+    """The case's model wrapped in PEFT (every decoder-layer projection it has, both factors random), parallelised
+    by the same auto plan (lightning_tp/parallel/lora.py), against the PEFT model in one process: loss and every
+    adapter gradient (in the model's own layout), and the frozen base left without gradients."""
+    import peft
+
+    base = case.build(2)
+    present = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n} & set(LORA_TARGETS))
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=present,
+                                                          init_lora_weights=False))
+    model = ours(copy.deepcopy(reference), mesh)
+    _, loss = step(model)
+    grads = model_layout(reference, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    _, ref_loss = step(reference)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    return {"targets": present, "loss": float(loss), "ref_loss": float(ref_loss), "adapters": len(ref_grads),
+            "grad_err": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+            "grad_absmax": max(float(g.abs().max()) for g in ref_grads.values()),
+            "unexpected_grads": sorted(set(grads) - set(ref_grads))}
+
+
 def transformers_tp(case: Case, mesh: Any, root: Path) -> dict[str, Any]:
     """transformers' own TP (its ``base_model_tp_plan``) on the same weights: runs? loss? collectives per layer?"""
     import transformers
@@ -158,6 +187,11 @@ def run(case: Case, mesh: Any, root: Path) -> dict[str, Any]:
         result["per_layer"] = per_layer(counts(ours(case.build(1), mesh)), counts(ours(case.build(2), mesh)))
     except Exception as e:  # noqa: BLE001 - recorded, checked by the test
         result["error"] = f"{type(e).__name__}: {e}"
+    if mesh.size() == 2:  # LoRA on every family, at the smallest tp (the layouts are checked at every tp above)
+        try:
+            result["lora"] = lora_parity(case, mesh)
+        except Exception as e:  # noqa: BLE001 - recorded, checked by the test
+            result["lora"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
     # transformers' own TP at 2 and 4 ranks only: at 8 (the costliest launch) it fails for every case whose KV heads
     # are fewer than 8, as it does at 4 (the measured table in the README)
     result["transformers"] = (transformers_tp(case, mesh, root) if mesh.size() < 8

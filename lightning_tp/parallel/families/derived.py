@@ -203,8 +203,10 @@ def derive_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: boo
                             " projections and one rowwise output projection, all plain or all"
                             " gathered/split)")
             continue
+        # a PEFT LoRA layer wraps its projection as `base_layer`
         missing = [n for n in projections
-                   if not isinstance(getattr(module, n, None), nn.Linear)]
+                   if not isinstance(getattr(getattr(module, n, None), "base_layer",
+                                             getattr(module, n, None)), nn.Linear)]
         missing += [n for n in found if n not in projections and not hasattr(module, n)]
         if missing:
             problems += [f"model.layers.*.{sub}.{n} (not an nn.Linear of {sub})" for n in missing]
@@ -220,7 +222,8 @@ def derive_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: boo
                 extras.append(f"{sub}.{name}: 1 all-gather of its output (forward)" if value in _COL
                               else f"{sub}.{name}: 1 all-gather of its input gradient (backward)")
             for name, child in module.named_modules():
-                if name and name not in projections and _has_params(child, recurse=False):
+                if (name and name not in projections and name.split(".")[0] not in projections
+                        and _has_params(child, recurse=False)):
                     plan[f"{glob}.{name}"] = ReplicateParallel()  # its input is whole on every rank
             continue
         qkv = {"q_proj", "k_proj", "v_proj"}
@@ -246,7 +249,8 @@ def derive_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: boo
                 plan[f"{glob}.{name}"] = HeadShardedNorm()
                 extras.append(f"self_attn.{name}: its head_dim weight gradient summed over TP")
         loose = [n for n, child in module.named_modules()
-                 if n and n not in found and _has_params(child, recurse=False)]
+                 if n and n not in found and _has_params(child, recurse=False)
+                 and n.split(".")[0] not in found]  # a PEFT LoRA layer's base and adapters
         problems += [f"{glob}.{n} (parameters base_model_tp_plan does not place, inside a"
                      f" sublayer whose projections are sharded)" for n in loose]
     for name, child in layer.named_children():

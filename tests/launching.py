@@ -7,13 +7,14 @@ built on it (``clean_launch_environ``, ``no_spawn``) are in ``conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -215,6 +216,22 @@ class Job:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
+
+
+@contextlib.contextmanager
+def fake_world(rank: int, world: int) -> Iterator[None]:
+    """A fake process group for this process as ``rank`` of ``world`` (collectives are no-ops that keep shapes), so
+    DTensor and FSDP2 compute real local shapes in one process; skips the test if a group already exists."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def launch_spec(worker: Path, tmp: Path, name: str, spec: dict) -> subprocess.Popen:

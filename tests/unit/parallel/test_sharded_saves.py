@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
+from launching import fake_world
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -170,13 +170,9 @@ def test_a_shard_modified_in_place_after_forward_is_an_error(mesh: Any, change: 
 def fake_two_ranks() -> Iterator[Any]:
     """Rank 0 of a fake 2-rank process group (collectives are no-ops that keep shapes) and its 1-D mesh."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_world(0, 2):
         yield init_device_mesh("cpu", (2,))
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_step(model: torch.nn.Module, mesh: Any, sharded: bool, tokens: torch.Tensor,

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from launching import fake_world
 
 from lightning_tp import hardware
 from lightning_tp.errors import LightningTPError, ModelShapeError
@@ -35,19 +36,6 @@ def _inputs(config, tp=1, dp=1, seq_len=32, batch_size=2, **kwargs):
                       inter_link=hardware.get_link("ib_ndr"), **kwargs)
 
 
-@contextlib.contextmanager
-def _fake_world(rank: int, world: int):
-    """A fake process group (collectives are no-ops) so DTensor and FSDP2 compute real local shapes."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_preset_plans_in_seconds():
@@ -85,7 +73,7 @@ def test_shard_shapes_equal_a_model_sharded_under_a_fake_process_group(tp, dp):
     inputs = _inputs(config, tp=tp, dp=dp)
     shards = {p.name: p for p in param_shards(inputs)}
     for rank in sorted({0, tp * dp - 1, tp * dp // 2}):
-        with _fake_world(rank, tp * dp):
+        with fake_world(rank, tp * dp):
             mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
             with torch.device("meta"):
                 model = Llama(config)
@@ -125,7 +113,7 @@ def test_activation_formula_equals_saved_tensors(tp, sp, heads):
 
     config = get_config("debug").replace(num_hidden_layers=1, **_HEADS[heads])
     b, s = 2, 32
-    with _fake_world(0, tp):
+    with fake_world(0, tp):
         torch.manual_seed(0)
         model = Llama(config).to(torch.bfloat16)
         if tp > 1:
@@ -440,7 +428,7 @@ def test_replicated_gradient_all_reduces_equal_what_the_layers_send(fsdp, monkey
     real_all_reduce = heads.dist.all_reduce
     monkeypatch.setattr(heads.dist, "all_reduce",
                         lambda t, **kw: sent.append(t.numel() * t.element_size()) or real_all_reduce(t, **kw))
-    with _fake_world(0, 8):
+    with fake_world(0, 8):
         mesh = init_device_mesh("cpu", (1, 8), mesh_dim_names=("data_parallel", "tensor_parallel"))
         torch.manual_seed(0)
         model = Llama(config)
@@ -472,7 +460,7 @@ def test_sharded_saves_formula_equals_the_activations_benchmark(sharded):
 
     t, b, s = 4, 1, 64
     config = bench_config("activations")
-    with _fake_world(0, t):
+    with fake_world(0, t):
         mesh = init_device_mesh("cpu", (1, t), mesh_dim_names=("dp", "tp"))["tp"]
         one, two = (bench._forward_bytes(config.replace(num_hidden_layers=n), mesh, True, "none", b, s, sharded)
                     for n in (1, 2))
@@ -541,7 +529,7 @@ def test_sharded_saves_shard_lora_a_inputs_too():
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     config, t, b, s = get_config("debug").replace(num_hidden_layers=1), 2, 2, 32
     held, planned = {}, {}
-    with _fake_world(0, t):
+    with fake_world(0, t):
         mesh = init_device_mesh("cpu", (t,))
         for sharded in (False, True):
             torch.manual_seed(0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import fake_world
 
 from lightning_tp import hardware
 from lightning_tp.models import Llama, get_config
@@ -36,19 +37,6 @@ def _inputs(config, tp=1, dp=1, seq_len=32, batch_size=2, lora=None, **kwargs):
                       inter_link=hardware.get_link("ib_ndr"), lora=lora, **kwargs)
 
 
-@contextlib.contextmanager
-def _fake_world(rank: int, world: int):
-    """A fake process group (collectives are no-ops) so DTensor and FSDP2 compute real local shapes."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _peft_model(model, rank, targets, dropout=0.0):
@@ -128,7 +116,7 @@ def test_lora_shard_shapes_equal_a_peft_model_sharded_under_a_fake_process_group
     inputs = _inputs(config, tp=tp, dp=dp, lora=Lora(rank=4))
     shards = {p.name: p for p in param_shards(inputs)}
     for rank in sorted({0, tp * dp - 1}):
-        with _fake_world(rank, tp * dp):
+        with fake_world(rank, tp * dp):
             mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
             with torch.device("meta"):
                 model = _peft_model(Llama(config), 4, TARGETS)
@@ -234,7 +222,7 @@ def test_lora_activation_formula_equals_saved_tensors(tp, sp, heads, dropout, ta
     replicated projections."""
     config = get_config("debug").replace(num_hidden_layers=1, **_HEADS[heads])
     b, s = 2, 32
-    with _fake_world(0, tp):
+    with fake_world(0, tp):
         model, layer, rope = _lora_layer(config, tp, sp, targets, dropout)
         x = torch.randn(b, s, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
         layer(x, position_embeddings=rope)  # a replicated o_proj makes its head index in its first forward
@@ -322,7 +310,7 @@ def test_selective_formula_equals_what_the_policy_keeps(tp, lora):
                         if isinstance(o, torch.Tensor))
         return decision
 
-    with _fake_world(0, tp):
+    with fake_world(0, tp):
         if lora:
             _, layer, rope = _lora_layer(config, tp, True, TARGETS, 0.0)
         else:

@@ -30,6 +30,7 @@ from lightning_tp.recipes.config import (
     StrategyConfig,
     TrainerConfig,
     compose_config,
+    peft_problems,
 )
 
 __all__ = ["Lora", "PlanConfig", "PlanInputs", "PlannerError", "compose_inputs", "resolve_inputs"]
@@ -89,22 +90,13 @@ class Lora:
     alpha: float = 32.0
     """Scaling numerator (``alpha / rank``); reported, it costs nothing."""
     dropout: float = 0.05
-    """Dropout on the adapters' input: above 0 each adapted projection keeps its own dropped
-    copy of its input and a mask for backward."""
+    """Dropout on the adapters' input: above 0 each adapted projection keeps a 1-byte mask of its
+    input for backward."""
     target_modules: tuple[str, ...] = tuple(LORA_TARGETS)
     """Module names PEFT matches (a path equal to one, or ending in ``.`` + one)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            out.append(f"peft.rank={self.rank!r} must be a positive int")
-        if not 0 <= self.dropout < 1:
-            out.append(f"peft.dropout={self.dropout!r} must be in [0, 1)")
-        if not self.target_modules or not all(isinstance(t, str) and t
-                                              for t in self.target_modules):
-            out.append(f"peft.target_modules={list(self.target_modules)!r} must be a non-empty"
-                       f" list of module names, e.g. {LORA_TARGETS}")
-        return out
+        return peft_problems(self.rank, self.dropout, list(self.target_modules))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "PeftConfig",
+    "peft_problems",
     "PretrainConfig",
     "PretrainDataConfig",
     "RecipeConfigError",
@@ -233,6 +234,27 @@ class PeftConfig:
     """Dropout on the adapters' input (``LoraConfig(lora_dropout=...)``)."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Module names (the last path component) that get adapters."""
+
+
+def peft_problems(rank: Any, dropout: Any, target_modules: Any, alpha: Any = None) -> list[str]:
+    """What is wrong with the ``peft`` group's values (one message each, naming the key and an
+    example): the recipe and the planner check the same rules (``alpha`` only when given)."""
+    example = f"peft.target_modules=[{','.join(LORA_TARGETS)}]"
+    problems = []
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        problems.append(f"peft.rank={rank!r} must be a positive int (e.g. peft.rank=16)")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or alpha <= 0):
+        problems.append(f"peft.alpha={alpha!r} must be a number > 0 (the adapters' output is"
+                        " scaled by alpha / rank; e.g. peft.alpha=32)")
+    if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1):
+        problems.append(f"peft.dropout={dropout!r} must be in [0, 1) (e.g. peft.dropout=0.05)")
+    if (not isinstance(target_modules, Sequence) or isinstance(target_modules, str)
+            or not target_modules or not all(isinstance(t, str) and t for t in target_modules)):
+        problems.append(f"peft.target_modules={target_modules!r} must be a non-empty list of"
+                        f" module names (e.g. {example})")
+    return problems
 
 
 @dataclass

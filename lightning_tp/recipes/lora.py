@@ -13,7 +13,7 @@ installed.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from lightning_tp.checkpoint.weights import saved_layout
 from lightning_tp.errors import CheckpointError, PlanError
 from lightning_tp.models import Llama, LlamaConfig
-from lightning_tp.recipes.config import LORA_TARGETS, RecipeConfigError
+from lightning_tp.recipes.config import LORA_TARGETS, RecipeConfigError, peft_problems
 from lightning_tp.training.module import import_peft
 
 __all__ = ["PEFT_METHODS", "check_lora_plan", "check_lora_targets", "check_resume",
@@ -58,19 +58,7 @@ def lora_settings(peft: DictConfig | Mapping[str, Any],
         return None
     rank, alpha, dropout = values.get("rank"), values.get("alpha"), values.get("dropout")
     targets = values.get("target_modules")
-    problems = []
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        problems.append(f"peft.rank={rank!r} must be a positive int (e.g. peft.rank=16)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        problems.append(f"peft.alpha={alpha!r} must be a number > 0 (the adapters' output is"
-                        " scaled by alpha / rank; e.g. peft.alpha=32)")
-    if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1):
-        problems.append(f"peft.dropout={dropout!r} must be in [0, 1) (e.g. peft.dropout=0.05)")
-    if (not isinstance(targets, Sequence) or isinstance(targets, str) or not targets
-            or not all(isinstance(t, str) and t for t in targets)):
-        problems.append(f"peft.target_modules={targets!r} must be a non-empty list of module"
-                        f" names (e.g. {_EXAMPLE})")
+    problems = peft_problems(rank, dropout, targets, alpha=alpha)
     if problems:
         raise RecipeConfigError("; ".join(problems) + ". Fix: set those keys as shown.")
     import_peft("peft=lora")

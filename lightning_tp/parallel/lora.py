@@ -174,15 +174,6 @@ def sub_styles(style: ParallelStyle, layer: nn.Module) -> dict[str, ParallelStyl
     return styles
 
 
-def _whole_input(_module: nn.Module, args: tuple, mesh: Any) -> tuple:
-    # The attention / MLP input arrives as a replicated DTensor (the plan's PrepareModuleInput); a
-    # plain tensor (a plan without it) is the same replicated activation.
-    x = args[0]
-    if not isinstance(x, DTensor):
-        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-    return (x, *args[1:])
-
-
 class LoraColwise(ParallelStyle):
     """A PEFT ``lora.Linear`` over a column-parallel base: ``base_layer`` and ``lora_B`` take the
     base's style (the same output rows on each rank), ``lora_A`` is replicated and hands ``lora_B``
@@ -195,8 +186,8 @@ class LoraColwise(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         self.base._apply(module.base_layer, device_mesh)
         for name in module.lora_A:
-            distribute_module(module.lora_A[name], device_mesh, replicate_parameters,
-                              _whole_input)
+            # replicated; the layer's forward (_ColumnParallelLora) hands it the whole input
+            distribute_module(module.lora_A[name], device_mesh, replicate_parameters)
             self.base._apply(module.lora_B[name], device_mesh)
         module.__class__ = _column_parallel(type(module))
         module.tp_mesh = device_mesh

@@ -241,7 +241,8 @@ class AtomicCheckpointMixin:
                 load(state, checkpoint_id=path)
 
         assert self.model is not None and self.lightning_module is not None
-        layout = read_meta(path, weights_only=weights_only).get(LAYOUT_KEY, {})
+        meta = read_meta(path, weights_only=weights_only)
+        layout = meta.get(LAYOUT_KEY, {})
         adapters_only = bool(layout.get("adapters_only", False))
         self._check_stored_layout(path, int(layout.get("tensor_parallel_size") or 0))
         state = get_model_state_dict(self.model,
@@ -258,7 +259,7 @@ class AtomicCheckpointMixin:
             read(optim_state)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
-        return read_meta(path, weights_only=weights_only)
+        return meta
 
     def _check_stored_layout(self, path: Any, stored_tp: int) -> None:
         """Refuse a checkpoint whose weights are in another layout than this run's: styles with a

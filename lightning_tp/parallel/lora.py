@@ -315,7 +315,7 @@ class LoraRowwise(ParallelStyle):
             for name, param in list(lora_b.named_parameters(recurse=False)):
                 lora_b.register_parameter(name, nn.Parameter(
                     distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad))
-        module.__class__ = _tensor_parallel(type(module))
+        module.__class__ = _row_parallel(type(module))
         module.tp_mesh, module.output_layout = device_mesh, base.output_layouts[0]
         module.input_layout = base.input_layouts[0]  # Shard(-1), or Replicate(): split here
         module.head_columns = columns
@@ -368,7 +368,7 @@ class _RowParallelLora:
 
 
 @functools.cache
-def _tensor_parallel(cls: type) -> type:
+def _row_parallel(cls: type) -> type:
     return type(f"RowParallel{cls.__name__}", (_RowParallelLora, cls), {"__module__": __name__})
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Literal, Optional, Union, get_args
 
 from lightning_tp.errors import MeshConfigError, PrecisionConfigError
 
 __all__ = [
     "AC_MODES",
+    "GRID_REFUSES",
     "LAUNCHERS",
     "PRECISIONS",
     "ActivationCheckpointing",
@@ -24,6 +25,8 @@ __all__ = [
     "Precision",
     "Size",
     "check_precision",
+    "grid_problems",
+    "split_grid",
 ]
 
 Size = Union[Literal["auto"], int]
@@ -59,6 +62,9 @@ class ParallelConfig:
     save_sharded_inputs: bool = False
     """Under SP, keep each block input's sequence shard for backward and all-gather it again there
     (:mod:`lightning_tp.parallel.sharded_saves`); without recompute only."""
+    grid: Optional[tuple[int, int]] = None
+    """2D tensor parallelism: the TP group as ``(r, c)`` rows × columns, ``r·c`` =
+    ``tensor_parallel_size`` (:mod:`lightning_tp.parallel.grid`); ``None``: 1D."""
 
     def __post_init__(self) -> None:
         problems = self.problems(**{f.name: getattr(self, f.name)
@@ -99,6 +105,7 @@ class ParallelConfig:
                     " (without SP nothing is gathered; 'selective' regathers these inputs itself,"
                     " 'full' keeps only the block input; a compiled block decides its own saves);"
                     " set save_sharded_inputs=False")
+        problems += grid_problems(fields)
         dp = fields.get("data_parallel_size", "auto")
         if fields.get("fsdp") is False and isinstance(dp, int) and dp > 1:
             problems.append(f"`fsdp=False` needs `data_parallel_size=1` (got {dp}): gradients of"
@@ -115,6 +122,8 @@ class ParallelConfig:
         """
         per_node = world_size // num_nodes
         dp, tp = self.data_parallel_size, self.tensor_parallel_size
+        if self.grid is not None:
+            tp = self.grid[0] * self.grid[1]
         if dp == "auto" and tp == "auto":
             dp, tp = num_nodes, per_node
         elif dp == "auto":
@@ -133,6 +142,52 @@ class ParallelConfig:
                                   f" devices give {dp}; set fsdp=True or tensor_parallel_size to"
                                   " the world size.")
         return int(dp), int(tp)
+
+
+def split_grid(size: object) -> tuple[object, Optional[tuple[int, int]]]:
+    """``tensor_parallel_size`` as given → ``(the TP size, the grid or None)``: ``(2, 4)`` or
+    ``[2, 4]`` (a list, as Hydra passes it) → ``(8, (2, 4))``; an int or ``"auto"`` is 1D. A
+    malformed grid comes back as given, for :func:`grid_problems` to name."""
+    if isinstance(size, (str, int)) or not hasattr(size, "__iter__"):
+        return size, None
+    grid = tuple(size)  # type: ignore[call-overload]
+    if len(grid) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                              for n in grid):
+        return grid[0] * grid[1], (int(grid[0]), int(grid[1]))
+    return "auto", grid  # type: ignore[return-value]
+
+
+GRID_REFUSES = {"sequence_parallel": False, "save_sharded_inputs": True, "compile": True,
+                "async_tp": True, "float8": True, "activation_checkpointing": "selective"}
+"""The modes a 2D grid does not combine with, and the value it refuses: the grid always splits the
+residual stream over its rows (no 1D-style "TP only"); the sharded saves, the selective policy, the
+compiled blocks and float8 are written for 1D's collectives (untested on the grid's)."""
+
+
+def grid_problems(fields: dict[str, object]) -> list[str]:
+    """What is wrong with ``fields["grid"]`` and the modes given with it (empty when fine or no
+    grid)."""
+    grid = fields.get("grid")
+    if grid is None:
+        return []
+    if (not isinstance(grid, tuple) or len(grid) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
+        return [f"a 2D `tensor_parallel_size` must be two positive ints (rows, columns), got"
+                f" {grid!r} (fix: e.g. tensor_parallel_size=(2, 2), or an int for 1D)"]
+    rows, cols = grid
+    problems = []
+    tp = fields.get("tensor_parallel_size", "auto")
+    if tp not in ("auto", rows * cols):
+        problems.append(f"`tensor_parallel_size` {tp!r} is not the grid's {rows}×{cols} ="
+                        f" {rows * cols}")
+    refused = [f"{name}={fields[name]!r}" for name, value in GRID_REFUSES.items()
+               if name in fields and fields[name] == value]
+    if refused:
+        problems.append(
+            f"2D tensor parallelism (tensor_parallel_size=({rows}, {cols})) does not combine with"
+            f" {', '.join(refused)} (fix: drop those options, or pass an int tensor_parallel_size"
+            " for 1D, which supports them)")
+    return problems
 
 
 def check_precision(precision: str, owner: str = "TensorParallelStrategy") -> None:

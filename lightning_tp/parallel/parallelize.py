@@ -23,6 +23,7 @@ from lightning_tp import _compat
 from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
+from lightning_tp.parallel.grid import split_grid_styles
 from lightning_tp.parallel.heads import localize_kv_groups
 from lightning_tp.parallel.lora import (
     adapt_styles,
@@ -63,7 +64,9 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
         freeze_in(module, mp_policy.param_dtype)
     if config.float8:
         convert_to_float8(module, plan)
-    if tp > 1:
+    if plan.grid is not None:
+        apply_tensor_parallel(module, plan, tp_mesh, grid_mesh=mesh["tp_row", "tp_col"])
+    elif tp > 1:
         apply_tensor_parallel(module, plan, tp_mesh)
     elif adapters:
         keep_dropout_masks(module)  # what the LoRA styles' forward does at tp > 1
@@ -78,16 +81,25 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
         apply_fsdp(module, plan, dp_mesh, mp_policy, config.reshard_after_forward,
                    shard_frozen=not adapters)
     materialize(module, plan, device, seed)
-    if config.sequence_parallel and tp > 1:
+    if plan.grid is not None:
+        install_sequence_check(module, plan, plan.grid[0],
+                               f"the grid's rows (tensor_parallel_size={plan.grid})")
+    elif config.sequence_parallel and tp > 1:
         install_sequence_check(module, plan, tp)
 
 
-def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any) -> None:
-    """Shard ``module`` in place with ``plan.styles`` over the 1D ``tp_mesh``; keeps tied weights
-    tied."""
+def apply_tensor_parallel(module: nn.Module, plan: ResolvedPlan, tp_mesh: Any,
+                          grid_mesh: Any = None) -> None:
+    """Shard ``module`` in place with ``plan.styles`` over the 1D ``tp_mesh`` (a 2D plan's grid
+    styles over ``grid_mesh``, its ``(tp_row, tp_col)`` mesh); keeps tied weights tied."""
     tied = _tied_parameters(module)
     frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
-    parallelize_module(module, tp_mesh, adapt_styles(module, plan.styles))
+    if plan.grid is not None:
+        over_grid, over_flat = split_grid_styles(plan.styles)
+        parallelize_module(module, tp_mesh, over_flat)
+        parallelize_module(module, grid_mesh, over_grid)
+    else:
+        parallelize_module(module, tp_mesh, adapt_styles(module, plan.styles))
     # torch's styles register new parameters that require gradients: keep frozen what was
     for name, param in module.named_parameters():
         if name in frozen:

@@ -16,7 +16,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
@@ -108,6 +108,9 @@ class ResolvedPlan:
     """Module paths that get their own FSDP unit (the decoder blocks)."""
     roots: list[str] = field(default_factory=list)
     """Model roots: each gets the last FSDP unit and, if it has one, ``init_weights()``."""
+    grid: Optional[tuple[int, int]] = None
+    """``(r, c)`` for a 2D plan (:mod:`lightning_tp.parallel.grid`): its grid styles apply over the
+    ``(tp_row, tp_col)`` mesh, the others over the flattened one."""
 
 
 def _is_llama(module: nn.Module) -> bool:
@@ -191,14 +194,19 @@ def _match(
 
 
 def resolve_plan(
-    module: nn.Module, plan: PlanSpec, *, sequence_parallel: bool, loss_parallel: bool
+    module: nn.Module, plan: PlanSpec, *, sequence_parallel: bool, loss_parallel: bool,
+    grid: Optional[tuple[int, int]] = None,
 ) -> ResolvedPlan:
     """Match ``plan`` against ``module`` (usually the LightningModule) and return exact paths.
 
     ``"auto"`` and registered names apply to every Llama-like model found inside ``module``; a dict
-    or callable result is matched relative to ``module`` itself.
+    or callable result is matched relative to ``module`` itself. With a ``grid``, ``"auto"`` (or
+    ``"llama"``) gives the 2D plan of :mod:`lightning_tp.parallel.grid`; raises :class:`PlanError`
+    for anything else or for a model it cannot split.
     """
     names = [n for n, _ in module.named_modules() if n]
+    if grid is not None:
+        return _resolve_grid_plan(module, plan, names, grid, loss_parallel)
     if isinstance(plan, str):
         if plan != "auto" and plan not in PLANS:
             near = difflib.get_close_matches(plan, PLANS, n=3)
@@ -250,6 +258,32 @@ def resolve_plan(
             blocks += [_join(child_name, str(i)) for i, m in enumerate(child)
                        if any(True for _ in m.parameters())]
     return ResolvedPlan(styles=styles, blocks=blocks, roots=roots)
+
+
+def _resolve_grid_plan(module: nn.Module, plan: PlanSpec, names: list[str],
+                       grid: tuple[int, int], loss_parallel: bool) -> ResolvedPlan:
+    from lightning_tp.parallel.grid import grid_llama_plan, grid_model_problems
+
+    if plan not in ("auto", "llama"):
+        raise PlanError(f"tensor_parallel_size={grid} (2D) applies its own plan; got plan={plan!r}."
+                        " Fix: plan='auto', or an int tensor_parallel_size to use this plan in 1D.")
+    roots = find_llama(module)
+    if not roots:
+        raise ModelNotRecognisedError(
+            f"tensor_parallel_size={grid} (2D) found no Llama-family causal LM in"
+            f" {type(module).__name__} (`model.layers[i].self_attn`, `.mlp`, `lm_head`). Build the"
+            " model in `__init__` or `configure_model()`, or use an int tensor_parallel_size.")
+    problems = grid_model_problems(module, roots, grid)
+    if problems:
+        raise PlanError("Cannot apply 2D tensor parallelism: " + "; ".join(problems) + ".")
+    styles: dict[str, ParallelStyle] = {}
+    blocks: list[str] = []
+    for root in roots:
+        styles.update(_match(grid_llama_plan(loss_parallel=loss_parallel), names, root))
+        layers = _join(root, "model.layers")
+        blocks += [n for n in names
+                   if n.startswith(layers + ".") and n.count(".") == layers.count(".") + 1]
+    return ResolvedPlan(styles=styles, blocks=blocks, roots=roots, grid=grid)
 
 
 def tp_shard_dim(style: Any, module: nn.Module, param_ndim: int,

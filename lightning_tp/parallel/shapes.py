@@ -139,17 +139,22 @@ def check_model_shapes(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
         raise ModelShapeError("Cannot shard the model: " + "; ".join(problems) + ".")
 
 
-def install_sequence_check(module: nn.Module, plan: ResolvedPlan, tp: int) -> None:
+def install_sequence_check(module: nn.Module, plan: ResolvedPlan, tp: int,
+                           what: str | None = None) -> None:
     """Under sequence parallelism, reject at each model root's input a sequence length the ``tp``
-    ranks cannot split (on every rank, before any collective could hang on it)."""
+    ranks cannot split (on every rank, before any collective could hang on it). ``what`` names
+    ``tp`` in the message when it is not the TP size (a 2D grid's rows)."""
+    what = what or f"tensor_parallel_size={tp}"
+    fix = (", or pass sequence_parallel=False" if plan.grid is None
+           else ", or use an int tensor_parallel_size (1D) with sequence_parallel=False")
 
     def check(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[1] % tp != 0:
             raise SequenceLengthError(
-                f"Sequence length {ids.shape[1]} is not divisible by tensor_parallel_size={tp},"
+                f"Sequence length {ids.shape[1]} is not divisible by {what},"
                 f" which sequence parallelism requires. Fix: pad or pack sequences to a multiple of"
-                f" {tp}, or pass sequence_parallel=False."
+                f" {tp}{fix}."
             )
 
     for path in plan.roots:

@@ -35,6 +35,7 @@ from lightning_tp.config import (
     ParallelConfig,
     Size,
     check_precision,
+    split_grid,
 )
 from lightning_tp.errors import (
     ConfigureModelRequiredError,
@@ -73,7 +74,11 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     Args:
         tensor_parallel_size: Devices per tensor-parallel group. ``"auto"``: the devices of one node
             (or ``world_size // data_parallel_size`` when that is given), so TP stays on the fast
-            link.
+            link. A pair ``(r, c)``: 2D tensor parallelism over ``r·c`` devices as an ``r × c``
+            grid, each decoder projection split on both dimensions (Llama, Mistral and Qwen2
+            models; :mod:`lightning_tp.parallel.grid`, docs/2d.md says when it moves fewer bytes
+            than 1D). Not with ``sequence_parallel=False``, ``save_sharded_inputs``, ``compile``,
+            ``async_tp``, ``float8``, ``activation_checkpointing="selective"`` or LoRA.
         data_parallel_size: Number of data-parallel (FSDP2) replicas. ``"auto"``: the number of
             nodes (or ``world_size // tensor_parallel_size`` when that is given).
         plan: ``"auto"`` (recognise a Llama-family model inside the LightningModule; a model that
@@ -126,7 +131,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
 
     def __init__(
         self,
-        tensor_parallel_size: Size = "auto",
+        tensor_parallel_size: Union[Size, tuple[int, int]] = "auto",
         data_parallel_size: Size = "auto",
         plan: Optional[PlanSpec] = "auto",
         sequence_parallel: bool = True,
@@ -143,7 +148,8 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         float8: bool = False,
         save_sharded_inputs: bool = False,
     ) -> None:
-        fields = {"tensor_parallel_size": tensor_parallel_size,
+        tensor_parallel_size, grid = split_grid(tensor_parallel_size)
+        fields = {"tensor_parallel_size": tensor_parallel_size, "grid": grid,
                   "data_parallel_size": data_parallel_size,
                   "sequence_parallel": sequence_parallel, "loss_parallel": loss_parallel,
                   "fsdp": fsdp, "reshard_after_forward": reshard_after_forward,
@@ -194,6 +200,16 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
     async_tp = property(lambda self: self.parallel.async_tp)
     float8 = property(lambda self: self.parallel.float8)
     save_sharded_inputs = property(lambda self: self.parallel.save_sharded_inputs)
+    grid = property(lambda self: self.parallel.grid)
+    """``(r, c)`` under 2D tensor parallelism, else None."""
+
+    @property
+    def sequence_shards(self) -> int:
+        """Into how many pieces sequence parallelism splits a sequence (a batch's length must be a
+        multiple): the TP size in 1D, the grid's rows in 2D, 1 without SP."""
+        if not self.sequence_parallel:
+            return 1
+        return self.grid[0] if self.grid else self.tensor_parallel_size
 
     # ------------------------------------------------------------ sizes, checked before any spawn
 
@@ -225,7 +241,9 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         """The plan for ``module`` with this strategy's modes, its shapes checked against the TP
         size (raises the plan's or the shape check's typed error)."""
         plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
-                            loss_parallel=self.loss_parallel)
+                            loss_parallel=self.loss_parallel, grid=self.grid)
+        if plan.grid is not None:
+            return plan  # its shapes checked by the 2D plan itself
         check_model_shapes(module, plan, int(self._tensor_parallel_size))
         if int(self._tensor_parallel_size) > 1:
             adapt_styles(module, plan.styles)  # PEFT adapters: each must follow a split projection
@@ -238,6 +256,16 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         self._data_parallel_size, self._tensor_parallel_size = self.resolved_sizes()
         _ignore_lightning_leafspec_warning()
         super().setup_environment()
+        if self.grid is not None:  # the TP dim as rows × columns, flattened under its 1D name
+            from torch.distributed.device_mesh import init_device_mesh
+
+            rows, cols = self.grid
+            mesh = init_device_mesh(self.root_device.type, (self.data_parallel_size, rows, cols),
+                                    mesh_dim_names=("data_parallel", "tp_row", "tp_col"))
+            mesh["tp_row", "tp_col"]._flatten("tensor_parallel")
+            self._device_mesh = mesh
+            assert self.lightning_module is not None
+            self.lightning_module._device_mesh = mesh
 
     @property
     def tensor_parallel_size(self) -> int:

@@ -1,0 +1,354 @@
+"""2D tensor parallelism: the TP group as an ``r × c`` grid, each decoder projection split on both
+of its dimensions.
+
+Weight-stationary, after the 2D layouts of Pope et al. 2022 ("Efficiently Scaling Transformer
+Inference", §3.2.2): weights never move; activations are all-gathered and reduce-scattered along
+the grid's rows or columns. The mesh has dims ``"tp_row"`` (``r`` devices, R below) and
+``"tp_col"`` (``c`` devices, C); device ``(i, j)`` is rank ``i·c + j`` of the flattened
+``"tensor_parallel"`` mesh.
+
+Between blocks each device holds ``[b, s/r, h/c]`` of the residual stream: the sequence split over R
+and the hidden dimension over C. In each block (attention; the MLP is the same with gate/up and
+down):
+
+1. the block input is all-gathered over R along the sequence: ``[b, s, h/c]``, once for q, k, v;
+2. q, k, v (``[out, h]`` split ``out`` over R, ``h`` over C) give partial sums over C of
+   ``[b, s, out/r]``, reduce-scattered over C: ``[b, s, out/(r·c)]``, the heads of chunk
+   ``i·c + j``;
+3. attention runs on the device's own heads;
+4. ``o_proj`` (``[h, q]`` split ``q`` over R, ``h`` over C) takes its input all-gathered over C
+   (``[b, s, q/r]``) and gives partial sums over R of ``[b, s, h/c]``, reduce-scattered over R along
+   the sequence: ``[b, s/r, h/c]`` again.
+
+Backward runs the dual collectives: each all-gather's gradient is reduce-scattered over the same
+group and each reduce-scatter's gradient all-gathered; q, k and v's input gradients are partial
+sums over R that autograd adds locally before one reduce-scatter. Norms run on ``[b, s/r, h/c]``:
+the mean of squares is a partial sum over C, all-reduced (``b·s/r`` elements); the norm weight is
+split over C and its gradient is all-reduced over R. The embedding and ``lm_head`` split the
+vocabulary over all ``r·c`` devices of the flattened mesh, as in 1D, with the same loss
+parallelism (per step, not per layer). The derivation of the bytes and where 2D beats 1D:
+``docs/2d.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+__all__ = [
+    "GridBlockInput",
+    "GridColwise",
+    "GridNorm",
+    "GridRowwise",
+    "GridStyle",
+    "grid_llama_plan",
+]
+
+Placements = tuple[Placement, Placement]
+
+RESIDUAL: Placements = (Shard(1), Shard(2))
+"""Between blocks: ``[b, s, h]`` with the sequence over R and the hidden dimension over C."""
+GATHERED: Placements = (Replicate(), Shard(2))
+"""A block's input once all-gathered over R: the whole sequence, the hidden dimension over C."""
+HEADS: Placements = (Shard(2), Shard(2))
+"""A column-parallel output: its last dimension over R, then within that over C."""
+WHOLE: Placements = (Replicate(), Replicate())
+
+
+def _as_dtensor(x: Any, mesh: Any, given: Placements) -> Any:
+    if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        return DTensor.from_local(x, mesh, given, run_check=False)
+    return x
+
+
+def _moved(x: DTensor, placements: Placements) -> DTensor:
+    return x if tuple(x.placements) == tuple(placements) else x.redistribute(placements=placements)
+
+
+class GridStyle(ParallelStyle):
+    """A style applied over the 2D ``(tp_row, tp_col)`` mesh (the others of a 2D plan, the
+    embedding's and ``lm_head``'s, are applied over the flattened 1D mesh)."""
+
+
+class _GridLinear(GridStyle):
+    weight: Placements
+    bias: Placements
+    given: Placements
+    """The placements of a plain-tensor input (a DTensor input keeps its own)."""
+    wanted: Placements
+    """What the input is redistributed to before the local matmul."""
+    out: Placements
+    """What the output is redistributed to after it."""
+
+    def __init__(self, *, use_local_output: bool = True) -> None:
+        super().__init__()
+        self.use_local_output = use_local_output
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{type(self).__name__} shards nn.Linear, got {type(module).__name__}")
+
+        def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
+            for name, param in list(mod.named_parameters(recurse=False)):
+                placements = self.weight if name == "weight" else self.bias
+                mod.register_parameter(
+                    name, nn.Parameter(distribute_tensor(param, mesh, placements),
+                                       requires_grad=param.requires_grad))
+
+        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
+            x = _as_dtensor(args[0], mesh, self.given)
+            return (_moved(x, self.wanted), *args[1:])
+
+        def outputs(_mod: nn.Module, out: DTensor, _mesh: Any) -> Any:
+            out = _moved(out, self.out)
+            return out.to_local() if self.use_local_output else out
+
+        return distribute_module(module, device_mesh, partition, inputs, outputs)
+
+
+class GridColwise(_GridLinear):
+    """q/k/v, gate/up: weight ``[out, in]`` split ``out`` over R and ``in`` over C; input ``[b, s,
+    in/c]`` (whole sequence); output ``[b, s, out/(r·c)]``, one reduce-scatter over C."""
+
+    weight = (Shard(0), Shard(1))
+    bias = (Shard(0), Replicate())
+    given = GATHERED
+    wanted = GATHERED
+    out = HEADS
+
+
+class GridRowwise(_GridLinear):
+    """o_proj, down_proj: weight ``[out, in]`` split ``in`` over R and ``out`` over C; input
+    ``[b, s, in/(r·c)]`` all-gathered over C; output ``[b, s/r, out/c]``, one reduce-scatter over
+    R."""
+
+    weight = (Shard(1), Shard(0))
+    bias = (Replicate(), Shard(0))
+    given = HEADS
+    wanted = (Shard(2), Replicate())
+    out = RESIDUAL
+
+
+class _GridRMSNorm(torch.autograd.Function):
+    """RMSNorm of ``[b, s/r, h/c]`` (fp32 statistics, as Llama's reference norms): the sum of
+    squares all-reduced over C forward, the sum of ``g·x̂`` all-reduced over C backward; keeps the
+    input and one fp32 scale per token."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, hidden: int, group: Any) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        squares = funcol.all_reduce(x32.pow(2).sum(-1, keepdim=True), "sum", group).wait()
+        rstd = torch.rsqrt(squares / hidden + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.hidden, ctx.group = hidden, group
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:  # this device's tokens only: a partial sum over R
+            grad_weight = (grad * normed.to(x.dtype)).sum(tuple(range(grad.ndim - 1)))
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(rstd.dtype)
+            dot = funcol.all_reduce((g * normed).sum(-1, keepdim=True), "sum", ctx.group).wait()
+            grad_x = (rstd * (g - normed * dot / ctx.hidden)).to(x.dtype)
+        return grad_x, grad_weight, None, None, None
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a Llama-style RMSNorm (``weight * x / rms(x)``, the native one and
+    transformers' Llama, Mistral and Qwen2 norms), None for any other module."""
+    weight = getattr(module, "weight", None)
+    if not type(module).__name__.endswith("RMSNorm") or "Gemma" in type(module).__name__:
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        return None
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+class GridNorm(GridStyle):
+    """A Llama-style RMSNorm over the hidden dimension of ``[b, s/r, h/c]``: weight split over C,
+    the statistics all-reduced over C (:class:`_GridRMSNorm`), the weight's gradient a partial sum
+    reduced over R with the other gradients.
+
+    ``whole_output=True`` (the final norm, before ``lm_head`` on the flattened mesh) all-gathers the
+    output into a plain ``[b, s, h]``; otherwise it stays a ``[b, s/r, h/c]`` DTensor for the block
+    that follows.
+    """
+
+    def __init__(self, *, whole_output: bool = False) -> None:
+        super().__init__()
+        self.whole_output = whole_output
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        eps = norm_eps(module)
+        if eps is None:
+            raise TypeError(f"{type(self).__name__} computes Llama's RMSNorm; got"
+                            f" {type(module).__name__}")
+        hidden = module.weight.shape[0]
+        group = device_mesh.get_group("tp_col")
+        module.register_parameter("weight", nn.Parameter(
+            distribute_tensor(module.weight, device_mesh, (Replicate(), Shard(0))),
+            requires_grad=module.weight.requires_grad))
+
+        def forward(x: Tensor) -> Any:
+            local = x.to_local() if isinstance(x, DTensor) else x
+            weight = module.weight.to_local(grad_placements=(Partial(), Shard(0)))
+            out = _GridRMSNorm.apply(local, weight, eps, hidden, group)
+            out = DTensor.from_local(out, device_mesh, RESIDUAL, run_check=False)
+            return _moved(out, WHOLE).to_local() if self.whole_output else out
+
+        module.forward = forward
+        return module
+
+
+class GridBlockInput(GridStyle):
+    """Before ``self_attn`` / ``mlp``: the block input (the norm's ``[b, s/r, h/c]`` DTensor)
+    all-gathered over R along the sequence, kept a DTensor so that the projections' input
+    gradients come back as partial sums and are reduced once.
+
+    ``kwarg``: the argument's name when the module is called with it by keyword (attention);
+    otherwise the first positional argument.
+    """
+
+    def __init__(self, kwarg: str | None = None) -> None:
+        super().__init__()
+        self.kwarg = kwarg
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        def gathered(x: Any) -> Any:
+            return _moved(_as_dtensor(x, device_mesh, RESIDUAL), GATHERED)
+
+        if self.kwarg is None:
+            module.register_forward_pre_hook(lambda _m, args: (gathered(args[0]), *args[1:]))
+        else:
+            name = self.kwarg
+
+            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple:
+                if name in kwargs:
+                    kwargs = {**kwargs, name: gathered(kwargs[name])}
+                else:
+                    args = (gathered(args[0]), *args[1:])
+                return args, kwargs
+
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class GridEntry(GridStyle):
+    """On the first block: the whole embedding output ``[b, s, h]`` sliced to this device's
+    ``[b, s/r, h/c]`` (no communication forward; two all-gathers of its gradient backward)."""
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            def sliced(x: Any) -> Any:
+                return _moved(_as_dtensor(x, device_mesh, WHOLE), RESIDUAL).to_local()
+
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": sliced(kwargs["hidden_states"])}
+            return (sliced(args[0]), *args[1:]), kwargs
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+def grid_llama_plan(*, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """The 2D plan of Llama-family models with Hugging Face module names (the native Llama,
+    transformers' Llama, Mistral and Qwen2)."""
+    return {
+        # over the flattened mesh, as in 1D: the embedding's output whole, logits vocab-sharded
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
+                                              output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(input_layouts=Replicate(),
+                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                   use_local_output=not loss_parallel),
+        # over the grid
+        "model.layers.0": GridEntry(),
+        "model.layers.*.input_layernorm": GridNorm(),
+        "model.layers.*.self_attn": GridBlockInput("hidden_states"),
+        "model.layers.*.self_attn.q_proj": GridColwise(),
+        "model.layers.*.self_attn.k_proj": GridColwise(),
+        "model.layers.*.self_attn.v_proj": GridColwise(),
+        "model.layers.*.self_attn.o_proj": GridRowwise(),
+        "model.layers.*.post_attention_layernorm": GridNorm(),
+        "model.layers.*.mlp": GridBlockInput(),
+        "model.layers.*.mlp.gate_proj": GridColwise(),
+        "model.layers.*.mlp.up_proj": GridColwise(),
+        "model.layers.*.mlp.down_proj": GridRowwise(),
+        "model.norm": GridNorm(whole_output=True),
+    }
+
+
+def split_grid_styles(styles: dict[str, ParallelStyle]) -> tuple[dict[str, ParallelStyle],
+                                                                 dict[str, ParallelStyle]]:
+    """``(over the grid, over the flattened mesh)``."""
+    grid = {k: v for k, v in styles.items() if isinstance(v, GridStyle)}
+    return grid, {k: v for k, v in styles.items() if k not in grid}
+
+
+def is_grid(size: Any) -> bool:
+    return isinstance(size, Sequence) and not isinstance(size, str)
+
+
+def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, int]) -> list[str]:
+    """One message per thing in the models at ``roots`` that the 2D plan cannot split over the
+    ``(r, c)`` grid: a family other than Llama's (or Qwen3's per-head norms), heads, KV heads and
+    the MLP width not divisible by ``r·c``, the hidden size by ``c``, a norm that is not Llama's
+    RMSNorm, PEFT adapters."""
+    from lightning_tp.parallel.families.base import family_of
+    from lightning_tp.parallel.families.llama import LLAMA
+    from lightning_tp.parallel.lora import lora_layers
+    from lightning_tp.parallel.shapes import vocab_ranks
+
+    rows, cols = grid
+    tp = rows * cols
+    where = f"tensor_parallel_size=({rows}, {cols})"
+    problems = []
+    if lora_layers(module):
+        problems.append(f"{where} does not shard PEFT adapters (fix: LoRA with an int"
+                        " tensor_parallel_size, 1D)")
+    for root in roots:
+        model = module.get_submodule(root)
+        name = f"{type(model).__name__} at {root or '<root>'!r}"
+        if family_of(model) is not LLAMA or hasattr(
+                model.get_submodule("model.layers.0.self_attn"), "q_norm"):
+            problems.append(f"{where} has a plan for Llama, Mistral and Qwen2 models only; {name}"
+                            " is not one (fix: an int tensor_parallel_size, 1D, which covers every"
+                            " family)")
+            continue
+        config = model.config
+        for attr, divisor, what in (
+                ("num_attention_heads", tp, "r·c"), ("num_key_value_heads", tp, "r·c"),
+                ("intermediate_size", tp, "r·c"), ("hidden_size", cols, "c")):
+            value = getattr(config, attr)
+            if value % divisor:
+                problems.append(f"{attr}={value} of {name} is not divisible by {what} = {divisor}"
+                                f" of {where} (fix: a grid whose {what} divides {value}, or 1D)")
+        if vocab_ranks(config.vocab_size, tp) < tp:
+            problems.append(f"vocab_size={config.vocab_size} of {name} leaves ranks of the {tp}"
+                            f" without a vocabulary row (fix: a smaller grid)")
+        norms = [path for path, m in model.named_modules()
+                 if path.endswith(("layernorm", "norm")) and not list(m.children())
+                 and norm_eps(m) is None]
+        if norms:
+            problems.append(f"{where} computes Llama's RMSNorm; {norms[0]} of {name} is a"
+                            f" {type(model.get_submodule(norms[0])).__name__} (fix: 1D)")
+    return problems

@@ -109,10 +109,12 @@ def _check_sequence_length(strategy: Any, seq_len: int) -> None:
     rank."""
     if not getattr(strategy, "sequence_parallel", False):
         return
-    tp = strategy.tensor_parallel_size
+    tp = strategy.sequence_shards  # the TP size, or a 2D grid's rows
+    what = (f"tensor_parallel_size={tp}" if strategy.grid is None
+            else f"the rows of tensor_parallel_size={list(strategy.grid)}")
     if seq_len % tp:
         raise SequenceLengthError(
-            f"data.seq_len={seq_len} is not divisible by tensor_parallel_size={tp}, which sequence"
+            f"data.seq_len={seq_len} is not divisible by {what}, which sequence"
             f" parallelism needs. Fix: set data.seq_len to a multiple of {tp} (e.g."
             f" data.seq_len={max(tp, seq_len - seq_len % tp)}), or use strategy=tp (no sequence"
             " parallelism)."
@@ -339,8 +341,7 @@ def run(cfg: DictConfig, checkpoint: str | None = None) -> dict[str, Any]:
     sample = None
     if cfg.sample_prompt:
         strategy = trainer.strategy
-        multiple = (getattr(strategy, "tensor_parallel_size", 1)
-                    if getattr(strategy, "sequence_parallel", False) else 1)
+        multiple = getattr(strategy, "sequence_shards", 1)
         sample = generate(module.model, datamodule.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                           pad_to_multiple_of=multiple, max_context=cfg.data.seq_len, **sampling)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

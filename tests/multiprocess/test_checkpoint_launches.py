@@ -11,6 +11,8 @@ process group:
 * B, world 4: ``a/last`` resumed at (dp, tp) = (1, 4) and (4, 1); ``a.ckpt`` resumed at (2, 2) and (1, 4).
 * C, world 2: ``a/last`` resumed at (1, 2); an incomplete directory refused; a swap interrupted between its two
   renames recovered.
+* 2D tensor parallelism: A also saves a 2 × 2 grid's run after 3 steps (``g/last``), C resumes it at tp 2 (1D), and B
+  resumes the 1D ``a/last`` on a 2 × 2 grid.
 
 The global batch is constant (per-rank ``batch_size = 4 / dp``), so every layout trains on the same samples and the
 global loss (mean over data-parallel ranks) of steps 4 and 5 must match the uninterrupted run.
@@ -66,6 +68,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"name": "odd full", "dp": 2, "tp": 2, "max_steps": 5, "model": ODD},
         {"name": "odd stop3", "dp": 2, "tp": 2, "max_steps": 3, "model": ODD, "save_dir": "odd", "every": 3},
         {"name": "resume", "dp": 2, "tp": 2, "max_steps": 6, "ckpt": "a/last", "save_dir": "b", "every": 1},
+        {"name": "grid stop3", "dp": 1, "tp": [2, 2], "max_steps": 3, "save_dir": "g", "every": 3},
     ], "weights": [{"run": "stop3", "file": "weights3.pt"}, {"run": "odd stop3", "file": "odd3.pt"}],
         "full_file": {"run": "stop3", "file": "lightning3.ckpt"},
         "faults": [
@@ -84,6 +87,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"name": "(4,1)", "dp": 4, "tp": 1, "max_steps": 5, "ckpt": "a/last"},
         {"name": "file (2,2)", "dp": 2, "tp": 2, "max_steps": 5, "ckpt": "a.ckpt"},
         {"name": "file (1,4)", "dp": 1, "tp": 4, "max_steps": 5, "ckpt": "a.ckpt"},
+        {"name": "1D to grid (2,2)", "dp": 1, "tp": [2, 2], "max_steps": 5, "ckpt": "a/last"},
     ]})
     # An incomplete directory (shards without meta.pt) and a swap interrupted between its renames (only last.old).
     shutil.copytree(root / "a" / "last", root / "partial" / "last", ignore=shutil.ignore_patterns("meta.pt"))
@@ -93,6 +97,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"name": "odd (1,2)", "dp": 1, "tp": 2, "max_steps": 5, "model": ODD, "ckpt": "odd/last"},
         {"name": "incomplete", "dp": 1, "tp": 2, "max_steps": 5, "ckpt": "partial/last", "expect_error": True},
         {"name": "interrupted swap", "dp": 1, "tp": 2, "max_steps": 4, "ckpt": "swap/last"},
+        {"name": "grid to 1D (1,2)", "dp": 1, "tp": 2, "max_steps": 5, "ckpt": "g/last"},
     ]})
     runs = {"root": root, **{k: v for r in (a, b, c) for k, v in r["runs"].items()}, "faults": a["faults"]}
     print(f"\ncheckpoint launches took {time.perf_counter() - start:.1f} s")
@@ -106,7 +111,8 @@ def _differences(runs: dict) -> str:
     resume = max(abs(loss - full[rank][s]) for rank, losses in resumed.items() for s, loss in losses.items())
     reshard = {name: max(abs(runs[name]["global_losses"][s] - runs["full"]["global_losses"][s])
                          for s in runs[name]["global_losses"])
-               for name in ("(1,4)", "(4,1)", "(1,2)", "file (2,2)", "file (1,4)", "interrupted swap")}
+               for name in ("(1,4)", "(4,1)", "(1,2)", "file (2,2)", "file (1,4)", "interrupted swap",
+                            "1D to grid (2,2)", "grid to 1D (1,2)")}
     reshard.update({name: max(abs(runs[name]["global_losses"][s] - runs["odd full"]["global_losses"][s])
                               for s in runs[name]["global_losses"]) for name in ("odd (1,4)", "odd (1,2)")})
     return (f"resumed at the same layout vs uninterrupted, worst |loss difference| on any rank: {resume:.1e}"
@@ -140,6 +146,19 @@ def test_reshard_matches_the_uninterrupted_run(runs: dict, layout: str) -> None:
     assert sorted(run["global_losses"]) == ["4", "5"]
     for step in ("4", "5"):  # step 5 also depends on the optimizer state and learning rate after resharding
         assert abs(run["global_losses"][step] - full[step]) <= RESHARD_TOL, (layout, step, run["global_losses"], full)
+
+
+def test_grid_checkpoints_reshard_to_and_from_1d(runs: dict) -> None:
+    """2D tensor parallelism (a 2 × 2 grid) trains the first 3 steps as the 1D run does, and its checkpoint resumes at
+    tp 2 (1D), as the 1D checkpoint resumes on the grid: steps 4 and 5 as uninterrupted."""
+    full = runs["full"]["global_losses"]
+    grid = runs["grid stop3"]["global_losses"]
+    assert sorted(grid) == ["1", "2", "3"]
+    assert all(abs(grid[s] - full[s]) <= RESHARD_TOL for s in grid), (grid, full)
+    for name in ("1D to grid (2,2)", "grid to 1D (1,2)"):
+        run = runs[name]["global_losses"]
+        assert sorted(run) == ["4", "5"], name
+        assert all(abs(run[s] - full[s]) <= RESHARD_TOL for s in run), (name, run, full)
 
 
 def test_consolidated_file_is_lightnings_single_file_format(runs: dict) -> None:

@@ -51,6 +51,20 @@ def test_logits_and_gradients_match_one_process(result, name):
     assert case["grads_compared"] >= 20
 
 
+def test_grid_logits_and_gradients_match_one_process(result):
+    """2D tensor parallelism on transformers' Llama (tied and untied embeddings), Mistral, Qwen2 (q/k/v biases) and the
+    native Llama: every gradient compared, at 1 × 2 and 2 × 1 grids (2 ranks) and 2 × 2 (4 ranks)."""
+    cases = result["grid"]
+    grids = {name.split("-")[0] for name in cases}
+    assert grids in ({"1x2", "2x1"}, {"2x2"}), grids
+    assert len(cases) == 4 * len(grids)
+    for name, case in cases.items():
+        print(f"\n{name}: logits abs err {case['logits_err']:.1e}, grad abs err {case['grad_err']:.1e}")
+        assert case["logits_err"] <= FP32.grad_abs, (name, case)
+        assert case["grad_err"] <= FP32.grad_abs, (name, case)
+        assert case["grads_compared"] >= 20, (name, case)
+
+
 def test_transformers_llama_collectives_equal_the_native_models(result):
     counts = result["comm_counts"]
     for layers in (1, 2):

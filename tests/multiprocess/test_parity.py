@@ -42,6 +42,9 @@ CASES_4 = [{"dp": 2, "tp": 2, **f} for f in FLAGS] + [{"dp": 1, "tp": 4, **f} fo
     {"dp": 2, "tp": 2, "sp": True, "lp": False, "head": True, "clip": "value"},
     {"dp": 1, "tp": 4, "sp": True, "lp": True, "head": True, "clip": "norm", "optim": "sgd", "fsdp": False},
     {"dp": 1, "tp": 4, "sp": False, "lp": True, "head": True, "clip": "value"},
+    # 2D tensor parallelism (lightning_tp/parallel/grid.py): a 2 × 2 grid, and 2 × 1 grids under 2 FSDP2 replicas
+    {"dp": 1, "tp": [2, 2], "sp": True, "lp": True},
+    {"dp": 2, "tp": [2, 1], "sp": True, "lp": False},
 ]
 CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS] + [
     {"dp": 1, "tp": 2, "sp": True, "lp": True, "ac": "full"},
@@ -50,6 +53,8 @@ CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS] + [
     # (FSDP2 still applies at dp=1), where a case costs half the CPU time of a 4-rank one
     {"dp": 1, "tp": 2, "sp": True, "lp": True, "precision": "bf16-true"},
     {"dp": 1, "tp": 2, "sp": True, "lp": True, "precision": "16-true"},
+    # a 1 × 2 grid (the hidden dimension split, the sequence whole) with full activation checkpointing
+    {"dp": 1, "tp": [1, 2], "sp": True, "lp": True, "ac": "full"},
 ]
 
 
@@ -255,6 +260,31 @@ def test_collective_counts_reach_the_megatron_minimum(runs):
     assert one["forward"] == {"all_gather_into_tensor": 3, "reduce_scatter_tensor": 2, "all_reduce": 4}
     assert one["backward"] == {"all_gather_into_tensor": 3, "reduce_scatter_tensor": 3}
     assert counts["llama/sp=True/lp=False/L=1"]["forward"]["all_gather_into_tensor"] == 4  # + the logits gather
+
+
+def test_grid_collectives_per_layer(runs):
+    """A 2 × 2 grid's layer: forward, the all-gather over the rows of each block's input (2), the reduce-scatters
+    over the columns of q, k, v, gate and up (5), the all-gathers over the columns of o_proj's and down_proj's
+    inputs (2), their reduce-scatters over the rows (2) and each norm's statistics all-reduce over the columns (2);
+    backward, each of those reversed (all-gather <-> reduce-scatter), the norms' second all-reduce, no more."""
+    counts = runs["world4"]["comm_counts"]
+    per_layer = {phase: _diff(counts["grid/L=1"][phase], counts["grid/L=2"][phase]) for phase in ("forward", "backward")}
+    assert per_layer["forward"] == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 7, "all_reduce": 2}
+    assert per_layer["backward"] == {"all_gather_into_tensor": 7, "reduce_scatter_tensor": 4, "all_reduce": 2}
+
+
+def test_grid_parameters_live_on_the_grid(runs):
+    """The premise of the 2D cases: the decoder's parameters on (data_parallel, tp_row, tp_col), the embedding and
+    lm_head on the flattened TP mesh, and every rank in one TP group of r·c ranks."""
+    grids = [c for c in _cases(runs) if isinstance(c["tp"], list)]
+    assert {tuple(c["tp"]) for c in grids} == {(2, 2), (2, 1), (1, 2)}
+    for case in grids:
+        for rank in case["ranks"]:
+            meshes = rank["param_meshes"]
+            flat = {k for k, v in meshes.items() if v == "DTensor('data_parallel', 'tensor_parallel')"}
+            assert flat == {"model.embed_tokens.weight", "lm_head.weight"}, (_label(case), meshes)
+            assert {v for k, v in meshes.items() if k not in flat} == {"DTensor('data_parallel', 'tp_row', 'tp_col')"}
+            assert len(rank["tp_group"]) == case["tp"][0] * case["tp"][1]
 
 
 def test_two_nodes_auto_sizes_keep_tp_inside_a_node(runs):

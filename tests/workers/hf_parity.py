@@ -7,6 +7,8 @@ process group up). Rank 0 writes the results; every reference is a single-proces
 2. Our native Llama and transformers Llama/Mistral/Qwen2/Qwen3 parallelised with the same plan at tp=N:
    logits and gradients against the single-process transformers model.
 3. Collectives per layer: transformers Llama vs our Llama under the same plan.
+4. The 2D plan on 1 × 2 and 2 × 1 grids (N = 2) or a 2 × 2 grid (N = 4): logits and gradients of transformers
+   Llama, Mistral, Qwen2 and our Llama against the single-process transformers model.
 """
 
 from __future__ import annotations
@@ -175,6 +177,53 @@ def parity(world: int) -> dict[str, Any]:
     return results
 
 
+GRIDS = {2: [(1, 2), (2, 1)], 4: [(2, 2)]}
+"""The 2D grids of each world size: at 2 ranks each grid dimension on its own, at 4 both."""
+
+
+def grid_parity(world: int) -> dict[str, Any]:
+    """The 2D plan (lightning_tp/parallel/grid.py) on transformers Llama (tied and untied), Mistral and Qwen2 (q/k/v
+    biases) and our native Llama: logits and every gradient against the single-process transformers model."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
+    from lightning_tp.parallel.plans import resolve_plan
+
+    results = {}
+    ids = tokens(7)
+    for grid in GRIDS[world]:
+        mesh = init_device_mesh("cpu", grid, mesh_dim_names=("tp_row", "tp_col"))
+        flat = mesh["tp_row", "tp_col"]._flatten("tensor_parallel")
+        for family, extra, native in [("llama", {"tie_word_embeddings": True}, False),
+                                      ("llama", {"tie_word_embeddings": False}, True),
+                                      ("mistral", {}, False), ("qwen2", {}, False)]:
+            reference = hf_model(family, **extra)
+            model = copy.deepcopy(reference)
+            if native:
+                model = Llama(config_from_hf(reference.config.to_dict()))
+                model.load_state_dict(reference.state_dict(), strict=False)
+                model.model.inv_freq.copy_(reference.model.rotary_emb.inv_freq)
+            resolved = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True, grid=grid)
+            apply_tensor_parallel(model, resolved, flat, grid_mesh=mesh)
+            with loss_parallel():
+                logits = logits_of(model, ids[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(0, 1)).backward()
+            got_grads = {n: full(p.grad) for n, p in model.named_parameters()}
+            ref_logits = logits_of(reference, ids[:, :-1])
+            F.cross_entropy(ref_logits.flatten(0, 1), ids[:, 1:].flatten(0, 1)).backward()
+            ref_grads = dict(reference.named_parameters())
+            name = f"{grid[0]}x{grid[1]}-{'native' if native else 'hf'}-{family}"
+            name += "-tied" if extra.get("tie_word_embeddings") else ""
+            results[name] = {
+                "logits_err": float((full(logits) - ref_logits.detach()).abs().max()),
+                "grad_err": max(float((got_grads[k] - ref_grads[k].grad).abs().max()) for k in got_grads),
+                "grads_compared": len(got_grads),
+            }
+    return results
+
+
 def comm_counts(world: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
@@ -209,6 +258,7 @@ def main() -> None:
     out_path, world = sys.argv[1], int(sys.argv[2])
     result: dict[str, Any] = {"trainer": trainer_run(world)}
     result["parity"] = parity(world)
+    result["grid"] = grid_parity(world)
     result["comm_counts"] = comm_counts(world)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -460,6 +460,39 @@ def comm_counts() -> dict[str, Any]:
                 counts[phase] = (mode.counts if ac != "none" else
                                  {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()})
             results[f"{plan}/sp={sp}/lp={lp}{'' if ac == 'none' else '/ac=' + ac}/L={layers}"] = counts
+    if dist.get_world_size() == 4:
+        results.update(grid_comm_counts())
+    return results
+
+
+def grid_comm_counts() -> dict[str, Any]:
+    """The same counts for the 2D plan on a 2 × 2 grid (lightning_tp/parallel/grid.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from lightning_tp.parallel.parallelize import apply_tensor_parallel
+    from lightning_tp.parallel.plans import resolve_plan
+
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("tp_row", "tp_col"))
+    flat = grid["tp_row", "tp_col"]._flatten("tensor_parallel")
+    results = {}
+    for layers in (1, 2):
+        model = Llama(get_config("debug", num_hidden_layers=layers))
+        model.init_weights(seed=0)
+        resolved = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True, grid=(2, 2))
+        apply_tensor_parallel(model, resolved, flat, grid_mesh=grid)
+        tokens = torch.randint(0, CONFIG.vocab_size, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+        counts = {}
+        for phase in ("forward", "backward"):
+            mode = CommDebugMode()
+            with mode, loss_parallel():
+                if phase == "forward":
+                    loss = ce(model(tokens[:, :-1]), tokens)
+                else:
+                    loss.backward()
+            counts[phase] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
+        results[f"grid/L={layers}"] = counts
     return results
 
 

@@ -444,6 +444,20 @@ CASES = [
          ["`fsdp=False` needs `data_parallel_size=1` (got 2)", "set fsdp=True"]), MeshConfigError),
     Case("mesh-recipe-tp-3-of-4", "mesh", R("pretrain", ["strategy.tensor_parallel_size=3"],
          ["tensor_parallel_size (3)", "world size 4", "Fix: choose sizes"]), MeshConfigError),
+    # ------------------------------------------------------------------ 2D tensor parallelism (docs/2d.md)
+    Case("grid-malformed", "mesh", F(_fit(lambda: TensorParallelStrategy(tensor_parallel_size=(2, 2, 2))),
+         ["(2, 2, 2)", "two positive ints (rows, columns)", "tensor_parallel_size=(2, 2)"]), MeshConfigError),
+    Case("grid-with-unsupported-mode", "mesh", F(_fit(lambda: TensorParallelStrategy(
+         tensor_parallel_size=(2, 2), activation_checkpointing="selective")),
+         ["(2, 2)", "activation_checkpointing='selective'", "or pass an int tensor_parallel_size for 1D"]),
+         MeshConfigError),
+    Case("grid-kv-heads-not-divisible", "model/plan", F(_fit(lambda: TensorParallelStrategy(
+         tensor_parallel_size=(2, 2)), _llama(num_key_value_heads=2)),
+         ["num_key_value_heads=2", "r·c = 4 of tensor_parallel_size=(2, 2)", "a grid whose r·c divides 2, or 1D"]),
+         PlanError),
+    Case("grid-recipe-seq-len", "model/plan", R("pretrain", ["strategy.tensor_parallel_size=[2,2]",
+         "data.seq_len=31"], ["data.seq_len=31", "the rows of tensor_parallel_size=[2, 2]",
+                              "a multiple of 2"]), SequenceLengthError),
     # ------------------------------------------------------------------ model and plan shapes
     Case("shape-heads-not-divisible", "model/plan", R("pretrain", ["model.num_attention_heads=2",
          "model.num_key_value_heads=2"], ["num_attention_heads=2", "tensor_parallel_size=4",

@@ -352,3 +352,21 @@ def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, in
             problems.append(f"{where} computes Llama's RMSNorm; {norms[0]} of {name} is a"
                             f" {type(model.get_submodule(norms[0])).__name__} (fix: 1D)")
     return problems
+
+
+def grid_local_shape(style: ParallelStyle, name: str, shape: tuple[int, ...],
+                     grid: tuple[int, int]) -> tuple[int, ...] | None:
+    """The per-device shape of parameter ``name`` (of global ``shape``) under a grid ``style``, from
+    its placements over ``(r, c)`` and without a mesh (``torch.chunk``'s rounding); None for a style
+    that is not a grid style."""
+    if isinstance(style, _GridLinear):
+        placements = style.weight if name == "weight" else style.bias
+    elif isinstance(style, GridNorm):
+        placements = (Replicate(), Shard(0))
+    else:
+        return None
+    local = list(shape)
+    for placement, parts in zip(placements, grid, strict=True):
+        if isinstance(placement, Shard):
+            local[placement.dim] = -(-local[placement.dim] // parts)
+    return tuple(local)

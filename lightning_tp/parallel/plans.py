@@ -321,10 +321,12 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
     Computed from the styles, without a process group, so a notebook can show the plan before
     training.
     """
+    from lightning_tp.parallel.grid import grid_local_shape
     from lightning_tp.parallel.lora import LoraColwise, LoraRowwise, adapt_styles, sub_styles
 
     rows = []
-    for path, style in adapt_styles(module, plan.styles).items():
+    styles = plan.styles if plan.grid is not None else adapt_styles(module, plan.styles)
+    for path, style in styles.items():
         target = module.get_submodule(path)
         # a PEFT LoRA layer: its base and adapters, each split as the style says
         owners = (sub_styles(style, target) if isinstance(style, (LoraColwise, LoraRowwise))
@@ -338,6 +340,9 @@ def describe_plan(module: nn.Module, plan: ResolvedPlan, tp: int) -> list[dict[s
                        else tp_shard_dim(owner_style, owner, param.ndim, tp, name))
                 if dim is not None:
                     local[dim] = -(-local[dim] // tp)
+                if plan.grid is not None:  # a grid style splits on both dims of (r, c)
+                    local = list(grid_local_shape(owner_style, name, tuple(param.shape), plan.grid)
+                                 or local)
                 params[_join(owner_path, name)] = (tuple(param.shape), tuple(local))
         lora = "" not in owners
         base = style.base if lora else style

@@ -148,3 +148,30 @@ def test_sequence_check_names_the_grid_rows() -> None:
     with pytest.raises(SequenceLengthError, match=r"15 is not divisible by the grid's rows") as info:
         model(torch.zeros(1, 15, dtype=torch.long))
     assert "int tensor_parallel_size (1D)" in str(info.value)
+
+
+@pytest.mark.parametrize("grid, q, o, down, norm", [
+    ((2, 2), (32, 32), (32, 32), (32, 96), (32,)),
+    ((4, 1), (16, 64), (64, 16), (64, 48), (64,)),
+    ((1, 4), (64, 16), (16, 64), (16, 192), (16,)),
+])
+def test_describe_plan_gives_each_devices_block_of_the_grid(grid: tuple, q: tuple, o: tuple, down: tuple,
+                                                            norm: tuple) -> None:
+    """Per-device shapes without a process group: q/k/v and gate/up split (out over rows, in over columns), o_proj
+    and down_proj the other way round, norms over the columns, embedding and lm_head by vocabulary over all r·c."""
+    from lightning_tp.parallel.plans import describe_plan
+
+    model = _meta_llama()
+    rows = {r["module"]: r["params"] for r in describe_plan(model, resolve_plan(
+        model, "auto", sequence_parallel=True, loss_parallel=True, grid=grid), grid[0] * grid[1])}
+    assert rows["model.layers.0.self_attn.q_proj"]["weight"] == ((64, 64), q)
+    assert rows["model.layers.1.self_attn.o_proj"]["weight"] == ((64, 64), o)
+    assert rows["model.layers.0.mlp.down_proj"]["weight"] == ((64, 192), down)
+    assert rows["model.layers.0.post_attention_layernorm"]["weight"] == ((64,), norm)
+    assert rows["model.embed_tokens"]["weight"] == rows["lm_head"]["weight"] == ((512, 64), (128, 64))
+
+
+def test_hydra_list_is_a_grid() -> None:
+    from omegaconf import OmegaConf
+
+    assert split_grid(OmegaConf.create({"tp": [2, 4]}).tp) == (8, (2, 4))

@@ -268,7 +268,8 @@ def test_grid_collectives_per_layer(runs):
     inputs (2), their reduce-scatters over the rows (2) and each norm's statistics all-reduce over the columns (2);
     backward, each of those reversed (all-gather <-> reduce-scatter), the norms' second all-reduce, no more."""
     counts = runs["world4"]["comm_counts"]
-    per_layer = {phase: _diff(counts["grid/L=1"][phase], counts["grid/L=2"][phase]) for phase in ("forward", "backward")}
+    per_layer = {phase: _diff(counts["grid/L=1"][phase], counts["grid/L=2"][phase])
+                 for phase in ("forward", "backward")}
     assert per_layer["forward"] == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 7, "all_reduce": 2}
     assert per_layer["backward"] == {"all_gather_into_tensor": 7, "reduce_scatter_tensor": 4, "all_reduce": 2}
 

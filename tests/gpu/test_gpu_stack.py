@@ -142,11 +142,13 @@ def test_bf16_mixed_loss_tracks_fp32(tier: Any, record_property: Any) -> None:
 
 
 def test_meta_init_through_dtensor_rng_equals_single_device_init(tier: Any, record_property: Any) -> None:
-    """On CUDA the strategy shards the meta-device model first and ``init_weights(seed)`` then draws into FSDP2's
-    DTensors, whose random ops go through DTensor's RNG tracker (``lightning_tp.parallel.parallelize.materialize``).
-    At (1, 1) each DTensor has one shard, so the weights must equal ``Llama(config).init_weights(seed)`` built
-    directly on the same device, bit for bit. (On the CPU the strategy initialises before sharding, so a dry run
-    compares two plain initialisations.)"""
+    """On CUDA the strategy shards the meta-device model first (FSDP2 DTensors) and then calls ``init_weights(seed)``
+    (``lightning_tp.parallel.parallelize.materialize``). With a seed each weight draws its full tensor on the GPU from
+    a generator of its own, seeded from the seed and its name, and keeps its shard's slice, never through DTensor's
+    RNG tracker; so the weights equal ``Llama(config).init_weights(seed)`` built directly on the same device, bit for
+    bit, at this one-shard layout as at any other (``tests/unit/models/test_seeded_init.py`` checks sharded layouts
+    on the CPU). (On the CPU the strategy initialises before sharding, so a dry run compares two plain
+    initialisations.)"""
     module = lm()
     fit(tier, module, 0)  # set-up only: shard, materialise, initialise
     ours = {n: p for n, p in module.model.named_parameters()}
@@ -157,7 +159,7 @@ def test_meta_init_through_dtensor_rng_equals_single_device_init(tier: Any, reco
     refs = dict(ref.named_parameters())
     assert ours.keys() == refs.keys()
     differ = [n for n in ours if not torch.equal(full(ours[n]), full(refs[n]))]
-    how = "through DTensor's CUDA RNG" if torch.device(tier.device).type == "cuda" else "CPU: before sharding"
+    how = "sharded on CUDA, then initialised" if torch.device(tier.device).type == "cuda" else "CPU: before sharding"
     record_property("key", f"{len(ours) - len(differ)}/{len(ours)} parameters equal ({how})")
     assert not differ, (f"{len(differ)} of {len(ours)} parameters differ from the single-device init with the same"
                         f" seed, in init order: {differ[:4]}")

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import (
     DTensor,
@@ -151,7 +151,8 @@ class _GridRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, hidden: int, group: Any) -> Tensor:
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        squares = funcol.all_reduce(x32.pow(2).sum(-1, keepdim=True), "sum", group).wait()
+        squares = x32.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(squares, group=group)
         rstd = torch.rsqrt(squares / hidden + eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.hidden, ctx.group = hidden, group
@@ -167,7 +168,8 @@ class _GridRMSNorm(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[0]:
             g = (grad * weight).to(rstd.dtype)
-            dot = funcol.all_reduce((g * normed).sum(-1, keepdim=True), "sum", ctx.group).wait()
+            dot = (g * normed).sum(-1, keepdim=True)
+            dist.all_reduce(dot, group=ctx.group)
             grad_x = (rstd * (g - normed * dot / ctx.hidden)).to(x.dtype)
         return grad_x, grad_weight, None, None, None
 
@@ -316,7 +318,6 @@ def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, in
     from lightning_tp.parallel.families.base import family_of
     from lightning_tp.parallel.families.llama import LLAMA
     from lightning_tp.parallel.lora import lora_layers
-    from lightning_tp.parallel.shapes import vocab_ranks
 
     rows, cols = grid
     tp = rows * cols
@@ -342,7 +343,7 @@ def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, in
             if value % divisor:
                 problems.append(f"{attr}={value} of {name} is not divisible by {what} = {divisor}"
                                 f" of {where} (fix: a grid whose {what} divides {value}, or 1D)")
-        if vocab_ranks(config.vocab_size, tp) < tp:
+        if -(-config.vocab_size // tp) * (tp - 1) >= config.vocab_size:  # torch.chunk's last rank
             problems.append(f"vocab_size={config.vocab_size} of {name} leaves ranks of the {tp}"
                             f" without a vocabulary row (fix: a smaller grid)")
         norms = [path for path, m in model.named_modules()

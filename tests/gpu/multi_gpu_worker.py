@@ -5,8 +5,9 @@ Each case is a Lightning Trainer with ``TensorParallelStrategy`` on the N launch
 variables and joins its process group) training the ``debug`` Llama, whose weights are initialised on the CPU before
 the strategy shards them, so every case and the reference start from the same weights:
 
-* ``nccl (1, N)`` and, for N >= 4, ``nccl (2, N/2)``: fp32, SP + loss parallel + FSDP2, four AdamW steps; the
-  reference is the same model trained on ``cuda:0`` alone by rank 0 with a plain loop, on the same global batches.
+* ``nccl (1, N)`` and, for N >= 4, ``nccl (2, N/2)`` and the 2D ``nccl 2D (N/4, (2, 2))``: fp32, SP + loss
+  parallel + FSDP2, four AdamW steps; the reference is the same model trained on ``cuda:0`` alone by rank 0 with a
+  plain loop, on the same global batches.
 * ``async TP (1, N)``: ``compile=True, async_tp=True`` against ``compile=True`` alone under bf16-mixed; inductor's
   post-grad graphs are inspected for the fused ``symm_mem`` all-gather-matmul and matmul-reduce-scatter ops that the
   micro-pipeline pass inserts.
@@ -86,19 +87,21 @@ class Lit(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=LR, foreach=False)
 
 
-def fit(accelerator: str, dp: int, tp: int, precision: str = "32-true", **strategy: Any) -> dict[str, Any]:
-    """Train ``STEPS`` steps at (dp, tp); every rank's losses, gathered (rank order)."""
+def fit(accelerator: str, dp: int, tp: Any, precision: str = "32-true", **strategy: Any) -> dict[str, Any]:
+    """Train ``STEPS`` steps at (dp, tp) (``tp`` an int, or a 2D grid ``(r, c)``); every rank's losses, gathered
+    (rank order)."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    grid, tp = (tuple(tp), tp[0] * tp[1]) if isinstance(tp, (tuple, list)) else (None, tp)
     module = Lit()
     trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=STEPS, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False,
-                        strategy=TensorParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp, timeout=300,
-                                                        **strategy))
+                        strategy=TensorParallelStrategy(data_parallel_size=dp, tensor_parallel_size=grid or tp,
+                                                        timeout=300, **strategy))
     trainer.fit(module, loader(dp, rank // tp))  # the mesh is (dp, tp), tp innermost: dp rank = rank // tp
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, module.losses)
-    return {"dp": dp, "tp": tp, "losses": everyone}
+    return {"dp": dp, "tp": tp, "grid": grid, "losses": everyone}
 
 
 def reference(device: str) -> list[float]:
@@ -172,6 +175,8 @@ def main() -> int:
     cases: list[tuple[str, Any, str]] = [(f"nccl (1, {world})", lambda: fit(args.device, 1, world), "")]
     if world >= 4 and world % 2 == 0:
         cases.append((f"nccl (2, {world // 2})", lambda: fit(args.device, 2, world // 2), ""))
+        # 2D tensor parallelism: a 2 x 2 grid (the debug model's 4 KV heads split over its 4 devices)
+        cases.append((f"nccl 2D ({world // 4}, (2, 2))", lambda: fit(args.device, world // 4, (2, 2)), ""))
     cases += [
         (f"async TP (1, {world})", lambda: async_tp(args.device, world), "" if cuda else "async TP needs CUDA"),
         (f"float8 ({world}, 1)", lambda: float8(args.device, world),

@@ -53,8 +53,10 @@ CASES_2 = [{"dp": 1, "tp": 2, **f} for f in FLAGS] + [
     # (FSDP2 still applies at dp=1), where a case costs half the CPU time of a 4-rank one
     {"dp": 1, "tp": 2, "sp": True, "lp": True, "precision": "bf16-true"},
     {"dp": 1, "tp": 2, "sp": True, "lp": True, "precision": "16-true"},
-    # a 1 × 2 grid (the hidden dimension split, the sequence whole) with full activation checkpointing
+    # a 1 × 2 grid (the hidden dimension split, the sequence whole) with full activation checkpointing; a 2 × 1 grid
+    # without FSDP2 (the norm weights' partial gradients reduced by the optimizer step's DTensor ops)
     {"dp": 1, "tp": [1, 2], "sp": True, "lp": True, "ac": "full"},
+    {"dp": 1, "tp": [2, 1], "sp": True, "lp": True, "fsdp": False},
 ]
 
 
@@ -270,8 +272,8 @@ def test_grid_collectives_per_layer(runs):
     counts = runs["world4"]["comm_counts"]
     per_layer = {phase: _diff(counts["grid/L=1"][phase], counts["grid/L=2"][phase])
                  for phase in ("forward", "backward")}
-    assert per_layer["forward"] == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 7, "all_reduce": 2}
-    assert per_layer["backward"] == {"all_gather_into_tensor": 7, "reduce_scatter_tensor": 4, "all_reduce": 2}
+    assert per_layer["forward"] == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 7, "allreduce_": 2}
+    assert per_layer["backward"] == {"all_gather_into_tensor": 7, "reduce_scatter_tensor": 4, "allreduce_": 2}
 
 
 def test_grid_parameters_live_on_the_grid(runs):
@@ -279,12 +281,14 @@ def test_grid_parameters_live_on_the_grid(runs):
     lm_head on the flattened TP mesh, and every rank in one TP group of r·c ranks."""
     grids = [c for c in _cases(runs) if isinstance(c["tp"], list)]
     assert {tuple(c["tp"]) for c in grids} == {(2, 2), (2, 1), (1, 2)}
+    assert any(c.get("fsdp") is False for c in grids)
     for case in grids:
+        dp = "" if case.get("fsdp") is False else "'data_parallel', "  # FSDP2 adds the data-parallel mesh dim
         for rank in case["ranks"]:
             meshes = rank["param_meshes"]
-            flat = {k for k, v in meshes.items() if v == "DTensor('data_parallel', 'tensor_parallel')"}
+            flat = {k for k, v in meshes.items() if v == f"DTensor({dp}'tensor_parallel'{',' if not dp else ''})"}
             assert flat == {"model.embed_tokens.weight", "lm_head.weight"}, (_label(case), meshes)
-            assert {v for k, v in meshes.items() if k not in flat} == {"DTensor('data_parallel', 'tp_row', 'tp_col')"}
+            assert {v for k, v in meshes.items() if k not in flat} == {f"DTensor({dp}'tp_row', 'tp_col')"}
             assert len(rank["tp_group"]) == case["tp"][0] * case["tp"][1]
 
 

@@ -21,6 +21,8 @@ The modules, each depending only on those above it:
 * :mod:`~lightning_tp.planner.errors`: :class:`PlannerError`;
 * :mod:`~lightning_tp.planner.checkpoint`: the ``checkpoint=`` input, a Hugging Face config's model
   on the meta device and the plan ``plan="auto"`` gives it;
+* :mod:`~lightning_tp.planner.grid`: 2D tensor parallelism's rules (:func:`grid_problems`) and
+  per-layer collectives (:func:`layer_terms`);
 * :mod:`~lightning_tp.planner.inputs`: :class:`PlanInputs`, :class:`Lora`, the Hydra schema
   :class:`PlanConfig`, :func:`compose_inputs`;
 * :mod:`~lightning_tp.planner.layout`: the meta model (a preset's native Llama or a checkpoint's),
@@ -28,6 +30,8 @@ The modules, each depending only on those above it:
   :func:`adapters`);
 * :mod:`~lightning_tp.planner.memory`: :func:`layer_activation_bytes`, the per-rank memory;
 * :mod:`~lightning_tp.planner.communication`: :class:`Collective`, :func:`collectives`;
+* :mod:`~lightning_tp.planner.crossover`: 2D against 1D (:func:`compare_2d`,
+  :func:`choose_grid`);
 * :mod:`~lightning_tp.planner.estimate`: :class:`Estimate`, the step time;
 * :mod:`~lightning_tp.planner.waste`: :class:`Waste`, ``waste``, :func:`least_waste` (heads and
   vocabularies tp does not divide);
@@ -42,12 +46,14 @@ This package re-exports the public names of those modules.
 from lightning_tp.config import AC_MODES, PRECISIONS
 from lightning_tp.planner.cli import USAGE, main
 from lightning_tp.planner.communication import Collective, collectives
+from lightning_tp.planner.crossover import GridComparison, choose_grid, compare_2d, compare_grid
 from lightning_tp.planner.estimate import Estimate
+from lightning_tp.planner.grid import grid_problems, layer_terms
 from lightning_tp.planner.inputs import Lora, PlanConfig, PlanInputs, PlannerError, compose_inputs
 from lightning_tp.planner.layout import Adapter, ParamShard, adapters, param_shards
 from lightning_tp.planner.memory import layer_activation_bytes
 from lightning_tp.planner.report import Candidate, PlanReport, analyze, recommend
-from lightning_tp.planner.text import format_report
+from lightning_tp.planner.text import format_crossover, format_report
 from lightning_tp.planner.waste import Waste, least_waste
 
 __all__ = [
@@ -58,6 +64,7 @@ __all__ = [
     "Candidate",
     "Collective",
     "Estimate",
+    "GridComparison",
     "Lora",
     "ParamShard",
     "PlanConfig",
@@ -67,10 +74,16 @@ __all__ = [
     "Waste",
     "adapters",
     "analyze",
+    "choose_grid",
     "collectives",
+    "compare_2d",
+    "compare_grid",
     "compose_inputs",
+    "format_crossover",
     "format_report",
+    "grid_problems",
     "layer_activation_bytes",
+    "layer_terms",
     "least_waste",
     "main",
     "param_shards",

@@ -3,7 +3,8 @@
 Owns :class:`Collective`, :func:`collectives` (tensor-parallel traffic per layer and outside the
 layers, FSDP2's all-gathers and reduce-scatters, and under LoRA the all-reduces of the adapters'
 replicated factors), the ring cost of one collective (:func:`ring_bytes`) and which link a group
-runs over (:func:`group_link`).
+runs over (:func:`group_link`; a 2D grid's row and column groups: :func:`grid_link`). Under a 2D
+grid (``inputs.grid``) the decoder layers' TP rows are :func:`grid_layer_collectives`'.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 from lightning_tp.hardware import Link
 from lightning_tp.parallel.heads import head_layout
+from lightning_tp.planner.grid import LayerTerm, layer_terms
 from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import (
     ROOT_UNIT,
@@ -26,7 +28,8 @@ from lightning_tp.planner.layout import (
 from lightning_tp.planner.memory import sharded_saves
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT, RECOMPUTE
 
-__all__ = ["Collective", "collectives", "group_link", "replicated_gradients", "ring_bytes"]
+__all__ = ["Collective", "collectives", "grid_layer_collectives", "grid_link", "group_link",
+           "replicated_gradients", "ring_bytes"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,76 @@ def group_link(inputs: PlanInputs, group: str) -> Link:
     """The link a ``'tp'`` or ``'dp'`` group runs over: inside a node while it fits in one."""
     span = inputs.tp if group == "tp" else inputs.world
     return inputs.intra_link if span <= inputs.devices_per_node else inputs.inter_link
+
+
+def grid_link(inputs: PlanInputs, axis: str, grid: tuple[int, int]) -> Link:
+    """The link of a 2D grid's ``'R'`` group (``r`` devices ``c`` apart: inside a node while the
+    whole TP group is), ``'C'`` group (``c`` consecutive devices: inside a node while ``c``
+    divides the node size) or ``'RC'`` (the whole TP group), the TP group starting on a node
+    boundary as the strategy's mesh does."""
+    r, c = grid
+    per = inputs.devices_per_node
+    if axis == "C":
+        inside = c <= per and per % c == 0
+    else:
+        inside = (axis == "R" and r == 1) or r * c <= per
+    return inputs.intra_link if inside else inputs.inter_link
+
+
+def _term_collective(inputs: PlanInputs, grid: tuple[int, int], term: LayerTerm, times: int,
+                     where: str) -> Collective:
+    """``term`` run ``times`` over (layers x micro-batches) as a :class:`Collective` row: bytes in
+    the activation dtype (fp32 for norm statistics), time ``bytes / (bandwidth·efficiency) +
+    calls·latency`` on the axis' link."""
+    size = 4 if term.fp32 else BYTES_PER_ELEMENT[inputs.precision].compute
+    link = grid_link(inputs, term.axis, grid)
+    sent = times * size * term.sent(*grid)
+    calls = times * term.calls
+    return Collective("tp", term.kind, f"{where}{term.name} over {term.axis}", calls,
+                      int(size * term.elements), link.name, sent,
+                      sent / link.effective_bandwidth + calls * link.latency)
+
+
+def grid_layer_collectives(inputs: PlanInputs, grid: Optional[tuple[int, int]] = None,
+                           tokens: Optional[int] = None) -> list[Collective]:
+    """One decoder layer's TP collectives, forward and backward, for one micro-batch of
+    ``tokens`` (default ``inputs.tokens``) under ``grid`` (default ``inputs.grid``; ``(tp, 1)``
+    is the 1D SP layer): :func:`~lightning_tp.planner.grid.layer_terms` on the model's widths,
+    recomputed under full checkpointing, timed on :func:`grid_link`."""
+    grid = grid or inputs.grid or (inputs.tp, 1)
+    return [_term_collective(inputs, grid, x, 1, "")
+            for x in _layer_terms(inputs, grid, inputs.tokens if tokens is None else tokens)]
+
+
+def _layer_terms(inputs: PlanInputs, grid: tuple[int, int], tokens: int) -> list[LayerTerm]:
+    cfg = inputs.config
+    d = cfg.resolved_head_dim
+    return layer_terms(tokens, cfg.hidden_size, cfg.num_attention_heads * d,
+                       cfg.num_key_value_heads * d, cfg.intermediate_size, *grid,
+                       recompute=RECOMPUTE[inputs.activation_checkpointing].forward)
+
+
+def _grid_rows(inputs: PlanInputs) -> list[Collective]:
+    """TP collectives per step under a 2D grid: every decoder layer's
+    (:func:`grid_layer_collectives`), and outside the layers the embedding output (partial over
+    every device, all-reduced over the flattened mesh and sliced to ``[b, s/r, h/c]``, whose
+    backward all-gathers it; as 1D's) and lm_head's input (all-gathered over R along the sequence,
+    then over C along h; backward the reduce-scatters)."""
+    r, c = grid = inputs.grid
+    layers, m, e, h = (inputs.config.num_hidden_layers, inputs.accumulate, inputs.tokens,
+                       inputs.config.hidden_size)
+    out = [_term_collective(inputs, grid, x, layers * m, "decoder layers 2D: ")
+           for x in _layer_terms(inputs, grid, e)]
+    outside = [
+        LayerTerm("embedding output (fwd)", "all_reduce", "RC", 1, e * h),
+        LayerTerm("sequence split before layer 0 (bwd)", "all_gather", "RC", 1, e * h),
+        LayerTerm("lm_head input (fwd)", "all_gather", "R", 1, e * h / c),
+        LayerTerm("lm_head input (fwd)", "all_gather", "C", 1, e * h),
+        LayerTerm("lm_head input gradient (bwd)", "reduce_scatter", "C", 1, e * h),
+        LayerTerm("lm_head input gradient (bwd)", "reduce_scatter", "R", 1, e * h / c),
+    ]
+    return out + [_term_collective(inputs, grid, x, m, "") for x in outside
+                  if x.group_size(r, c) > 1]
 
 
 def replicated_gradients(inputs: PlanInputs) -> list[tuple[str, int, int]]:
@@ -110,7 +183,9 @@ def _tp_rows(inputs: PlanInputs) -> list[_Row]:
     again = RECOMPUTE[inputs.activation_checkpointing]
     # save_sharded_inputs: the two block inputs all-gathered again in backward
     regather = 2 if sharded_saves(inputs) else 0
-    if inputs.sequence_parallel:
+    if inputs.grid is not None:  # the layers, embedding and lm_head rows: _grid_rows
+        rows = []
+    elif inputs.sequence_parallel:
         # Forward: all-gather before attention and MLP, reduce-scatter after o_proj and down_proj;
         # backward the reverse; recomputation repeats some forward collectives.
         rows = [("all_gather", _LAYERS, (4 + again.gathers + regather) * layers, act),
@@ -170,6 +245,7 @@ def collectives(inputs: PlanInputs,
     t, m = inputs.tp, inputs.accumulate
     # (group, kind, where, calls per step, bytes of all those calls' whole tensors together)
     rows: list[tuple[str, str, str, int, int]] = []
+    grid_rows = _grid_rows(inputs) if inputs.grid is not None and t > 1 else []
     if t > 1:
         rows += [("tp", kind, where, calls * m, calls * m * size)
                  for kind, where, calls, size in _tp_rows(inputs)]
@@ -196,7 +272,7 @@ def collectives(inputs: PlanInputs,
                               - again)))
         rows.append(("dp", "reduce_scatter", "gradients (last micro-batch only)", len(per_unit),
                      element.grad * total))
-    out = []
+    out = list(grid_rows)
     for group, kind, where, calls, size in rows:
         link = group_link(inputs, group)
         sent = ring_bytes(kind, t if group == "tp" else inputs.dp, size)

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_tp.config import AC_MODES, ParallelConfig, check_precision
+from lightning_tp.config import AC_MODES, ParallelConfig, check_precision, split_grid
+from lightning_tp.config import grid_problems as strategy_grid_problems
 from lightning_tp.errors import MeshConfigError, PrecisionConfigError
 from lightning_tp.hardware import Accelerator, Link, get_accelerator, get_link, load_hardware
 from lightning_tp.models.config import LlamaConfig, get_config
 from lightning_tp.planner.checkpoint import checkpoint_model
 from lightning_tp.planner.errors import PlannerError
+from lightning_tp.planner.grid import grid_problems
 from lightning_tp.planner.modes import AC_BY_RECOMPUTE
 from lightning_tp.recipes.config import (
     CONF_DIR,
@@ -78,6 +80,10 @@ class PlanConfig:
     """text | json."""
     top: int = 5
     """How many ranked candidates the recommendation lists."""
+    compare_2d: bool = False
+    """Print where a 2D grid (``strategy.tensor_parallel_size=[r,c]``) moves fewer bytes and takes
+    less TP time than 1D, over tp 4, 8, 16, the Llama 3 1B/8B/70B shapes and this model, and the
+    crossover in tokens (:func:`~lightning_tp.planner.crossover.compare_2d`); no layout report."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,9 @@ class PlanInputs:
     meta device); None: the native Llama of ``config``."""
     lora: Optional[Lora] = None
     """LoRA fine-tuning (``peft=lora``); None: every weight trains."""
+    grid: Optional[tuple[int, int]] = None
+    """2D tensor parallelism: the TP group as ``(r, c)`` grid rows x columns, ``r·c = tp``
+    (``strategy.tensor_parallel_size=[r,c]``; :mod:`~lightning_tp.planner.grid`); None: 1D."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -194,6 +203,16 @@ class PlanInputs:
                             f" multiple of {self.tp} or strategy.sequence_parallel=false")
         if self.lora is not None:
             problems += self.lora.problems()
+        if self.grid is not None and not problems:
+            cfg = self.config
+            problems += grid_problems(
+                tuple(self.grid), self.tp, hidden=cfg.hidden_size,
+                intermediate=cfg.intermediate_size, heads=cfg.num_attention_heads,
+                kv_heads=cfg.num_key_value_heads, seq_len=self.seq_len,
+                lora=self.lora is not None, sequence_parallel=self.sequence_parallel,
+                save_sharded_inputs=self.save_sharded_inputs, compile=self.compile,
+                async_tp=self.async_tp, float8=self.float8,
+                activation_checkpointing=self.activation_checkpointing)
         if problems:
             raise PlannerError("Invalid plan inputs: " + "; ".join(problems) + ".")
 
@@ -227,10 +246,23 @@ def compose_inputs(overrides: Sequence[str]) -> tuple[PlanInputs, Any]:
     return resolve_inputs(cfg), cfg
 
 
+def _grid(value: Any) -> Optional[tuple[int, int]]:
+    """``(r, c)`` when ``strategy.tensor_parallel_size`` is a grid ``[r, c]``, else None."""
+    if value is None:
+        return None
+    tp, grid = split_grid(value)  # the strategy's own reading of the size
+    if grid is not None and tp == "auto":  # malformed: the strategy's message names it
+        raise PlannerError("strategy.tensor_parallel_size: "
+                           + "; ".join(strategy_grid_problems({"grid": grid})) + ".")
+    return grid
+
+
 def _sizes(cfg: Any, per_node: int) -> tuple[int, int]:
     """``(tp, dp)`` as the strategy resolves them on ``trainer.num_nodes`` nodes of ``per_node``
-    devices; two explicit sizes define the world themselves."""
+    devices; two explicit sizes define the world themselves. A grid ``[r, c]`` is ``tp = r·c``."""
     tp, dp = cfg.strategy.tensor_parallel_size, cfg.strategy.data_parallel_size
+    grid = _grid(tp)
+    tp = tp if grid is None else grid[0] * grid[1]
     num_nodes = cfg.trainer.num_nodes
     try:
         sizes = ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp,
@@ -254,10 +286,14 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
     per_node = cfg.devices_per_node or (devices if isinstance(devices, int)
                                         else acc.devices_per_node)
     tp, dp = _sizes(cfg, per_node)
+    grid = _grid(cfg.strategy.tensor_parallel_size)
     checkpoint, name = cfg.get("checkpoint"), cfg.model.name
     if checkpoint:  # the model is the checkpoint's; model.* does not apply
         found = checkpoint_model(str(checkpoint))
         config, name = found.config, f"{found.path.parent.name} ({found.model_type})"
+        family = grid and grid_problems(grid, tp, family=found.model_type)
+        if family:
+            raise PlannerError("Invalid plan inputs: " + "; ".join(family) + ".")
     else:
         overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
         try:
@@ -278,6 +314,7 @@ def resolve_inputs(cfg: Any) -> PlanInputs:
         efficiency=acc.efficiency if cfg.efficiency is None else cfg.efficiency,
         memory_headroom=cfg.memory_headroom, model_name=name,
         checkpoint=str(checkpoint) if checkpoint else None, lora=_lora(cfg.get("peft")),
+        grid=grid,
     )
 
 

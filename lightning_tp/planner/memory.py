@@ -16,8 +16,8 @@ from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import Adapter, ParamShard, adapters, busiest_rank, units
 from lightning_tp.planner.modes import BYTES_PER_ELEMENT
 
-__all__ = ["DROPOUT_MASK_BYTES", "activations", "fits", "layer_activation_bytes",
-           "lora_activation_bytes", "memory", "sharded_saves"]
+__all__ = ["DROPOUT_MASK_BYTES", "activations", "fits", "grid_layer_activation_bytes",
+           "layer_activation_bytes", "lora_activation_bytes", "memory", "sharded_saves"]
 
 DROPOUT_MASK_BYTES = 1
 """Bytes per element of the mask an adapter's input dropout keeps for backward: a bool tensor
@@ -70,7 +70,11 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
     down_proj; it recomputes norms, RoPE, SiLU, products and all-gathers. ``full`` keeps only the
     block input. ``even=True``: the same with ``nh/t`` and ``nkv/t`` heads and no replicated
     projection, the even split the waste is measured against (fractional bytes).
+
+    Under a 2D grid (``inputs.grid``): :func:`grid_layer_activation_bytes`.
     """
+    if inputs.grid is not None:
+        return grid_layer_activation_bytes(inputs, mode)
     cfg, t, a = inputs.config, inputs.tp, BYTES_PER_ELEMENT[inputs.precision].compute
     ts = t if inputs.sequence_parallel else 1
     e, h, d = inputs.tokens, cfg.hidden_size, cfg.resolved_head_dim
@@ -107,6 +111,43 @@ def layer_activation_bytes(inputs: PlanInputs, mode: Optional[str] = None,
         parts.update(_frozen_inputs(inputs, _layer_adapters(inputs), mode))
         parts = {k: v for k, v in parts.items() if v}
     return parts | lora_activation_bytes(inputs, mode, even)
+
+
+def grid_layer_activation_bytes(inputs: PlanInputs,
+                                mode: Optional[str] = None) -> dict[str, float]:
+    """What one decoder layer keeps for backward per micro-batch on one device of the 2D grid
+    ``(r, c)`` (``t = r·c``; docs/2d.md), in the terms of :func:`layer_activation_bytes`:
+
+    * each RMSNorm: its input, the residual ``[b, s/r, h/c]``, ``a·E·h/t``, and one fp32 rsqrt
+      per local token ``4·E/r``;
+    * each norm output as the projections see it, gathered over R: ``[b, s, h/c]``, ``a·E·h/c``;
+    * q, k, v and the attention output: ``a·E·(2·q + 2·k)/t``, log-sum-exp ``4·b·(nh/t)·s``;
+    * MLP: gate, up, SiLU(gate), SiLU(gate)·up ``4·a·E·F/t``;
+    * at ``c > 1``, o_proj's and down's inputs gathered over C, which their matmuls keep:
+      ``[b, s, q/r]`` and ``[b, s, F/r]``, ``a·E·(q + F)/r`` (at ``c = 1`` they are the
+      attention output and the product themselves, and the figures are the 1D layer's).
+
+    ``full`` keeps the block input ``a·E·h/t``. ``selective`` is refused under 2D
+    (:func:`~lightning_tp.planner.grid.grid_problems`)."""
+    r, c = inputs.grid
+    cfg, t, a = inputs.config, r * c, BYTES_PER_ELEMENT[inputs.precision].compute
+    e, h, d = inputs.tokens, cfg.hidden_size, cfg.resolved_head_dim
+    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    if (mode or inputs.activation_checkpointing) == "full":
+        return {"block input": a * e * h / t}
+    parts = {
+        "2 RMSNorm (input, rsqrt)": 2 * (a * e * h / t + 4 * e / r),
+        "2 norm outputs gathered over R [b, s, h/c]": 2 * a * e * h / c,
+        "q, k, v": a * e * (q + 2 * kv) / t,
+        "attention output + lse": (a * e * q / t
+                                   + 4 * inputs.batch_size * cfg.num_attention_heads / t
+                                   * inputs.seq_len),
+        "MLP (gate, up, silu, product)": 4 * a * e * inter / t,
+    }
+    if c > 1:
+        parts["o_proj, down inputs gathered over C [b, s, q/r], [b, s, F/r]"] = (
+            a * e * (q + inter) / r)
+    return parts
 
 
 def _layer_adapters(inputs: PlanInputs) -> list[Adapter]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning_tp.planner.communication import collectives
+from lightning_tp.planner.crossover import choose_grid
 from lightning_tp.planner.estimate import estimate
 from lightning_tp.planner.inputs import PlanInputs
 from lightning_tp.planner.layout import (
@@ -63,6 +64,9 @@ class PlanReport:
     verdict: str = ""
     """One sentence: what runs where, its memory per rank against the device, whether it fits,
     and what fits instead when it does not."""
+    two_d: str = ""
+    """At tp > 1: whether a 2D grid of this tp takes less TP time per layer than 1D, and why
+    (:func:`~lightning_tp.planner.crossover.choose_grid`)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -139,6 +143,7 @@ def analyze(inputs: PlanInputs, top: int = 5) -> PlanReport:
         waste=dataclasses.asdict(waste(inputs, comms, est.step_s, total)),
         least_waste=least_waste(inputs) if top else {},
         lora=lora_summary(inputs, mem, comms), verdict=verdict(inputs, mem, est, ranked),
+        two_d=choose_grid(inputs)[1] if inputs.tp > 1 else "",
     )
 
 
@@ -175,7 +180,8 @@ def _where(inputs: PlanInputs) -> str:
     place = (f"one node of {per} x {acc}" if world == per
              else f"{world} of one node's {per} {acc}" if world < per
              else f"{nodes} nodes of {per} x {acc}")
-    return f"tp {inputs.tp} x dp {inputs.dp} on {place}"
+    grid = f" (2D grid {inputs.grid[0]}x{inputs.grid[1]})" if inputs.grid else ""
+    return f"tp {inputs.tp}{grid} x dp {inputs.dp} on {place}"
 
 
 def _short(layout: Any) -> str:
@@ -221,6 +227,8 @@ class Candidate:
     save_sharded_inputs: bool = False
     """With ``activation_checkpointing="none"`` under SP: the gathered block inputs kept as their
     sequence shard and all-gathered again in backward."""
+    grid: Optional[tuple[int, int]] = None
+    """2D tensor parallelism over a ``(r, c)`` grid of the tp devices; None: 1D."""
 
     @property
     def setting(self) -> str:
@@ -228,12 +236,19 @@ class Candidate:
         return self.activation_checkpointing + (" + sharded inputs" if self.save_sharded_inputs
                                                 else "")
 
+    @property
+    def layout(self) -> str:
+        """``tp 8`` (1D) or ``tp 8 as 4x2`` (2D)."""
+        return f"tp {self.tp}" + (f" as {self.grid[0]}x{self.grid[1]}" if self.grid else "")
+
 
 def settings(inputs: PlanInputs, tp: Optional[int] = None) -> list[tuple[str, bool]]:
     """``(activation_checkpointing, save_sharded_inputs)`` from the least recomputation to the
     most: none, none with the sequence shards kept (under SP at tp > 1, eager: where the strategy
-    takes it), selective, full."""
+    takes it), selective, full; under a 2D grid none and full (what it takes)."""
     tp = inputs.tp if tp is None else tp
+    if inputs.grid is not None:
+        return [("none", False), ("full", False)]
     out = [("none", False)]
     if inputs.sequence_parallel and tp > 1 and not inputs.compile:
         out.append(("none", True))
@@ -246,27 +261,41 @@ def _evaluate(cand: PlanInputs) -> Candidate:
     est = estimate(cand, shards, collectives(cand, shards))
     return Candidate(cand.tp, cand.dp, cand.activation_checkpointing, total, fits(cand, total),
                      est.step_s, est.tokens_per_s_per_device, est.mfu,
-                     save_sharded_inputs=cand.save_sharded_inputs)
+                     save_sharded_inputs=cand.save_sharded_inputs, grid=cand.grid)
 
 
 def recommend(inputs: PlanInputs, top: int = 5) -> list[Candidate]:
     """Every (tp, dp = world / tp, activation checkpointing) with tp dividing the node and the
     model's sharded dimensions, the micro-batch per replica kept; those that fit first, fastest
     first. Replicated projections, their all-reduces and the busiest rank's heads and vocabulary
-    rows are in each candidate's memory and step time."""
-    out = [_evaluate(inputs.replace(tp=tp, dp=dp, activation_checkpointing=ac,
-                                    save_sharded_inputs=sharded,
-                                    async_tp=inputs.async_tp and tp > 1))
-           for tp, dp in tp_choices(inputs) for ac, sharded in settings(inputs, tp)]
+    rows are in each candidate's memory and step time.
+
+    A tp's 2D grid is a candidate too (activation checkpointing none and full, the settings 2D
+    takes) where :func:`~lightning_tp.planner.crossover.choose_grid` takes it: the grid that runs
+    with these inputs and whose TP time per layer is below 1D's. Equal throughput goes to 1D."""
+    base = inputs.replace(grid=None)
+    out = [_evaluate(base.replace(tp=tp, dp=dp, activation_checkpointing=ac,
+                                  save_sharded_inputs=sharded,
+                                  async_tp=inputs.async_tp and tp > 1))
+           for tp, dp in tp_choices(base) for ac, sharded in settings(base, tp)]
+    for tp, dp in tp_choices(base):
+        for ac in ("none", "full") if tp > 1 else ():
+            mode = base.replace(activation_checkpointing=ac, save_sharded_inputs=False)
+            grid = choose_grid(mode, tp)[0]
+            if grid is not None:
+                out.append(_evaluate(mode.replace(tp=tp, dp=dp, grid=grid)))
     # Ties (communication-bound layouts where recomputation hides under FSDP2 traffic) go to less
     # recomputation, the regathered inputs before selective's.
     out.sort(key=lambda c: (not c.fits, -round(c.tokens_per_s_per_device, 3),
-                            RECOMPUTE[c.activation_checkpointing].cost, c.save_sharded_inputs))
+                            RECOMPUTE[c.activation_checkpointing].cost, c.save_sharded_inputs,
+                            c.grid is not None))
     return out[:top]
 
 
 def _setting_words(c: Candidate) -> str:
     words = f"activation checkpointing {c.activation_checkpointing}"
+    if c.grid is not None:
+        words = f"as a 2D grid strategy.tensor_parallel_size=[{c.grid[0]},{c.grid[1]}], {words}"
     return words + (" and strategy.save_sharded_inputs=true" if c.save_sharded_inputs else "")
 
 
@@ -314,7 +343,8 @@ def verdict(inputs: PlanInputs, mem: dict[str, float], est: Any,
         out += (f" At tp {inputs.tp} x dp {inputs.dp} it fits with " + " or with ".join(options)
                 + ".")
     fitting = [c for c in ranked if c.fits]
-    if fitting and (fitting[0].tp, fitting[0].dp) != (inputs.tp, inputs.dp):
+    if fitting and (fitting[0].tp, fitting[0].dp, fitting[0].grid) != (inputs.tp, inputs.dp,
+                                                                         inputs.grid):
         c = fitting[0]
         out += (f" The fastest layout that fits on these devices: tp {c.tp} x dp {c.dp},"
                 f" {_setting_words(c)} ({_option(c)}).")

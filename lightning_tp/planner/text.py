@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning_tp.planner.report import PlanReport
 
-__all__ = ["format_report"]
+__all__ = ["format_crossover", "format_report"]
 
 
 def _gib(n: float) -> str:
@@ -35,7 +35,16 @@ def _heading(i: dict[str, Any]) -> str:
             f" {i['seq_len']}, micro-batch {i['batch_size']} x {i['accumulate']},"
             f" SP={i['sequence_parallel']}, loss parallel={i['loss_parallel']}, FSDP={i['fsdp']},"
             f" activation checkpointing={i['activation_checkpointing']}, float8={i['float8']},"
-            f" async TP={i['async_tp']}{_peft(i['lora'])}\nPlan source: {i['plan_source']}")
+            f" async TP={i['async_tp']}{_peft(i['lora'])}{_grid(i.get('grid'))}\nPlan source:"
+            f" {i['plan_source']}")
+
+
+def _grid(grid: Any) -> str:
+    if not grid:
+        return ""
+    return (f"\n2D grid {grid[0]}x{grid[1]} (tp_row x tp_col): the applied-plan table shows the 1D"
+            " plan's per-rank shapes (the same 1/tp of every weight); activations and the"
+            " decoder layers' TP collectives are the grid's")
 
 
 def _peft(lora: Any) -> str:
@@ -64,12 +73,18 @@ def _recommendation(rows: list[dict[str, Any]]) -> list[str]:
         return []
     header = ["#", "tp", "dp", "activation ckpt", "memory", "fits", "step", "tokens/s/device",
               "MFU"]
+    grid = any(c.get("grid") for c in rows)
+    if grid:
+        header.insert(2, "grid")
     out = ["", "Recommendation (same devices and micro-batch; fitting layouts first, fastest"
                " first):",
-           _table(header, [[n + 1, c["tp"], c["dp"], c["activation_checkpointing"]
-                            + (" + sharded inputs" if c.get("save_sharded_inputs") else ""),
-                            _gib(c["memory"]), c["fits"], _ms(c["step_s"], 0),
-                            f"{c['tokens_per_s_per_device']:,.0f}", f"{c['mfu']:.1%}"]
+           _table(header, [[n + 1, c["tp"]]
+                           + ([f"{c['grid'][0]}x{c['grid'][1]}" if c.get("grid") else "1D"]
+                              if grid else [])
+                           + [c["dp"], c["activation_checkpointing"]
+                              + (" + sharded inputs" if c.get("save_sharded_inputs") else ""),
+                              _gib(c["memory"]), c["fits"], _ms(c["step_s"], 0),
+                              f"{c['tokens_per_s_per_device']:,.0f}", f"{c['mfu']:.1%}"]
                            for n, c in enumerate(rows)])]
     if not rows[0]["fits"]:
         out.append("No layout fits: add devices (strategy.data_parallel_size), shorten data.seq_len"
@@ -157,4 +172,28 @@ def format_report(report: PlanReport) -> str:
                 " overlapped):", _estimate_table(report.estimate)]
     out += _waste(report.waste, report.least_waste)
     out += _recommendation(report.recommendation)
+    if report.two_d:
+        out += ["", f"2D: {report.two_d}"]
     return "\n".join(out + ["", f"Verdict: {report.verdict}"])
+
+
+def format_crossover(rows: list[Any]) -> str:
+    """The table ``lightning-tp plan compare_2d=true`` prints: for each model and grid, 2D/1D
+    bytes per layer, calls, TP time per layer at the inputs' tokens and the crossover in tokens
+    (:func:`~lightning_tp.planner.crossover.compare_2d`)."""
+    if not rows:
+        return "No grid to compare."
+    first = rows[0]
+    head = (f"2D against 1D per decoder layer per micro-batch (forward + backward) at"
+            f" {first.tokens:,} tokens; time = bytes / (bandwidth x efficiency) + calls x latency:")
+    table = _table(
+        ["model", "h", "tp", "grid", "bytes 2D/1D", "sent/device 1D / 2D", "calls 1D / 2D",
+         "TP time 1D / 2D", "links (R, C)", "2D faster above", "2D runs"],
+        [[x.model, x.hidden, x.tp, f"{x.grid[0]}x{x.grid[1]}", f"{x.bytes_ratio:.2f}",
+          f"{x.sent_1d / 2**20:,.1f} / {x.sent_2d / 2**20:,.1f} MiB",
+          f"{x.calls_1d} / {x.calls_2d}",
+          f"{x.time_1d_s * 1e6:,.0f} / {x.time_2d_s * 1e6:,.0f} us", x.links,
+          ("never" if x.crossover_tokens is None else f"{x.crossover_tokens:,.0f} tokens"),
+          "yes" if not x.refused else "no: " + x.refused.split(": ", 1)[-1].split(";")[0]]
+         for x in rows])
+    return head + "\n" + table

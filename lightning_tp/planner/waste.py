@@ -177,7 +177,7 @@ def least_waste(inputs: PlanInputs) -> dict[str, Any]:
     tp (more tensor parallelism for the same waste). Returns ``{"tp", "reason", "by_tp"}``."""
     rows = []
     for tp, dp in tp_choices(inputs):
-        cand = inputs.replace(tp=tp, dp=dp, async_tp=inputs.async_tp and tp > 1)
+        cand = inputs.replace(tp=tp, dp=dp, async_tp=inputs.async_tp and tp > 1, grid=None)
         shards = param_shards(cand)
         comms = collectives(cand, shards)
         total = sum(memory(cand, shards).values())

@@ -32,6 +32,7 @@ parallelism (per step, not per layer). The derivation of the bytes and where 2D 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "GridRowwise",
     "GridStyle",
     "grid_llama_plan",
+    "tp_mesh_of",
 ]
 
 Placements = tuple[Placement, Placement]
@@ -297,6 +299,17 @@ def grid_llama_plan(*, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
         "model.layers.*.mlp.down_proj": GridRowwise(),
         "model.norm": GridNorm(whole_output=True),
     }
+
+
+def tp_mesh_of(mesh: Any) -> Any:
+    """``mesh["tensor_parallel"]``: the 1D TP mesh, or a 2D mesh's flattened ``(tp_row, tp_col)``
+    (without torch's warning that slicing a flattened dim from the root mesh will be deprecated:
+    the strategy keeps the name so that code written for 1D meshes runs unchanged)."""
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        return mesh["tensor_parallel"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim", category=UserWarning)
+        return mesh["tensor_parallel"]
 
 
 def split_grid_styles(styles: dict[str, ParallelStyle]) -> tuple[dict[str, ParallelStyle],

@@ -23,7 +23,7 @@ from lightning_tp import _compat
 from lightning_tp.config import ParallelConfig
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.fsdp import apply_fsdp
-from lightning_tp.parallel.grid import split_grid_styles
+from lightning_tp.parallel.grid import split_grid_styles, tp_mesh_of
 from lightning_tp.parallel.heads import localize_kv_groups
 from lightning_tp.parallel.lora import (
     adapt_styles,
@@ -49,7 +49,7 @@ def parallelize(module: nn.Module, plan: ResolvedPlan, config: ParallelConfig, m
     ``convert_dtype`` casts the module to a true-precision dtype before sharding, so that FSDP2
     shards the final dtype. ``seed`` is passed to the model roots' ``init_weights``.
     """
-    tp_mesh, dp_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
+    tp_mesh, dp_mesh = tp_mesh_of(mesh), mesh["data_parallel"]
     tp = tp_mesh.size()
     if device.type == "cpu":
         # DTensor's random ops are coordinated across ranks only on accelerators; on CPU every

@@ -66,7 +66,7 @@ def format_loss(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def summary_lines(summary: dict[str, Any], *, sizes: tuple[int, int] | None = None,
+def summary_lines(summary: dict[str, Any], *, sizes: tuple[int, int | str] | None = None,
                   loss_curve: str | None = None, out_dir: str | None = None) -> list[str]:
     """The lines rank 0 prints after a run, from a recipe summary (``run()``'s return value)."""
     processes = summary.get("world_size")

@@ -225,8 +225,12 @@ def _end_sweep_job(launched: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _sizes(strategy: Any) -> tuple[int, int] | None:
+def _sizes(strategy: Any) -> tuple[int, int | str] | None:
+    """``(dp, tp)`` as printed; a 2D grid's tp as ``"r×c"``."""
+    grid = getattr(strategy, "grid", None)
     try:
+        if grid:
+            return int(strategy.data_parallel_size), f"{grid[0]}×{grid[1]}"
         return int(strategy.data_parallel_size), int(strategy.tensor_parallel_size)
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return None

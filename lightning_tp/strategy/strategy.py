@@ -47,6 +47,7 @@ from lightning_tp.launch import ForkLauncher, ScriptLauncher, record_failure
 from lightning_tp.launch.preflight import check_features
 from lightning_tp.parallel.dtensor import full_outputs
 from lightning_tp.parallel.fsdp import mixed_precision_policy
+from lightning_tp.parallel.grid import tp_mesh_of
 from lightning_tp.parallel.lora import adapt_styles
 from lightning_tp.parallel.ownership import (
     has_parameters,
@@ -273,7 +274,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         process."""
         if self._device_mesh is None:
             return int(self.resolved_sizes()[1])
-        return int(self.device_mesh["tensor_parallel"].size())
+        return int(tp_mesh_of(self.device_mesh).size())
 
     @property
     def data_parallel_size(self) -> int:

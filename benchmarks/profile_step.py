@@ -20,7 +20,7 @@ by the ops' self CPU time on the training thread:
 
 Rounds alternate the order of the variants. Rank 0 prints the medians over rounds, the round with the shortest
 profiled step per variant, each variant's top ops, and then the cost of single gloo collectives of the sizes the
-step issues (:func:`collective_costs`).
+step issues (:func:`collective_costs`) and of one norm under each norm style (:func:`norm_costs`).
 """
 
 from __future__ import annotations
@@ -215,6 +215,9 @@ def report(res: dict[str, Any]) -> str:
     if "collective_ms" in res:
         lines += ["### gloo, one collective + wait_tensor (median ms of 40, 2 ranks)", "",
                   table(["collective", "ms"], list(res["collective_ms"].items())), ""]
+    if "norm_ms" in res:
+        lines += ["### one RMSNorm forward + backward on the sequence shard (median ms of 60, rank 0)", "",
+                  table(["norm", "ms"], list(res["norm_ms"].items())), ""]
     for name, rs in runs.items():
         ops = rs[0]["ops_ms"]
         calls = rs[0]["op_calls"]
@@ -259,6 +262,41 @@ def collective_costs(batch: int, seq: int, hidden: int, repeats: int = 40) -> di
     return out
 
 
+def norm_costs(batch: int, seq: int, hidden: int, repeats: int = 60) -> dict[str, float]:
+    """Median ms of one forward + backward of the native RMSNorm on this rank's sequence shard
+    ``(b, s/tp, h)``: under torch's ``SequenceParallel`` (DTensor dispatch per op), under
+    ``SequenceParallelNorm`` (the same ops on local tensors, the weight's gradient a ``Partial`` DTensor) and
+    as a plain module (no DTensor at all: the floor). The three alternate within each repeat."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    from lightning_tp.models.llama import RMSNorm
+    from lightning_tp.parallel.styles import SequenceParallelNorm
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    x, grad = torch.randn(batch, seq // world, hidden), torch.randn(batch, seq // world, hidden)
+    cases = {"SequenceParallel (DTensor ops)": SequenceParallel(use_local_output=True),
+             "SequenceParallelNorm (local ops)": SequenceParallelNorm(use_local_output=True),
+             "plain RMSNorm (no DTensor)": None}
+    modules = {}
+    for name, style in cases.items():
+        module = RMSNorm(hidden)
+        module.reset_parameters()
+        modules[name] = module if style is None else parallelize_module(module, mesh, style)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(repeats + 5):
+        for name, module in modules.items():
+            inp = x.clone().requires_grad_()
+            start = time.perf_counter()
+            module(inp).backward(grad)
+            if i >= 5:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _worker(spec: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
@@ -266,7 +304,9 @@ def _worker(spec: dict[str, Any], out: str) -> None:
 
     dist.init_process_group("gloo")
     res = measure(**spec)
-    res["collective_ms"] = collective_costs(spec["batch"], spec["seq"], bench_config(spec["preset"]).hidden_size)
+    hidden = bench_config(spec["preset"]).hidden_size
+    res["collective_ms"] = collective_costs(spec["batch"], spec["seq"], hidden)
+    res["norm_ms"] = norm_costs(spec["batch"], spec["seq"], hidden)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(res, f)

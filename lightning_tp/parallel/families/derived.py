@@ -39,13 +39,12 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
-    SequenceParallel,
 )
 
 from lightning_tp.errors import PlanError
 from lightning_tp.parallel.families.base import Family
 from lightning_tp.parallel.families.llama import head_counts, llama_plan
-from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel
+from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel, SequenceParallelNorm
 
 __all__ = ["DerivedPlan", "derive_plan", "derived_family"]
 
@@ -181,7 +180,7 @@ def derive_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: boo
         problems.append("model.layers (decoder layers of more than one class)")
     layer = layers[0]
     between = Shard(1) if sequence_parallel else Replicate()
-    norm_style = (SequenceParallel(use_local_output=True) if sequence_parallel
+    norm_style = (SequenceParallelNorm(use_local_output=True) if sequence_parallel
                   else ReplicateParallel())
     counts = head_counts(model)
     head_dim = getattr(config, "head_dim", None) or hidden // counts.get("num_attention_heads", 1)

@@ -39,11 +39,11 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_tp.parallel.families.base import Family, register_family
 from lightning_tp.parallel.families.llama import head_counts, llama_plan
-from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel
+from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel, SequenceParallelNorm
 
 __all__ = ["GEMMA", "GEMMA_CLASSES", "HeadsFirstNorm", "gemma_plan"]
 
@@ -74,7 +74,7 @@ def gemma_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-2/3's sandwich norms
         # The sublayer output norms feed the residual add, a plain tensor: their output is local.
         # The MLP's input norm feeds PrepareModuleInput, as Llama's does.
-        out_norm = (SequenceParallel(use_local_output=True) if sequence_parallel
+        out_norm = (SequenceParallelNorm(use_local_output=True) if sequence_parallel
                     else ReplicateParallel())
         for name in _OUTPUT_NORMS:
             plan[f"model.layers.*.{name}"] = out_norm

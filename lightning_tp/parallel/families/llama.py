@@ -23,13 +23,12 @@ from torch.distributed.tensor.parallel import (
     ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
-    SequenceParallel,
 )
 
 from lightning_tp.models.llama import Llama
 from lightning_tp.parallel.families.base import Family, register_family
 from lightning_tp.parallel.heads import HeadsColwise, HeadsRowwise, KVHeadsColwise
-from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel
+from lightning_tp.parallel.styles import HeadShardedNorm, ReplicateParallel, SequenceParallelNorm
 
 __all__ = ["LLAMA", "head_counts", "llama_plan", "plan_for_llama"]
 
@@ -49,7 +48,7 @@ def llama_plan(
     """
     # Activations between blocks are sequence-sharded with SP and replicated without it.
     between = Shard(1) if sequence_parallel else Replicate()
-    norm = SequenceParallel() if sequence_parallel else ReplicateParallel()
+    norm = SequenceParallelNorm() if sequence_parallel else ReplicateParallel()
     # With the head counts, projections whose heads tp cannot split evenly are replicated and each
     # rank computes its own heads (lightning_tp.parallel.heads); without them, split by head.
     heads, kv_heads = num_attention_heads, num_key_value_heads

@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_tp.errors import PlanError
 from lightning_tp.parallel.families.base import Family, register_family
 from lightning_tp.parallel.families.llama import llama_plan
-from lightning_tp.parallel.styles import ReplicateParallel
+from lightning_tp.parallel.styles import ReplicateParallel, SequenceParallelNorm
 
 __all__ = ["OLMO2", "FullWidthShardedNorm", "olmo2_plan"]
 
@@ -108,7 +108,7 @@ def olmo2_plan(model: nn.Module, *, sequence_parallel: bool, loss_parallel: bool
     plan = llama_plan(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     del plan["model.layers.*.input_layernorm"]
     # The post-norms' outputs meet the residual stream (plain local tensors), not a module input.
-    norm = SequenceParallel(use_local_output=True) if sequence_parallel else ReplicateParallel()
+    norm = SequenceParallelNorm(use_local_output=True) if sequence_parallel else ReplicateParallel()
     plan["model.layers.*.post_attention_layernorm"] = norm
     plan["model.layers.*.post_feedforward_layernorm"] = norm
     # Without head counts llama_plan splits q/k/v/o evenly by head (no head selection), so the

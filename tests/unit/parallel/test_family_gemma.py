@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
 from lightning_tp.errors import ModelShapeError
 from lightning_tp.parallel.families import family_of
@@ -18,6 +18,7 @@ from lightning_tp.parallel.families.gemma import GEMMA, HeadsFirstNorm
 from lightning_tp.parallel.heads import HeadsColwise, HeadsRowwise, KVHeadsColwise
 from lightning_tp.parallel.plans import ReplicateParallel, resolve_plan
 from lightning_tp.parallel.shapes import attention_problems, check_model_shapes
+from lightning_tp.parallel.styles import SequenceParallelNorm
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,19 +50,19 @@ def build(kind: str, device: str = "meta") -> torch.nn.Module:
 
 
 LAYER = {  # module -> style type under SP (None: the norm style)
-    "input_layernorm": SequenceParallel,
+    "input_layernorm": SequenceParallelNorm,
     "self_attn": PrepareModuleInput,
     "self_attn.q_proj": HeadsColwise,
     "self_attn.k_proj": KVHeadsColwise,
     "self_attn.v_proj": KVHeadsColwise,
     "self_attn.o_proj": HeadsRowwise,
-    "post_attention_layernorm": SequenceParallel,
-    "pre_feedforward_layernorm": SequenceParallel,
+    "post_attention_layernorm": SequenceParallelNorm,
+    "pre_feedforward_layernorm": SequenceParallelNorm,
     "mlp": PrepareModuleInput,
     "mlp.gate_proj": ColwiseParallel,
     "mlp.up_proj": ColwiseParallel,
     "mlp.down_proj": RowwiseParallel,
-    "post_feedforward_layernorm": SequenceParallel,
+    "post_feedforward_layernorm": SequenceParallelNorm,
 }
 QK_NORMS = {"self_attn.q_norm": HeadsFirstNorm, "self_attn.k_norm": HeadsFirstNorm}
 SANDWICH = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma-2/3 only
@@ -81,7 +82,7 @@ def test_auto_plan_covers_every_module_with_its_style(kind: str) -> None:
         for name, style_type in layer.items():
             assert type(plan.styles[f"model.layers.{i}.{name}"]) is style_type, name
     styles = plan.styles
-    assert type(styles["model.norm"]) is SequenceParallel
+    assert type(styles["model.norm"]) is SequenceParallelNorm
     # Gemma-2/3: the sublayer output norms feed the residual add (a plain tensor); the input norms feed
     # PrepareModuleInput. Gemma's post_attention_layernorm is the MLP's input norm, as in Llama.
     outputs = ("post_attention_layernorm", "post_feedforward_layernorm") if kind != "gemma" else ()

@@ -18,7 +18,6 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     PrepareModuleInputOutput,
     RowwiseParallel,
-    SequenceParallel,
 )
 
 from lightning_tp.errors import ModelShapeError, PlanError
@@ -28,7 +27,7 @@ from lightning_tp.parallel.families.granite import GRANITE
 from lightning_tp.parallel.families.moe import MOE
 from lightning_tp.parallel.heads import HeadsColwise, HeadsRowwise, KVHeadsColwise
 from lightning_tp.parallel.plans import resolve_plan
-from lightning_tp.parallel.styles import HeadShardedNorm
+from lightning_tp.parallel.styles import HeadShardedNorm, SequenceParallelNorm
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,13 +57,13 @@ def build(kind: str, device: str = "meta", **extra) -> nn.Module:
 
 
 ATTENTION = {
-    "input_layernorm": SequenceParallel,
+    "input_layernorm": SequenceParallelNorm,
     "self_attn": PrepareModuleInput,
     "self_attn.q_proj": HeadsColwise,
     "self_attn.k_proj": KVHeadsColwise,
     "self_attn.v_proj": KVHeadsColwise,
     "self_attn.o_proj": HeadsRowwise,
-    "post_attention_layernorm": SequenceParallel,
+    "post_attention_layernorm": SequenceParallelNorm,
 }
 DENSE = {"mlp": PrepareModuleInput, "mlp.gate_proj": ColwiseParallel, "mlp.up_proj": ColwiseParallel,
          "mlp.down_proj": RowwiseParallel}

@@ -11,7 +11,6 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
-    SequenceParallel,
 )
 
 from lightning_tp.errors import ModelShapeError, PlanError
@@ -27,6 +26,7 @@ from lightning_tp.parallel.plans import (
     resolve_plan,
 )
 from lightning_tp.parallel.shapes import attention_problems, check_model_shapes, vocab_ranks
+from lightning_tp.parallel.styles import SequenceParallelNorm
 
 LAYER_MODULES = {
     "input_layernorm": None,
@@ -109,7 +109,7 @@ def test_two_llamas_in_one_module_both_resolve() -> None:
 @pytest.mark.parametrize("sequence_parallel", [True, False], ids=["sp", "no_sp"])
 def test_style_types_and_layouts_follow_sequence_parallel(llama: Llama, sequence_parallel: bool) -> None:
     plan = resolve_plan(llama, "auto", sequence_parallel=sequence_parallel, loss_parallel=True)
-    norm_type = SequenceParallel if sequence_parallel else ReplicateParallel
+    norm_type = SequenceParallelNorm if sequence_parallel else ReplicateParallel
     between = Shard(1) if sequence_parallel else Replicate()
     for i in range(2):
         for name, style_type in LAYER_MODULES.items():

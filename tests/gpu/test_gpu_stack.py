@@ -1,8 +1,9 @@
 """The whole stack in one process on one GPU: ``TensorParallelStrategy`` at (dp, tp) = (1, 1) in a Lightning Trainer.
 
 Each test trains the ``debug`` Llama (or a PEFT-wrapped transformers Llama) for a few steps on ``cuda:0`` and checks
-one promise of the strategy there: the 2D mesh with FSDP2 at dp = 1; bf16-mixed against fp32; the meta-device
-initialisation through DTensor's CUDA RNG against single-device init; per-block ``torch.compile`` against eager;
+one promise of the strategy there: the 2D mesh with FSDP2 at dp = 1; bf16-mixed against fp32; the seeded meta-device
+initialisation of the sharded model (each weight drawn whole from its own generator, its shard kept) against
+single-device init; per-block ``torch.compile`` against eager;
 float8 at tp = 1; a sharded checkpoint saved and loaded; LoRA with its frozen base held in bf16. Sizes are tiny: these
 check correctness, ``python -m benchmarks gpu`` measures speed. ``benchmarks/gpu_check.sh`` runs them with the
 benchmark and prints one table (the ``key`` property each test records is its column "key number").

@@ -32,6 +32,7 @@ parallelism (per step, not per layer). The derivation of the bytes and where 2D 
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -207,21 +208,24 @@ class GridNorm(GridStyle):
         if eps is None:
             raise TypeError(f"{type(self).__name__} computes Llama's RMSNorm; got"
                             f" {type(module).__name__}")
-        hidden = module.weight.shape[0]
-        group = device_mesh.get_group("tp_col")
         module.register_parameter("weight", nn.Parameter(
             distribute_tensor(module.weight, device_mesh, (Replicate(), Shard(0))),
             requires_grad=module.weight.requires_grad))
-
-        def forward(x: Tensor) -> Any:
-            local = x.to_local() if isinstance(x, DTensor) else x
-            weight = module.weight.to_local(grad_placements=(Partial(), Shard(0)))
-            out = _GridRMSNorm.apply(local, weight, eps, hidden, group)
-            out = DTensor.from_local(out, device_mesh, RESIDUAL, run_check=False)
-            return _moved(out, WHOLE).to_local() if self.whole_output else out
-
-        module.forward = forward
+        module._grid_norm = (eps, self.whole_output)  # type: ignore[assignment]
+        # a method of the module, not a closure over it: a deep copy runs its own weights
+        module.forward = types.MethodType(_grid_norm_forward, module)  # type: ignore[method-assign]
         return module
+
+
+def _grid_norm_forward(module: nn.Module, x: Any) -> Any:
+    eps, whole_output = module._grid_norm
+    weight = module.weight  # a (tp_row, tp_col) DTensor (FSDP2 gives it back unsharded in forward)
+    mesh = weight.device_mesh
+    local = x.to_local() if isinstance(x, DTensor) else x
+    out = _GridRMSNorm.apply(local, weight.to_local(grad_placements=(Partial(), Shard(0))), eps,
+                             weight.shape[0], mesh.get_group("tp_col"))
+    out = DTensor.from_local(out, mesh, RESIDUAL, run_check=False)
+    return _moved(out, WHOLE).to_local() if whole_output else out
 
 
 class GridBlockInput(GridStyle):

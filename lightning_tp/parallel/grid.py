@@ -309,8 +309,6 @@ def tp_mesh_of(mesh: Any) -> Any:
     """``mesh["tensor_parallel"]``: the 1D TP mesh, or a 2D mesh's flattened ``(tp_row, tp_col)``
     (without torch's warning that slicing a flattened dim from the root mesh will be deprecated:
     the strategy keeps the name so that code written for 1D meshes runs unchanged)."""
-    if "tensor_parallel" in (mesh.mesh_dim_names or ()):
-        return mesh["tensor_parallel"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Slicing a flattened dim", category=UserWarning)
         return mesh["tensor_parallel"]

@@ -15,10 +15,19 @@ from lightning_tp.recipes.config import StrategyConfig
 
 
 def test_every_field_is_a_strategy_argument_with_the_same_default() -> None:
+    """Except ``grid``, which the strategy derives from ``tensor_parallel_size=(r, c)`` (below)."""
     parameters = inspect.signature(TensorParallelStrategy.__init__).parameters
     for f in dataclasses.fields(ParallelConfig):
+        if f.name == "grid":
+            continue
         assert f.name in parameters, f"TensorParallelStrategy has no argument {f.name}"
         assert parameters[f.name].default == f.default, f.name
+
+
+def test_a_pair_of_sizes_is_the_grid_field() -> None:
+    strategy = TensorParallelStrategy(tensor_parallel_size=(4, 2))
+    assert strategy.parallel == ParallelConfig(tensor_parallel_size=8, grid=(4, 2))
+    assert TensorParallelStrategy(tensor_parallel_size=8).parallel.grid is None
 
 
 def test_the_hydra_schema_has_every_strategy_argument() -> None:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks {comm,activations,throughput,efficiency,lora,gpu,all} [--quick] [--json OUT]``.
+"""``python -m benchmarks {comm,activations,throughput,efficiency,lora,grid,gpu,all} [--quick] [--json OUT]``.
 
 Each command launches its own ranks (``OMP_NUM_THREADS`` set per rank), prints a markdown report with
 the measured ratios, and with ``--json`` also writes the raw measurements. ``--quick`` shrinks models,
@@ -19,11 +19,12 @@ from benchmarks._common import launch, machine
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     p.add_argument("command", choices=["comm", "activations", "memory", "throughput", "efficiency", "cpu", "lora",
-                                       "gpu", "all"],
+                                       "grid", "gpu", "all"],
                    help="comm: collectives/bytes per layer; activations: saved bytes per layer vs Korthikanti;"
                         " throughput: ours vs Lightning's ModelParallelStrategy; efficiency: tp=2 vs tp=1;"
                         " memory: comm + activations in one launch; cpu: throughput + efficiency in one launch;"
                         " lora: LoRA vs full fine-tuning (tokens/s, memory per rank, collectives);"
+                        " grid: 2D grids vs 1D on --world ranks (collectives per layer; tokens/s at 4);"
                         " gpu: single-device tokens/s and MFU; all: every CPU benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one pair: checks the paths, not the speed")
     p.add_argument("--json", metavar="OUT", help="also write the raw results to OUT")
@@ -55,8 +56,12 @@ def _throughput_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from benchmarks import activations, comm, lora, throughput
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from benchmarks import activations, comm, grid, lora, throughput
+
+    if args.command == "grid" and not grid.grids_for(args.world):
+        parser.error(f"grid: --world {args.world} has no r × c grid with r, c > 1 (use --world 4 or 8)")
 
     print(f"Machine: {machine()}\n", flush=True)
     results: dict[str, Any] = {}
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         results.update(launch(memory_tasks, nprocs=args.world, threads=1))
     if cpu_tasks:
         results.update(launch(cpu_tasks, nprocs=2, threads=1))
+    if cmd == "grid":  # 2D needs a grid: 4 ranks (2×2, with tokens/s) or 8 (2×4, 4×2)
+        grid_tasks: list[dict[str, Any]] = [{"task": "grid_comm", "quick": args.quick}]
+        if args.world == 4 and args.pairs != 0:  # --pairs 0: the collectives only
+            grid_tasks.append({"task": "grid_speed", **opts, "pairs": args.pairs or (1 if args.quick else 3)})
+        results.update(launch(grid_tasks, nprocs=args.world, threads=1))
     if cmd == "gpu":
         results["gpu"] = throughput.measure_single_device(
             device=args.device, preset=args.preset or ("debug" if args.quick else "llama3_1b"),
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps or (2 if args.quick else 20), warmup=args.warmup if args.warmup is not None else 3,
             compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     reports = {"comm": comm.report, "activations": activations.report, "vs_stock": throughput.report_vs_stock,
-               "efficiency": throughput.report_efficiency, "lora": lora.report, "gpu": throughput.report_single_device}
+               "efficiency": throughput.report_efficiency, "lora": lora.report, "gpu": throughput.report_single_device,
+               "grid_comm": grid.report_comm, "grid_speed": grid.report_speed}
     for name, result in results.items():
         print(reports[name](result) + "\n", flush=True)
     if args.json:

@@ -15,10 +15,11 @@ def main() -> None:
     spec = json.loads(open(spec_path).read())
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    from benchmarks import activations, comm, lora, throughput
+    from benchmarks import activations, comm, grid, lora, throughput
 
     runners = {"comm": comm.measure, "activations": activations.measure, "vs_stock": throughput.measure_vs_stock,
-               "efficiency": throughput.measure_efficiency, "lora": lora.measure}
+               "efficiency": throughput.measure_efficiency, "lora": lora.measure,
+               "grid_comm": grid.measure_comm, "grid_speed": grid.measure_speed}
     results: dict[str, Any] = {}
     for task in spec["tasks"]:
         options = dict(task)

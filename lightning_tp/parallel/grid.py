@@ -49,11 +49,12 @@ from torch.distributed.tensor import (
     distribute_module,
     distribute_tensor,
 )
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
 
 __all__ = [
     "GridBlockInput",
     "GridColwise",
+    "GridHead",
     "GridNorm",
     "GridRowwise",
     "GridStyle",
@@ -225,7 +226,11 @@ def _grid_norm_forward(module: nn.Module, x: Any) -> Any:
     out = _GridRMSNorm.apply(local, weight.to_local(grad_placements=(Partial(), Shard(0))), eps,
                              weight.shape[0], mesh.get_group("tp_col"))
     out = DTensor.from_local(out, mesh, RESIDUAL, run_check=False)
-    return _moved(out, WHOLE).to_local() if whole_output else out
+    if not whole_output:
+        return out
+    # lm_head's input gradient comes back as each device's partial sum (its vocabulary rows'):
+    # reduce-scattered over R and C here, instead of all-reduced and then sliced
+    return _moved(out, WHOLE).to_local(grad_placements=(Partial(), Partial()))
 
 
 class GridBlockInput(GridStyle):
@@ -261,6 +266,43 @@ class GridBlockInput(GridStyle):
         return module
 
 
+class GridHead(ParallelStyle):
+    """``lm_head`` of a 2D plan, over the flattened TP mesh: the weight split by vocabulary rows
+    (``Shard(0)``, as the embedding's, so tied weights stay one tensor), the input the whole
+    ``[b, s, h]`` of the final :class:`GridNorm`, the logits vocab-sharded (``Shard(-1)``, for loss
+    parallelism) or all-gathered.
+
+    The matmul runs on local tensors: the weight's gradient is this device's rows' whole gradient,
+    and the input's gradient is a partial sum over the devices, handed back as such for the final
+    norm to reduce-scatter (torch's ``ColwiseParallel`` with a replicated input would all-reduce
+    it: twice the bytes).
+    """
+
+    def __init__(self, *, loss_parallel: bool = True) -> None:
+        super().__init__()
+        self.loss_parallel = loss_parallel
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{type(self).__name__} shards nn.Linear, got {type(module).__name__}")
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(
+                distribute_tensor(param, device_mesh, [Shard(0)]),
+                requires_grad=param.requires_grad))
+        module._grid_head = self.loss_parallel  # type: ignore[assignment]
+        module.forward = types.MethodType(_grid_head_forward, module)  # type: ignore[method-assign]
+        return module
+
+
+def _grid_head_forward(module: nn.Module, x: Tensor) -> Any:
+    weight = module.weight
+    bias = None if module.bias is None else module.bias.to_local()
+    logits = torch.nn.functional.linear(x, weight.to_local(), bias)
+    logits = DTensor.from_local(logits, weight.device_mesh, [Shard(logits.ndim - 1)],
+                                run_check=False)
+    return logits if module._grid_head else logits.redistribute(placements=[Replicate()]).to_local()
+
+
 class GridEntry(GridStyle):
     """On the first block: the whole embedding output ``[b, s, h]`` sliced to this device's
     ``[b, s/r, h/c]`` (no communication forward; two all-gathers of its gradient backward)."""
@@ -285,9 +327,7 @@ def grid_llama_plan(*, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
         # over the flattened mesh, as in 1D: the embedding's output whole, logits vocab-sharded
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
                                               output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(input_layouts=Replicate(),
-                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                   use_local_output=not loss_parallel),
+        "lm_head": GridHead(loss_parallel=loss_parallel),
         # over the grid
         "model.layers.0": GridEntry(),
         "model.layers.*.input_layernorm": GridNorm(),
@@ -379,6 +419,8 @@ def grid_local_shape(style: ParallelStyle, name: str, shape: tuple[int, ...],
         placements = style.weight if name == "weight" else style.bias
     elif isinstance(style, GridNorm):
         placements = (Replicate(), Shard(0))
+    elif isinstance(style, GridHead):  # by vocabulary rows over all r·c devices
+        return (-(-shape[0] // (grid[0] * grid[1])), *shape[1:])
     else:
         return None
     local = list(shape)

@@ -3,13 +3,13 @@ DTensors (:class:`ReplicateParallel`), a norm over each rank's sequence shard co
 local tensors (:class:`SequenceParallelNorm`), and a norm over each rank's own heads
 (:class:`HeadShardedNorm`).
 
-Both norm styles keep the weights ``Replicate()`` DTensors (what FSDP, the optimizer and the
-checkpoints see) but run the module's own forward on the local input and the weights' local
-tensors, taken with ``to_local(grad_placements=(Partial(),))``: each rank's weight gradient is a
-sum over its own tokens or heads, and stays a ``Partial`` DTensor that is summed over the TP ranks
-where it is consumed (FSDP2's gradient reduction), as under DTensor dispatch. The ops are the same
-local ops DTensor would run on each shard, so results are bit for bit those of running the norm on
-DTensors, without DTensor's sharding propagation per op (15 ops per norm forward and
+All three keep the weights ``Replicate()`` DTensors (what FSDP, the optimizer and the checkpoints
+see) but run the module's own forward on the local input and the weights' local tensors. The two
+norm styles take them with ``to_local(grad_placements=(Partial(),))``: each rank's weight gradient
+is a sum over its own tokens or heads, and stays a ``Partial`` DTensor that is summed over the TP
+ranks where it is consumed (FSDP2's gradient reduction), as under DTensor dispatch. The ops are
+the same local ops DTensor would run on each shard, so results are bit for bit those of running
+the module on DTensors, without DTensor's sharding propagation per op (15 ops per norm forward and
 backward, some 35 µs of Python each on CPU).
 """
 
@@ -24,7 +24,6 @@ from torch.distributed.tensor import (
     DTensor,
     Partial,
     Replicate,
-    distribute_module,
     distribute_tensor,
 )
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
@@ -45,29 +44,33 @@ class ReplicateParallel(ParallelStyle):
 
     Costs no communication. It puts parameters that TP does not shard (norm weights when sequence
     parallelism is off) on the same mesh as the sharded ones, so after FSDP every parameter lives on
-    one 2D mesh and foreach optimizers and norm computations see a single mesh.
+    one 2D mesh and foreach optimizers and norm computations see a single mesh. The module runs on
+    plain tensors (:func:`run_on_local_weights`, gradients ``Replicate()``: every rank computes
+    the same whole gradient from the same input, as DTensor's ``Replicate()`` ops would); a
+    DTensor input is first made ``Replicate()``.
     """
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        from torch.distributed.tensor import DTensor
+        for sub in module.modules():
+            replicate_parameters("", sub, device_mesh)
+        run_on_local_weights(module, _replicated_local, _local, grad_placements=(Replicate(),))
+        return module
 
-        def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
-            return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
-                         if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a
-                         for a in args)
 
-        def outputs(_mod: nn.Module, out: Any, _mesh: Any) -> Any:
-            return out.to_local() if isinstance(out, DTensor) else out
-
-        return distribute_module(module, device_mesh, replicate_parameters, inputs, outputs)
+def _replicated_local(x: Any) -> Any:
+    if isinstance(x, DTensor):
+        return (x if all(p.is_replicate() for p in x.placements)
+                else x.redistribute(placements=[Replicate()] * x.device_mesh.ndim)).to_local()
+    return x
 
 
 def run_on_local_weights(module: nn.Module, prepare: Callable[[Any], torch.Tensor],
-                         finish: Callable[[torch.Tensor], Any]) -> None:
+                         finish: Callable[[torch.Tensor], Any],
+                         grad_placements: tuple = (Partial(),)) -> None:
     """Make ``module``'s forward run on plain tensors: ``prepare`` turns the first input into the
-    local tensor, each ``Replicate()`` DTensor parameter of ``module`` (its own, not its
-    children's) is replaced by its local tensor for the call, with a ``Partial()`` gradient (a
-    per-rank partial sum), and ``finish`` turns the output back.
+    local tensor, each ``Replicate()`` DTensor parameter of ``module`` and its children is
+    replaced by its local tensor for the call, with ``grad_placements`` for its gradient
+    (``Partial()``: a per-rank partial sum), and ``finish`` turns the output back.
 
     The parameters are swapped in ``module._parameters`` between a forward pre-hook and a forward
     hook that runs even if the forward raises, as FSDP2 swaps its sharded and unsharded
@@ -78,15 +81,17 @@ def run_on_local_weights(module: nn.Module, prepare: Callable[[Any], torch.Tenso
     """
 
     def swap_in(mod: nn.Module, args: tuple) -> tuple:
-        saved = dict(mod._parameters)
+        saved = [(sub, dict(sub._parameters)) for sub in mod.modules()]
         mod.__dict__[_SAVED] = saved
-        for name, param in saved.items():
-            if param is not None:
-                mod._parameters[name] = param.to_local(grad_placements=_PARTIAL)
+        for sub, params in saved:
+            for name, param in params.items():
+                if isinstance(param, DTensor):
+                    sub._parameters[name] = param.to_local(grad_placements=grad_placements)
         return (prepare(args[0]), *args[1:])
 
     def swap_out(mod: nn.Module, _args: tuple, out: Any) -> Any:
-        mod._parameters.update(mod.__dict__.pop(_SAVED))
+        for sub, params in mod.__dict__.pop(_SAVED):
+            sub._parameters.update(params)
         return out if out is None else finish(out)  # None: the forward raised
 
     module.register_forward_pre_hook(swap_in)
@@ -95,7 +100,6 @@ def run_on_local_weights(module: nn.Module, prepare: Callable[[Any], torch.Tenso
 
 _SAVED = "_lightning_tp_replicated_parameters"
 """The attribute holding a module's DTensor parameters while its forward runs on local tensors."""
-_PARTIAL = (Partial(),)
 
 
 class SequenceParallelNorm(SequenceParallel):

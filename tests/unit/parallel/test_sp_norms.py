@@ -190,3 +190,23 @@ def test_per_head_norm_gradients_are_partial_sums_over_the_ranks_heads(kind: str
     assert torch.equal(torch.cat(outs, heads_dim), full_out)
     assert torch.equal(torch.cat(dxs, heads_dim), full_dx)
     torch.testing.assert_close(sum(dws), full_dw)
+
+
+@pytest.mark.parametrize("kind", ["native", "gemma", "layernorm"])
+def test_replicated_norms_without_sp_compute_the_whole_gradient_on_every_rank(kind: str) -> None:
+    """``ReplicateParallel`` (the norms of the TP-only plans): the same whole input on every rank, the unsharded
+    output and gradients bit for bit, the weight gradient ``Replicate()`` (nothing to sum)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_tp.parallel.styles import ReplicateParallel
+
+    torch.manual_seed(5)
+    x, grad = torch.randn(2, 8, H), torch.randn(2, 8, H)
+    full_out, full_dx, full_dw = _run(_norm(kind), x, grad)
+    with fake_world(1, TP):
+        module = parallelize_module(_norm(kind), init_device_mesh("cpu", (TP,)), ReplicateParallel())
+        out, dx, dw = _run(module, x, grad)
+        assert all(isinstance(p, DTensor) and p.placements == (Replicate(),) for p in module.parameters())
+        assert all(g.placements == (Replicate(),) for g in dw)
+    assert torch.equal(out, full_out) and torch.equal(dx, full_dx)
+    assert all(torch.equal(g.to_local(), whole) for g, whole in zip(dw, full_dw, strict=True))

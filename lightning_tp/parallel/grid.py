@@ -83,6 +83,14 @@ def _moved(x: DTensor, placements: Placements) -> DTensor:
     return x if tuple(x.placements) == tuple(placements) else x.redistribute(placements=placements)
 
 
+def _shard_parameters(module: nn.Module, mesh: Any, placements: Any) -> None:
+    """Each parameter of ``module`` (its own) a DTensor on ``mesh`` with ``placements(name)``,
+    frozen if it was."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(
+            distribute_tensor(param, mesh, placements(name)), requires_grad=param.requires_grad))
+
+
 class GridStyle(ParallelStyle):
     """A style applied over the 2D ``(tp_row, tp_col)`` mesh (the others of a 2D plan, the
     embedding's and ``lm_head``'s, are applied over the flattened 1D mesh)."""
@@ -107,11 +115,8 @@ class _GridLinear(GridStyle):
             raise TypeError(f"{type(self).__name__} shards nn.Linear, got {type(module).__name__}")
 
         def partition(_name: str, mod: nn.Module, mesh: Any) -> None:
-            for name, param in list(mod.named_parameters(recurse=False)):
-                placements = self.weight if name == "weight" else self.bias
-                mod.register_parameter(
-                    name, nn.Parameter(distribute_tensor(param, mesh, placements),
-                                       requires_grad=param.requires_grad))
+            _shard_parameters(mod, mesh,
+                              lambda name: self.weight if name == "weight" else self.bias)
 
         def inputs(_mod: nn.Module, args: tuple, mesh: Any) -> tuple:
             x = _as_dtensor(args[0], mesh, self.given)
@@ -209,9 +214,7 @@ class GridNorm(GridStyle):
         if eps is None:
             raise TypeError(f"{type(self).__name__} computes Llama's RMSNorm; got"
                             f" {type(module).__name__}")
-        module.register_parameter("weight", nn.Parameter(
-            distribute_tensor(module.weight, device_mesh, (Replicate(), Shard(0))),
-            requires_grad=module.weight.requires_grad))
+        _shard_parameters(module, device_mesh, lambda _name: (Replicate(), Shard(0)))
         module._grid_norm = (eps, self.whole_output)  # type: ignore[assignment]
         # a method of the module, not a closure over it: a deep copy runs its own weights
         module.forward = types.MethodType(_grid_norm_forward, module)  # type: ignore[method-assign]
@@ -285,10 +288,7 @@ class GridHead(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{type(self).__name__} shards nn.Linear, got {type(module).__name__}")
-        for name, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(name, nn.Parameter(
-                distribute_tensor(param, device_mesh, [Shard(0)]),
-                requires_grad=param.requires_grad))
+        _shard_parameters(module, device_mesh, lambda _name: [Shard(0)])  # weight, bias by rows
         module._grid_head = self.loss_parallel  # type: ignore[assignment]
         module.forward = types.MethodType(_grid_head_forward, module)  # type: ignore[method-assign]
         return module

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from launching import SpawnBlocked, cpu_trainer
+from preflight_models import ModelModule, meta_llama
 from torch import nn
 
 from lightning_tp import MeshConfigError, PlanError, TensorParallelStrategy
@@ -70,23 +70,6 @@ def test_grid_that_does_not_fit_the_devices_fails_at_trainer_construction(tmp_pa
     assert (trainer.strategy._data_parallel_size, trainer.strategy._tensor_parallel_size) == (2, 2)
 
 
-class _Module(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(batch).float().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _meta_llama(**overrides: Any) -> Llama:
-    with torch.device("meta"):
-        return Llama(get_config("debug", **overrides))  # 8 heads, 4 KV heads, h 64, MLP 192, vocab 512
-
-
 @pytest.mark.parametrize("overrides, grid, words", [
     ({"num_key_value_heads": 2}, (2, 2), ["num_key_value_heads=2", "r·c = 4"]),
     ({}, (4, 2), ["num_key_value_heads=4", "r·c = 8"]),
@@ -98,7 +81,7 @@ def test_model_the_grid_cannot_split_is_refused_before_spawn(tmp_path: Path, ove
     devices = grid[0] * grid[1]
     trainer = cpu_trainer(tmp_path, devices=devices, strategy=TensorParallelStrategy(tensor_parallel_size=grid))
     with pytest.raises(PlanError) as info:
-        trainer.fit(_Module(_meta_llama(**overrides)))
+        trainer.fit(ModelModule(meta_llama(**overrides)))
     assert all(w in str(info.value) for w in words), str(info.value)
     assert f"tensor_parallel_size={grid}" in str(info.value)
 
@@ -107,12 +90,12 @@ def test_shardable_model_passes_the_grid_preflight_and_reaches_spawn(tmp_path: P
     """Control for the refusals above."""
     trainer = cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=(2, 2)))
     with pytest.raises(SpawnBlocked):
-        trainer.fit(_Module(_meta_llama()))
+        trainer.fit(ModelModule(meta_llama()))
 
 
 def test_a_plan_of_ones_own_is_refused_with_a_grid() -> None:
     with pytest.raises(PlanError, match="applies its own plan; got plan='llama_per_projection'"):
-        resolve_plan(_meta_llama(), "llama_per_projection", sequence_parallel=True, loss_parallel=True, grid=(2, 2))
+        resolve_plan(meta_llama(), "llama_per_projection", sequence_parallel=True, loss_parallel=True, grid=(2, 2))
 
 
 def test_family_without_a_grid_plan_is_refused() -> None:
@@ -133,7 +116,7 @@ def test_peft_adapters_are_refused_with_a_grid() -> None:
 
 
 def test_grid_plan_covers_every_decoder_module_and_resolves_on_the_model() -> None:
-    model = _meta_llama()
+    model = meta_llama()
     resolved = resolve_plan(model, "auto", sequence_parallel=True, loss_parallel=True, grid=(2, 2))
     assert resolved.grid == (2, 2) and resolved.blocks == ["model.layers.0", "model.layers.1"]
     projections = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -161,7 +144,7 @@ def test_describe_plan_gives_each_devices_block_of_the_grid(grid: tuple, q: tupl
     and down_proj the other way round, norms over the columns, embedding and lm_head by vocabulary over all r·c."""
     from lightning_tp.parallel.plans import describe_plan
 
-    model = _meta_llama()
+    model = meta_llama()
     rows = {r["module"]: r["params"] for r in describe_plan(model, resolve_plan(
         model, "auto", sequence_parallel=True, loss_parallel=True, grid=grid), grid[0] * grid[1])}
     assert rows["model.layers.0.self_attn.q_proj"]["weight"] == ((64, 64), q)

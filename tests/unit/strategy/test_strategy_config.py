@@ -16,6 +16,7 @@ import pytest
 import torch
 from launching import SpawnBlocked, cpu_trainer
 from lightning.pytorch.strategies import StrategyRegistry
+from preflight_models import ModelModule, meta_llama
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor.parallel import ColwiseParallel
@@ -210,48 +211,31 @@ def test_registered_strategy_names(tmp_path: Path, name: str, sequence_parallel:
 # ---------------------------------------------------------------------------------------------- preflight on fit()
 
 
-class _Module(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(batch).float().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _meta_llama(**overrides: Any) -> Llama:
-    with torch.device("meta"):
-        return Llama(get_config("debug", **overrides))
-
-
 def test_preflight_rejects_unshardable_model_before_spawn(tmp_path: Path) -> None:
     trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
     with pytest.raises(ModelShapeError) as info:
-        trainer.fit(_Module(_meta_llama(intermediate_size=190)))
+        trainer.fit(ModelModule(meta_llama(intermediate_size=190)))
     assert "intermediate_size=190" in str(info.value) and "tensor_parallel_size=8" in str(info.value)
 
 
 def test_preflight_rejects_auto_plan_without_llama(tmp_path: Path) -> None:
     trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="auto"))
     with pytest.raises(PlanError, match="plan="):
-        trainer.fit(_Module(nn.Linear(8, 8)))
+        trainer.fit(ModelModule(nn.Linear(8, 8)))
 
 
 def test_preflight_rejects_dict_plan_typo(tmp_path: Path) -> None:
     plan = {"model.model.layers.*.self_attn.q_prj": ColwiseParallel()}
     trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan=plan))
     with pytest.raises(PlanError) as info:
-        trainer.fit(_Module(_meta_llama()))
+        trainer.fit(ModelModule(meta_llama()))
     assert "q_prj" in str(info.value) and "model.model.layers.0.self_attn.q_proj" in str(info.value)
 
 
 def test_preflight_rejects_unknown_plan_name(tmp_path: Path) -> None:
     trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan="lama"))
     with pytest.raises(PlanError, match="Did you mean 'llama'"):
-        trainer.fit(_Module(_meta_llama()))
+        trainer.fit(ModelModule(meta_llama()))
 
 
 class _FSDP1Wrapped(FullyShardedDataParallel):
@@ -264,7 +248,7 @@ class _FSDP1Wrapped(FullyShardedDataParallel):
 
 
 def test_preflight_rejects_fsdp1_wrapped_submodule(tmp_path: Path) -> None:
-    module = _Module(nn.Sequential(_FSDP1Wrapped(nn.Linear(8, 8)), nn.Linear(8, 8)))
+    module = ModelModule(nn.Sequential(_FSDP1Wrapped(nn.Linear(8, 8)), nn.Linear(8, 8)))
     trainer = cpu_trainer(tmp_path, devices=2, strategy=TensorParallelStrategy(plan={"model.1": ColwiseParallel()}))
     with pytest.raises(TypeError, match="FSDP1") as info:
         trainer.fit(module)
@@ -275,20 +259,20 @@ def test_valid_model_passes_preflight_and_reaches_spawn(tmp_path: Path) -> None:
     """Control for the tests above: a shardable model gets through preflight, up to the (blocked) launch."""
     trainer = cpu_trainer(tmp_path, devices=4, strategy=TensorParallelStrategy(tensor_parallel_size=4))
     with pytest.raises(SpawnBlocked):
-        trainer.fit(_Module(_meta_llama()))
+        trainer.fit(ModelModule(meta_llama()))
     assert trainer.strategy._tensor_parallel_size == 4
 
 
 def test_model_built_in_configure_model_is_checked_later(tmp_path: Path) -> None:
     """Without parameters at launch (model built in ``configure_model``) preflight defers to ``setup``."""
 
-    class Deferred(_Module):
+    class Deferred(ModelModule):
         def __init__(self) -> None:
             L.LightningModule.__init__(self)
             self.model = None
 
         def configure_model(self) -> None:
-            self.model = _meta_llama(intermediate_size=190)
+            self.model = meta_llama(intermediate_size=190)
 
     trainer = cpu_trainer(tmp_path, devices=8, strategy=TensorParallelStrategy(tensor_parallel_size=8))
     with pytest.raises(SpawnBlocked):

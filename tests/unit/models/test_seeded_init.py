@@ -177,16 +177,24 @@ def test_without_a_seed_the_global_generator_draws() -> None:
     assert not torch.equal(values[0], _single_device()["lm_head.weight"])
 
 
+def _salted_hash(text: str, salt: str) -> int:
+    """``hash(text)`` in a Python started with ``PYTHONHASHSEED=salt`` (a bare interpreter: no imports)."""
+    return int(subprocess.run([sys.executable, "-S", "-c", f"print(hash({text!r}))"],
+                              env={**os.environ, "PYTHONHASHSEED": salt}, capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def test_the_per_parameter_seed_does_not_depend_on_pythons_string_hash_salt() -> None:
     """``hash()`` of a string changes with ``PYTHONHASHSEED``; the per-parameter seed must not (every rank and every
     run must draw the same)."""
     name = "model.layers.0.self_attn.q_proj.weight"
-    code = f"from lightning_tp.models.llama import _parameter_seed; print(_parameter_seed({SEED}, {name!r}))"
-    seen = set()
-    for salt in ("1", "2"):
-        env = {**os.environ, "PYTHONHASHSEED": salt}
-        seen.add(int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                    check=True).stdout))
-    assert seen == {_parameter_seed(SEED, name)}
+    code = (f"from lightning_tp.models.llama import _parameter_seed; print(hash({name!r}));"
+            f" print(_parameter_seed({SEED}, {name!r}))")
+    # one other process, with a salt other than this one's (one launch: each imports Lightning, ~7 s)
+    salt = "1" if hash(name) != _salted_hash(name, "1") else "2"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": salt},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) != hash(name)  # the other process's hash() of the name differs ...
+    assert int(out[1]) == _parameter_seed(SEED, name)  # ... its seed does not
     assert 0 <= _parameter_seed(SEED, name) < 2**63
     assert _parameter_seed(SEED, name) != _parameter_seed(SEED + 1, name)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,7 +56,9 @@ __all__ = [
     "GridHead",
     "GridNorm",
     "GridRowwise",
+    "GRID_SPLITS",
     "GridStyle",
+    "grid_divisor",
     "grid_llama_plan",
     "tp_mesh_of",
 ]
@@ -106,10 +107,6 @@ class _GridLinear(GridStyle):
     out: Placements
     """What the output is redistributed to after it."""
 
-    def __init__(self, *, use_local_output: bool = True) -> None:
-        super().__init__()
-        self.use_local_output = use_local_output
-
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{type(self).__name__} shards nn.Linear, got {type(module).__name__}")
@@ -123,8 +120,7 @@ class _GridLinear(GridStyle):
             return (_moved(x, self.wanted), *args[1:])
 
         def outputs(_mod: nn.Module, out: DTensor, _mesh: Any) -> Any:
-            out = _moved(out, self.out)
-            return out.to_local() if self.use_local_output else out
+            return _moved(out, self.out).to_local()
 
         return distribute_module(module, device_mesh, partition, inputs, outputs)
 
@@ -361,22 +357,31 @@ def split_grid_styles(styles: dict[str, ParallelStyle]) -> tuple[dict[str, Paral
     return grid, {k: v for k, v in styles.items() if k not in grid}
 
 
-def is_grid(size: Any) -> bool:
-    return isinstance(size, Sequence) and not isinstance(size, str)
+GRID_SPLITS: tuple[tuple[str, str], ...] = (
+    ("num_attention_heads", "r·c"), ("num_key_value_heads", "r·c"), ("hidden_size", "c"),
+    ("intermediate_size", "r·c"))
+"""The model dimensions the 2D plan splits and over what: query and KV heads over all ``r·c``
+devices (each computes whole heads), the hidden size over the columns (residual ``[b, s/r, h/c]``,
+norm weights), the MLP width over all (gate/up outputs ``F/(r·c)``). The strategy checks a built
+model against it (:func:`grid_model_problems`), the planner a config's fields."""
+
+
+def grid_divisor(over: str, grid: tuple[int, int]) -> int:
+    """How many parts ``over`` (``"r·c"`` or ``"c"``, from :data:`GRID_SPLITS`) is for ``grid``."""
+    return grid[1] if over == "c" else grid[0] * grid[1]
 
 
 def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, int]) -> list[str]:
     """One message per thing in the models at ``roots`` that the 2D plan cannot split over the
-    ``(r, c)`` grid: a family other than Llama's (or Qwen3's per-head norms), heads, KV heads and
-    the MLP width not divisible by ``r·c``, the hidden size by ``c``, a norm that is not Llama's
-    RMSNorm, PEFT adapters."""
+    ``(r, c)`` grid: a family other than Llama's (or Qwen3's per-head norms), a dimension of
+    :data:`GRID_SPLITS` not divisible as it says, a norm that is not Llama's RMSNorm, PEFT
+    adapters. The vocabulary is split over the flattened mesh as in 1D, and checked as there
+    (:func:`lightning_tp.parallel.shapes.check_model_shapes`)."""
     from lightning_tp.parallel.families.base import family_of
     from lightning_tp.parallel.families.llama import LLAMA
     from lightning_tp.parallel.lora import lora_layers
 
-    rows, cols = grid
-    tp = rows * cols
-    where = f"tensor_parallel_size=({rows}, {cols})"
+    where = f"tensor_parallel_size=({grid[0]}, {grid[1]})"
     problems = []
     if lora_layers(module):
         problems.append(f"{where} does not shard PEFT adapters (fix: LoRA with an int"
@@ -391,16 +396,11 @@ def grid_model_problems(module: nn.Module, roots: list[str], grid: tuple[int, in
                             " family)")
             continue
         config = model.config
-        for attr, divisor, what in (
-                ("num_attention_heads", tp, "r·c"), ("num_key_value_heads", tp, "r·c"),
-                ("intermediate_size", tp, "r·c"), ("hidden_size", cols, "c")):
-            value = getattr(config, attr)
+        for attr, what in GRID_SPLITS:
+            value, divisor = getattr(config, attr), grid_divisor(what, grid)
             if value % divisor:
                 problems.append(f"{attr}={value} of {name} is not divisible by {what} = {divisor}"
                                 f" of {where} (fix: a grid whose {what} divides {value}, or 1D)")
-        if -(-config.vocab_size // tp) * (tp - 1) >= config.vocab_size:  # torch.chunk's last rank
-            problems.append(f"vocab_size={config.vocab_size} of {name} leaves ranks of the {tp}"
-                            f" without a vocabulary row (fix: a smaller grid)")
         norms = [path for path, m in model.named_modules()
                  if path.endswith(("layernorm", "norm")) and not list(m.children())
                  and norm_eps(m) is None]

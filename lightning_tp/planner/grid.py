@@ -3,9 +3,9 @@ combined with, and the collectives one decoder layer runs under it (docs/2d.md).
 
 Below the inputs, which validate a grid with :func:`grid_problems` (one message per problem, each
 naming the value and the fix): the modes a grid refuses are the strategy's own rule
-(:func:`lightning_tp.config.grid_problems`); the shapes it must divide are those
-:func:`lightning_tp.parallel.grid.grid_model_problems` checks on a built model, here on the config's
-fields (the planner has no model of a checkpoint's family before it builds one), with
+(:func:`lightning_tp.config.grid_problems`); the shapes it must divide are
+:data:`lightning_tp.parallel.grid.GRID_SPLITS`, which the strategy checks on a built model, here on
+the config's fields (the planner has no model of a checkpoint's family before it builds one), with
 :data:`GRID_FAMILIES`. :func:`layer_terms` gives the per-layer collectives of the
 weight-stationary layout, in elements each device sends, for any ``(r, c)``; ``c = 1`` gives the
 1D sequence-parallel layer the planner counts (2 all-gathers + 2 reduce-scatters each way).
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_tp.config import grid_problems as strategy_grid_problems
+from lightning_tp.parallel.grid import GRID_SPLITS, grid_divisor
 
 __all__ = ["GRID_FAMILIES", "LayerTerm", "grid_problems", "grids", "layer_terms"]
 
@@ -51,18 +52,21 @@ def grid_problems(grid: tuple[int, int], tp: int, *, hidden: int | None = None,
     if family is not None and family not in GRID_FAMILIES:
         problems.append(f"{name}: model_type {family!r} is not one the 2D layout shards"
                         f" ({', '.join(GRID_FAMILIES)}); use a 1D tensor_parallel_size={tp}")
-    for what, value, by in (("num_attention_heads", heads, r * c),
-                            ("num_key_value_heads", kv_heads, r * c),
-                            ("hidden_size", hidden, c), ("intermediate_size", intermediate, r * c),
-                            ("data.seq_len", seq_len, r)):
-        if value is not None and value % by:
-            fits = [f"[{a},{tp // a}]" for a in range(1, tp + 1) if tp % a == 0 and all(
-                v is None or v % d == 0 for v, d in ((heads, tp), (kv_heads, tp),
-                                                     (hidden, tp // a), (intermediate, tp),
-                                                     (seq_len, a)))]
-            fix = (f"grids of {tp} that divide the model: {', '.join(fits)}" if fits
-                   else f"no grid of {tp} divides this model; use a smaller tensor_parallel_size")
-            problems.append(f"{name}: {what}={value} is not divisible by {by}; {fix}")
+    sizes = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "hidden_size": hidden,
+             "intermediate_size": intermediate}
+
+    def misses(g: tuple[int, int]) -> list[tuple[str, int, int]]:
+        """(field, value, divisor) of each given shape the grid ``g`` does not divide."""
+        checks = [(attr, sizes[attr], grid_divisor(over, g)) for attr, over in GRID_SPLITS]
+        return [(what, value, by) for what, value, by in [*checks, ("data.seq_len", seq_len, g[0])]
+                if value is not None and value % by]
+
+    for what, value, by in misses(grid):
+        fits = [f"[{a},{tp // a}]" for a in range(1, tp + 1)
+                if tp % a == 0 and not misses((a, tp // a))]
+        fix = (f"grids of {tp} that divide the model: {', '.join(fits)}" if fits
+               else f"no grid of {tp} divides this model; use a smaller tensor_parallel_size")
+        problems.append(f"{name}: {what}={value} is not divisible by {by}; {fix}")
     return problems
 
 

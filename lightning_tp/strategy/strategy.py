@@ -243,9 +243,7 @@ class TensorParallelStrategy(AtomicCheckpointMixin, ModelParallelStrategy):
         size (raises the plan's or the shape check's typed error)."""
         plan = resolve_plan(module, self.plan, sequence_parallel=self.sequence_parallel,
                             loss_parallel=self.loss_parallel, grid=self.grid)
-        if plan.grid is not None:
-            return plan  # its shapes checked by the 2D plan itself
-        check_model_shapes(module, plan, int(self._tensor_parallel_size))
+        check_model_shapes(module, plan, int(self._tensor_parallel_size))  # a grid's vocabulary
         if int(self._tensor_parallel_size) > 1:
             adapt_styles(module, plan.styles)  # PEFT adapters: each must follow a split projection
         return plan
